@@ -211,8 +211,8 @@ class CLIPVisionTower(nn.Module):
 def preprocess_frames(frames: torch.Tensor, image_size: int) -> torch.Tensor:
     """B.4: squash to image_size^2 with bicubic (no antialias, no crop), [-1,1] -> [0,1], normalise.
 
-    Computed in float32 whatever the input dtype (the reference does it in bf16; float32
-    only removes rounding). Returns float32 [N, 3, image_size, image_size].
+    Computed in float32, or float64 for float64 input (the reference runs it in its model
+    dtype, bf16; more precision only removes rounding). Returns [N, 3, image_size, image_size].
     """
     if frames.ndim != 4 or frames.shape[1] != 3 or not frames.is_floating_point():
         raise ValueError(f"expected float RGB frames [N, 3, H, W] in [-1, 1], got "
@@ -220,11 +220,11 @@ def preprocess_frames(frames: torch.Tensor, image_size: int) -> torch.Tensor:
     low, high = frames.aminmax()
     if low < -1.01 or high > 1.01:
         raise ValueError(f"frames must be in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]")
-    x = F.interpolate(frames.float(), size=(image_size, image_size), mode="bicubic", align_corners=False,
-                      antialias=False)
+    x = frames.to(torch.promote_types(frames.dtype, torch.float32))
+    x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=False)
     x = x * 0.5 + 0.5
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
