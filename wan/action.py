@@ -1,0 +1,159 @@
+"""The keyboard/mouse action module that Matrix-Game adds to every Wan block.
+
+Each latent frame f sees a window of P = r * w_s raw action frames: the P frames just
+before raw frame r*f, where the sequence is front-padded with P copies of its first row
+(so frame 0 sees P copies of row 0). The mouse branch mixes each token with its frame's
+mouse window and attends over the F frames of its own spatial location; the keyboard
+branch lets every token attend to the F embedded keyboard windows of its own sample.
+Both add their result to the residual stream through output projections initialised to
+zero, so a fresh module is the identity.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wan.config import ActionConfig
+from wan.rope import action_rope_table, apply_rope
+
+RMS_EPS = 1e-6
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, computed in float32, returned float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def action_window_rows(f: int, ratio: int, window_size: int) -> list[int]:
+    """Raw action rows latent frame f sees, oldest first (front padding repeats row 0)."""
+    window = ratio * window_size
+    return [max(ratio * f - window + j, 0) for j in range(window)]
+
+
+def action_window_index(num_latent_frames: int, ratio: int, window_size: int, device=None) -> torch.Tensor:
+    """[F, P] raw row indices: row f is action_window_rows(f), as one gather index."""
+    window = ratio * window_size
+    starts = ratio * torch.arange(num_latent_frames, device=device)[:, None] - window
+    return (starts + torch.arange(window, device=device)[None, :]).clamp(min=0)
+
+
+def check_action_inputs(config: ActionConfig, batch: int, num_latent_frames: int,
+                        mouse_cond: torch.Tensor | None, keyboard_cond: torch.Tensor | None) -> None:
+    """Raise a clear error unless the conditions fit the config and the latent frames."""
+    ratio = config.vae_time_compression_ratio
+    expected_rows = ratio * (num_latent_frames - 1) + 1
+    for name, cond, enabled, width in (
+        ("mouse_cond", mouse_cond, config.enable_mouse, config.mouse_dim_in),
+        ("keyboard_cond", keyboard_cond, config.enable_keyboard, config.keyboard_dim_in),
+    ):
+        if cond is None:
+            continue
+        if not enabled:
+            raise ValueError(f"{name} was given but the action config disables that branch")
+        if cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != width:
+            raise ValueError(f"{name} must be [batch={batch}, frames, {width}], "
+                             f"got {list(cond.shape)}")
+        rows = cond.shape[1]
+        if (rows - 1) % ratio or (rows - 1) // ratio + 1 != num_latent_frames:
+            raise ValueError(
+                f"{name} has {rows} frames, but {num_latent_frames} latent frames need "
+                f"{ratio}*({num_latent_frames}-1)+1 = {expected_rows} raw action frames")
+
+
+class RMSNormIgnoringWeight(nn.Module):
+    """The reference's q/k norm here: it owns a weight (the checkpoint has it) but its
+    forward never multiplies by it. We reproduce that, so loaded weights change nothing."""
+
+    def __init__(self, dim: int, eps: float = RMS_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_normalize(x, self.eps)
+
+
+class ActionModule(nn.Module):
+    def __init__(self, config: ActionConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        dim = c.img_hidden_size
+        head_dim = c.head_dim
+        if c.enable_keyboard:
+            self.keyboard_embed = nn.Sequential(
+                nn.Linear(c.keyboard_dim_in, c.hidden_size), nn.SiLU(),
+                nn.Linear(c.hidden_size, c.hidden_size))
+        if c.enable_mouse:
+            hidden = c.mouse_hidden_dim
+            self.mouse_mlp = nn.Sequential(
+                nn.Linear(dim + c.mouse_dim_in * c.window_frames, hidden),
+                nn.GELU(approximate="tanh"),
+                nn.Linear(hidden, hidden),
+                nn.LayerNorm(hidden))
+            self.t_qkv = nn.Linear(hidden, 3 * hidden, bias=c.qkv_bias)
+            self.img_attn_q_norm = RMSNormIgnoringWeight(head_dim)
+            self.img_attn_k_norm = RMSNormIgnoringWeight(head_dim)
+            self.proj_mouse = nn.Linear(hidden, dim, bias=c.qkv_bias)
+        if c.enable_keyboard:
+            hidden = c.keyboard_hidden_dim
+            self.key_attn_q_norm = RMSNormIgnoringWeight(head_dim)
+            self.key_attn_k_norm = RMSNormIgnoringWeight(head_dim)
+            self.mouse_attn_q = nn.Linear(dim, hidden, bias=c.qkv_bias)
+            self.keyboard_attn_kv = nn.Linear(c.hidden_size * c.window_frames, 2 * hidden,
+                                              bias=c.qkv_bias)
+            self.proj_keyboard = nn.Linear(hidden, dim, bias=c.qkv_bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int, mouse_cond: torch.Tensor | None = None,
+                keyboard_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, F*S, C] frame-major tokens; conditions [B, N, width] with N = r*(F-1)+1."""
+        c = self.config
+        window_index = action_window_index(num_frames, c.vae_time_compression_ratio,
+                                           c.windows_size, x.device)
+        cos, sin = action_rope_table(num_frames, c.rope_dim_list, c.rope_theta, x.device)
+        if c.enable_mouse and mouse_cond is not None:
+            x = x + self._mouse(x, num_frames, mouse_cond, window_index, cos, sin)
+        if c.enable_keyboard and keyboard_cond is not None:
+            x = x + self._keyboard(x, num_frames, keyboard_cond, window_index, cos, sin)
+        return x
+
+    def _mouse(self, x, num_frames, mouse_cond, window_index, cos, sin):
+        B, L, C = x.shape
+        S = L // num_frames
+        heads, head_dim = self.config.heads_num, self.config.head_dim
+        # [B, F, P*2], time-major: (m0x, m0y, m1x, ...)
+        windows = mouse_cond.to(x.dtype)[:, window_index].flatten(2)
+        # Linear(cat(token, window)) = W_token @ token + W_window @ window; the window
+        # term is the same for the S tokens of a frame, so it is projected once per frame.
+        first, act, second, norm = self.mouse_mlp
+        w_token, w_window = first.weight.split([C, windows.shape[-1]], dim=1)
+        h = F.linear(x, w_token, first.bias).view(B, num_frames, S, -1)
+        h = h + F.linear(windows, w_window)[:, :, None, :]
+        h = norm(second(act(h)))
+        qkv = self.t_qkv(h).view(B, num_frames, S, 3, heads, head_dim)
+        # per spatial location, attention runs over its F frames: [3, B*S, heads, F, d]
+        q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).reshape(3, B * S, heads, num_frames, head_dim)
+        q = apply_rope(self.img_attn_q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.img_attn_k_norm(k), cos, sin).to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.view(B, S, heads, num_frames, head_dim).permute(0, 3, 1, 2, 4)
+        return self.proj_mouse(out.reshape(B, L, heads * head_dim))
+
+    def _keyboard(self, x, num_frames, keyboard_cond, window_index, cos, sin):
+        B, L, _ = x.shape
+        S = L // num_frames
+        heads, head_dim = self.config.heads_num, self.config.head_dim
+        # Embedding is per row, so embedding the padded copies of row 0 = gathering row 0.
+        embedded = self.keyboard_embed(keyboard_cond.to(x.dtype))
+        windows = embedded[:, window_index].flatten(2)  # [B, F, P*hidden_size]
+        k, v = self.keyboard_attn_kv(windows).view(
+            B, num_frames, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # [B, heads, F, d]
+        k = apply_rope(self.key_attn_k_norm(k), cos, sin).to(v.dtype)
+        q = self.mouse_attn_q(x).view(B, num_frames, S, heads, head_dim)
+        q = apply_rope(self.key_attn_q_norm(q), cos[:, None, None], sin[:, None, None])
+        # Every location of a sample attends to the same F keys of that sample, so all
+        # its F*S queries share one attention call (the reference repeats k, v S times).
+        q = q.to(v.dtype).permute(0, 3, 1, 2, 4).reshape(B, heads, L, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_keyboard(out.transpose(1, 2).reshape(B, L, heads * head_dim))

@@ -1,0 +1,303 @@
+"""The Matrix-Game 2.0 base model: a Wan2.1 image-to-video DiT with action modules.
+
+Latents and their conditioning are patched into frame-major tokens, a sinusoidal time
+embedding modulates every block (adaLN: shift, scale, gate), CLIP tokens of the first
+frame are the cross-attention context, and each block's action module mixes in the
+keyboard/mouse inputs. Parameter names match the official checkpoint.
+
+Precision: parameters may be float32 (training, usually under bf16 autocast) or bf16.
+The time embedding and the adaLN modulation run in the parameters' dtype with autocast
+off, and the residual stream stays in that dtype, as Wan2.1 trains it.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from wan.action import ActionModule, RMSNormIgnoringWeight, check_action_inputs, rms_normalize
+from wan.config import WanConfig
+from wan.rope import apply_rope, video_rope_table
+from wan.shapes import COND_CHANNELS, LATENT_CHANNELS, PATCH_SIZE, video_frame_count
+
+STRATEGIES = ("action_only", "last_layers", "full")
+CONTEXT_TOKENS = 257  # CLIP ViT-H/14 at 224 px: class token + 16*16 patches
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] timesteps -> [B, dim] float64: [cos(t * w_k), sin(t * w_k)], w_k = 10000^(-k/half)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def init_linear_weight_(weight: torch.Tensor) -> torch.Tensor:
+    """The spec's rule for Linear weights (also used to re-initialise single tensors)."""
+    return nn.init.xavier_uniform_(weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_normalize(x, self.eps).type_as(x) * self.weight
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))  # [B, L, n, d]
+
+    def _attend(self, q, k, v) -> torch.Tensor:
+        """[B, L, n, d] each -> o([B, L, n*d]); q, k cast to v's dtype for the fused kernels."""
+        out = F.scaled_dot_product_attention(
+            q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+    def forward(self, x, rope_cos, rope_sin):
+        q = apply_rope(self._heads(self.norm_q(self.q(x))), rope_cos, rope_sin)
+        k = apply_rope(self._heads(self.norm_k(self.k(x))), rope_cos, rope_sin)
+        return self._attend(q, k, self._heads(self.v(x)))
+
+
+class CrossAttention(SelfAttention):
+    """Tokens attend to the projected CLIP tokens: no RoPE, no mask."""
+
+    def forward(self, x, context):
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(context)))
+        return self._attend(q, k, self._heads(self.v(context)))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+        self.action_model = ActionModule(config.action_config)
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+            nn.Linear(config.ffn_dim, dim))
+
+    def forward(self, x, e0, context, rope_cos, rope_sin, num_frames: int,
+                mouse_cond=None, keyboard_cond=None):
+        """x [B, L, C]; e0 [B, 6, C] time projection; context [B, Lc, C]."""
+        with torch.autocast(x.device.type, enabled=False):
+            mod = (self.modulation + e0).unsqueeze(2)  # [B, 6, 1, C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
+        y = self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope_cos, rope_sin)
+        x = x + gate1 * y
+        x = x + self.cross_attn(self.norm3(x), context)
+        x = self.action_model(x, num_frames, mouse_cond, keyboard_cond)
+        y = self.ffn(self.norm2(x) * (1 + scale2) + shift2)
+        return x + gate2 * y
+
+
+class Head(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim = config.dim
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))
+        self.norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, math.prod(PATCH_SIZE) * config.out_dim)
+
+    def forward(self, x, e):
+        with torch.autocast(x.device.type, enabled=False):
+            shift, scale = (self.modulation + e[:, None]).unsqueeze(2).unbind(1)
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class MLPProj(nn.Module):
+    """CLIP tokens -> context tokens of the model's width."""
+
+    def __init__(self, clip_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(),
+            nn.Linear(clip_dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, tokens):
+        return self.proj(tokens)
+
+
+class WanModel(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=PATCH_SIZE,
+                                         stride=PATCH_SIZE)
+        self.time_embedding = nn.Sequential(
+            nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self.img_emb = MLPProj(config.clip_dim, dim)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in backward (non-reentrant) to save memory."""
+        self.gradient_checkpointing = bool(enabled)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference initialisation; sets every parameter (so meta -> to_empty works)."""
+        dim = self.config.dim
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                init_linear_weight_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, RMSNormIgnoringWeight)):
+                nn.init.ones_(m.weight)
+        init_linear_weight_(self.patch_embedding.weight.view(dim, -1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for m in self.time_embedding:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        for block in self.blocks:
+            nn.init.normal_(block.modulation, std=dim**-0.5)
+            action = block.action_model
+            for proj in (getattr(action, "proj_mouse", None), getattr(action, "proj_keyboard", None)):
+                if proj is not None:
+                    nn.init.zeros_(proj.weight)
+                    if proj.bias is not None:
+                        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.head.modulation, std=dim**-0.5)
+
+    def check_inputs(self, x, t, visual_context, cond_concat, keyboard_cond, mouse_cond) -> None:
+        if x.dim() != 5 or x.shape[1] != LATENT_CHANNELS:
+            raise ValueError(f"x must be [B, {LATENT_CHANNELS}, F, H, W], got {list(x.shape)}")
+        B, _, frames, height, width = x.shape
+        if height % PATCH_SIZE[1] or width % PATCH_SIZE[2]:
+            raise ValueError(f"latent height and width must be even (patch {PATCH_SIZE}), "
+                             f"got {height}x{width}")
+        if tuple(cond_concat.shape) != (B, COND_CHANNELS, frames, height, width):
+            raise ValueError(f"cond_concat must be {[B, COND_CHANNELS, frames, height, width]},"
+                             f" got {list(cond_concat.shape)}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"t must be [B={B}] timesteps, got {list(t.shape)}")
+        clip_dim = self.config.clip_dim
+        if visual_context.dim() != 3 or visual_context.shape[0] != B or visual_context.shape[2] != clip_dim:
+            raise ValueError(f"visual_context must be [B={B}, tokens, {clip_dim}], "
+                             f"got {list(visual_context.shape)}")
+        check_action_inputs(self.config.action_config, B, frames, mouse_cond, keyboard_cond)
+
+    def forward(self, x, t, visual_context, cond_concat, keyboard_cond=None, mouse_cond=None):
+        """Predicted flow velocity, float32 [B, 16, F, H, W].
+
+        x, cond_concat: [B, 16, F, H, W], [B, 20, F, H, W] latents; t: [B] in [0, 1000];
+        visual_context: [B, 257, clip_dim]; keyboard_cond [B, N, K], mouse_cond [B, N, 2],
+        N = 4(F-1)+1 raw frames.
+        """
+        self.check_inputs(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond)
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1).to(dtype))
+        B, C, f, h, w = tokens.shape
+        tokens = tokens.flatten(2).transpose(1, 2).to(dtype)  # [B, L, C], frame-major
+
+        with torch.autocast(x.device.type, enabled=False):
+            e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(dtype))
+            e0 = self.time_projection(e).unflatten(1, (6, C))
+        context = self.img_emb(visual_context.to(dtype))
+        rope_cos, rope_sin = video_rope_table(f, h, w, self.config.head_dim, x.device)
+
+        for block in self.blocks:
+            args = (tokens, e0, context, rope_cos, rope_sin, f, mouse_cond, keyboard_cond)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, *args, use_reentrant=False)
+            else:
+                tokens = block(*args)
+
+        out = self.head(tokens, e)  # [B, L, 1*2*2*16]
+        return unpatchify(out, f, h, w, self.config.out_dim).float()
+
+
+def unpatchify(tokens: torch.Tensor, f: int, h: int, w: int, channels: int) -> torch.Tensor:
+    """[B, f*h*w, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw]."""
+    pt, ph, pw = PATCH_SIZE
+    x = tokens.view(tokens.shape[0], f, h, w, pt, ph, pw, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(tokens.shape[0], channels, f * pt, h * ph, w * pw)
+
+
+def action_parameter_names(model: WanModel) -> list[str]:
+    return [n for n, _ in model.named_parameters() if ".action_model." in n]
+
+
+def trainable_parameter_names(model: WanModel, strategy: str, last_layers: int = 0) -> list[str]:
+    """Names of the parameters a training strategy updates, in model order.
+
+    action_only: every block's action module; last_layers: those + the last N blocks +
+    the head; full: everything.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown training strategy {strategy!r}; choose one of {STRATEGIES}")
+    names = [n for n, _ in model.named_parameters()]
+    if strategy == "full":
+        return names
+    if strategy == "action_only":
+        return action_parameter_names(model)
+    num_layers = len(model.blocks)
+    if isinstance(last_layers, bool) or not isinstance(last_layers, int) or not 1 <= last_layers <= num_layers:
+        raise ValueError(f"strategy 'last_layers' needs 1 <= N <= {num_layers} (the model's "
+                         f"blocks), got N = {last_layers!r}")
+    last = tuple(f"blocks.{i}." for i in range(num_layers - last_layers, num_layers))
+    return [n for n in names
+            if ".action_model." in n or n.startswith(last) or n.startswith("head.")]
+
+
+def apply_training_strategy(model: WanModel, strategy: str, last_layers: int = 0) -> list[str]:
+    """Set requires_grad for the strategy's parameters only; return their names."""
+    trainable = set(trainable_parameter_names(model, strategy, last_layers))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    return [n for n, _ in model.named_parameters() if n in trainable]
+
+
+def random_inputs(config: WanConfig, batch: int, latent_frames: int, latent_height: int,
+                  latent_width: int, device="cpu", seed: int = 0) -> dict:
+    """Keyword inputs of the right shapes (for tests and benchmarks): noisy latents,
+    timesteps, CLIP-width context, cond_concat with the first-frame mask, actions."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, LATENT_CHANNELS, latent_frames, latent_height, latent_width)
+    mask = torch.zeros(batch, COND_CHANNELS - LATENT_CHANNELS, *shape[2:])
+    mask[:, :, 0] = 1
+    raw_frames = video_frame_count(latent_frames)
+    action = config.action_config
+    keyboard = (torch.rand(batch, raw_frames, action.keyboard_dim_in, generator=g) < 0.3).float()
+    inputs = dict(
+        x=torch.randn(shape, generator=g),
+        t=torch.rand(batch, generator=g) * 1000,
+        visual_context=torch.randn(batch, CONTEXT_TOKENS, config.clip_dim, generator=g),
+        cond_concat=torch.cat([mask, torch.randn(shape, generator=g)], dim=1),
+        keyboard_cond=keyboard if action.enable_keyboard else None,
+        mouse_cond=torch.randn(batch, raw_frames, action.mouse_dim_in, generator=g) * 0.1
+        if action.enable_mouse else None,
+    )
+    return {k: v.to(device) if v is not None else None for k, v in inputs.items()}

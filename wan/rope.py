@@ -1,0 +1,89 @@
+"""Rotary position embeddings: the 3-D RoPE of self-attention and the 1-D action RoPE.
+
+Both rotate consecutive element pairs (2k, 2k+1) of a head as complex numbers
+(a + ib) * (cos + i sin). A table holds, per position, one angle per pair; an axis with
+n pairs turns pair k at position p by p * theta^(-k/n). Tables are built in float64 and
+stored as float32 cos/sin, once per (shape, device): every block reuses them.
+"""
+
+import functools
+
+import torch
+
+VIDEO_ROPE_THETA = 10000.0
+VIDEO_ROPE_MAX_POSITIONS = 1024  # the reference's table: each grid side must stay below it
+
+
+def axis_angles(positions: torch.Tensor, num_pairs: int, theta: float) -> torch.Tensor:
+    """[P] positions -> [P, num_pairs] angles p * theta^(-k/num_pairs), float64."""
+    k = torch.arange(num_pairs, dtype=torch.float64)
+    return positions.to(torch.float64)[:, None] * theta ** (-k / num_pairs)
+
+
+def video_rope_pairs(head_dim: int) -> tuple[int, int, int]:
+    """Pairs per axis (frame, row, column) of a self-attention head: 128 -> (22, 21, 21)."""
+    pairs = head_dim // 2
+    return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
+
+
+def video_rope_angles(f: int, h: int, w: int, head_dim: int) -> torch.Tensor:
+    """[f*h*w, head_dim/2] float64 angles for frame-major tokens t*h*w + i*w + j."""
+    for name, size in (("frames", f), ("rows", h), ("columns", w)):
+        if size > VIDEO_ROPE_MAX_POSITIONS:
+            raise ValueError(f"token grid has {size} {name}; the model's RoPE covers "
+                             f"{VIDEO_ROPE_MAX_POSITIONS} positions per axis")
+    n_t, n_h, n_w = video_rope_pairs(head_dim)
+    per_axis = [
+        axis_angles(torch.arange(size), n, VIDEO_ROPE_THETA)
+        for size, n in ((f, n_t), (h, n_h), (w, n_w))
+    ]
+    grid = torch.cat([
+        per_axis[0][:, None, None, :].expand(f, h, w, n_t),
+        per_axis[1][None, :, None, :].expand(f, h, w, n_h),
+        per_axis[2][None, None, :, :].expand(f, h, w, n_w),
+    ], dim=-1)
+    return grid.reshape(f * h * w, head_dim // 2)
+
+
+def action_rope_angles(num_frames: int, rope_dim_list, theta: float) -> torch.Tensor:
+    """[F, head_dim/2] float64 angles of the action RoPE.
+
+    The reference builds a (frames, 1, 1) position grid, so only the first rope_dim_list[0]
+    dims turn (with the latent-frame index); the other two axes sit at position 0.
+    """
+    turning = axis_angles(torch.arange(num_frames), rope_dim_list[0] // 2, theta)
+    still = torch.zeros(num_frames, sum(rope_dim_list[1:]) // 2, dtype=torch.float64)
+    return torch.cat([turning, still], dim=-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _cos_sin(kind: str, key: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Tables built inside inference_mode would be unusable for a later training step.
+    with torch.inference_mode(False), torch.no_grad():
+        if kind == "video":
+            angles = video_rope_angles(*key)
+        else:
+            num_frames, rope_dim_list, theta = key
+            angles = action_rope_angles(num_frames, rope_dim_list, theta)
+        return (angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32))
+
+
+def video_rope_table(f: int, h: int, w: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (cos, sin), each [f*h*w, 1, head_dim/2] (broadcast over heads)."""
+    cos, sin = _cos_sin("video", (f, h, w, head_dim), torch.device(device))
+    return cos[:, None], sin[:, None]
+
+
+def action_rope_table(num_frames: int, rope_dim_list, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (cos, sin), each [F, head_dim/2]."""
+    return _cos_sin("action", (num_frames, tuple(rope_dim_list), float(theta)), torch.device(device))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2k, 2k+1) of x's last dim by the table's angles, in float32.
+
+    cos/sin broadcast against x's shape with the last dim halved.
+    """
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
