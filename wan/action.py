@@ -9,12 +9,14 @@ Both add their result to the residual stream through output projections initiali
 zero, so a fresh module is the identity.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from wan.config import ActionConfig
-from wan.rope import action_rope_table, apply_rope
+from wan.rope import action_rope_angles, apply_rope, cached_table, cos_sin
 
 RMS_EPS = 1e-6
 
@@ -36,6 +38,22 @@ def action_window_index(num_latent_frames: int, ratio: int, window_size: int, de
     window = ratio * window_size
     starts = ratio * torch.arange(num_latent_frames, device=device)[:, None] - window
     return (starts + torch.arange(window, device=device)[None, :]).clamp(min=0)
+
+
+class ActionTables(NamedTuple):
+    """What every block's action module needs for F latent frames (shared, cached)."""
+
+    window_index: torch.Tensor  # [F, P] raw action rows per latent frame
+    rope_cos: torch.Tensor  # [F, head_dim/2] float32
+    rope_sin: torch.Tensor
+
+
+@cached_table
+def action_tables(config: ActionConfig, num_latent_frames: int, device) -> ActionTables:
+    index = action_window_index(num_latent_frames, config.vae_time_compression_ratio,
+                                config.windows_size)
+    angles = action_rope_angles(num_latent_frames, config.rope_dim_list, config.rope_theta)
+    return ActionTables(index.to(device), *cos_sin(angles, device))
 
 
 def check_action_inputs(config: ActionConfig, batch: int, num_latent_frames: int,
@@ -105,13 +123,13 @@ class ActionModule(nn.Module):
                                               bias=c.qkv_bias)
             self.proj_keyboard = nn.Linear(hidden, dim, bias=c.qkv_bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int, mouse_cond: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, tables: ActionTables, mouse_cond: torch.Tensor | None = None,
                 keyboard_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, F*S, C] frame-major tokens; conditions [B, N, width] with N = r*(F-1)+1."""
+        """x [B, F*S, C] frame-major tokens; tables = action_tables(config, F, device);
+        conditions [B, N, width] with N = r*(F-1)+1 (see check_action_inputs)."""
         c = self.config
-        window_index = action_window_index(num_frames, c.vae_time_compression_ratio,
-                                           c.windows_size, x.device)
-        cos, sin = action_rope_table(num_frames, c.rope_dim_list, c.rope_theta, x.device)
+        num_frames = tables.window_index.shape[0]
+        window_index, cos, sin = tables
         if c.enable_mouse and mouse_cond is not None:
             x = x + self._mouse(x, num_frames, mouse_cond, window_index, cos, sin)
         if c.enable_keyboard and keyboard_cond is not None:

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from wan.action import ActionModule, RMSNormIgnoringWeight, check_action_inputs, rms_normalize
+from wan.action import (ActionModule, RMSNormIgnoringWeight, action_tables, check_action_inputs,
+                        rms_normalize)
 from wan.config import WanConfig
 from wan.rope import apply_rope, video_rope_table
 from wan.shapes import COND_CHANNELS, LATENT_CHANNELS, PATCH_SIZE, video_frame_count
@@ -99,8 +100,8 @@ class WanBlock(nn.Module):
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
             nn.Linear(config.ffn_dim, dim))
 
-    def forward(self, x, e0, context, rope_cos, rope_sin, num_frames: int,
-                mouse_cond=None, keyboard_cond=None):
+    def forward(self, x, e0, context, rope_cos, rope_sin, tables, mouse_cond=None,
+                keyboard_cond=None):
         """x [B, L, C]; e0 [B, 6, C] time projection; context [B, Lc, C]."""
         with torch.autocast(x.device.type, enabled=False):
             mod = (self.modulation + e0).unsqueeze(2)  # [B, 6, 1, C]
@@ -108,7 +109,7 @@ class WanBlock(nn.Module):
         y = self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope_cos, rope_sin)
         x = x + gate1 * y
         x = x + self.cross_attn(self.norm3(x), context)
-        x = self.action_model(x, num_frames, mouse_cond, keyboard_cond)
+        x = self.action_model(x, tables, mouse_cond, keyboard_cond)
         y = self.ffn(self.norm2(x) * (1 + scale2) + shift2)
         return x + gate2 * y
 
@@ -226,9 +227,10 @@ class WanModel(nn.Module):
             e0 = self.time_projection(e).unflatten(1, (6, C))
         context = self.img_emb(visual_context.to(dtype))
         rope_cos, rope_sin = video_rope_table(f, h, w, self.config.head_dim, x.device)
+        tables = action_tables(self.config.action_config, f, x.device)
 
         for block in self.blocks:
-            args = (tokens, e0, context, rope_cos, rope_sin, f, mouse_cond, keyboard_cond)
+            args = (tokens, e0, context, rope_cos, rope_sin, tables, mouse_cond, keyboard_cond)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -56,27 +56,31 @@ def action_rope_angles(num_frames: int, rope_dim_list, theta: float) -> torch.Te
     return torch.cat([turning, still], dim=-1)
 
 
-@functools.lru_cache(maxsize=32)
-def _cos_sin(kind: str, key: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Tables built inside inference_mode would be unusable for a later training step.
-    with torch.inference_mode(False), torch.no_grad():
-        if kind == "video":
-            angles = video_rope_angles(*key)
-        else:
-            num_frames, rope_dim_list, theta = key
-            angles = action_rope_angles(num_frames, rope_dim_list, theta)
-        return (angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32))
+def cached_table(build):
+    """Memoise a table builder on its (hashable) arguments, shape and device included.
+
+    Tables are built outside inference mode: one first made during a preview must still
+    serve a later training step.
+    """
+    @functools.lru_cache(maxsize=32)
+    @functools.wraps(build)
+    def cached(*args):
+        with torch.inference_mode(False), torch.no_grad():
+            return build(*args)
+
+    return cached
 
 
+def cos_sin(angles: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 angles -> float32 (cos, sin) on device."""
+    return angles.cos().to(device, torch.float32), angles.sin().to(device, torch.float32)
+
+
+@cached_table
 def video_rope_table(f: int, h: int, w: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (cos, sin), each [f*h*w, 1, head_dim/2] (broadcast over heads)."""
-    cos, sin = _cos_sin("video", (f, h, w, head_dim), torch.device(device))
+    cos, sin = cos_sin(video_rope_angles(f, h, w, head_dim), device)
     return cos[:, None], sin[:, None]
-
-
-def action_rope_table(num_frames: int, rope_dim_list, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (cos, sin), each [F, head_dim/2]."""
-    return _cos_sin("action", (num_frames, tuple(rope_dim_list), float(theta)), torch.device(device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
