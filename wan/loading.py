@@ -1,0 +1,169 @@
+"""Find, check and load the base-model checkpoint; save a model in the same format.
+
+A base-model folder holds one config JSON and either one `.safetensors` file or several
+shards named by a `*.safetensors.index.json`. Loading builds the model on the meta
+device and hands it the file's tensors with `assign=True`, one tensor at a time moved to
+the target device and converted there, so the 1.8B model never exists twice.
+
+The checkpoint's keyboard width K is read from `keyboard_embed.0.weight` in the file, not
+from the config. If the caller asks for another width, exactly the 30 tensors that depend
+on it are re-initialised and reported; every other tensor must match exactly.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from wan.config import WanConfig
+from wan.files import save_safetensors_atomic, write_json_atomic
+from wan.model import WanModel, init_linear_weight_
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+KEYBOARD_WEIGHT_SUFFIX = ".action_model.keyboard_embed.0.weight"
+DOWNLOAD_HINT = (
+    "download the base model's files (its config JSON and diffusion_pytorch_model.safetensors, "
+    "the base_model/ folder of Skywork/Matrix-Game-2.0 on Hugging Face: "
+    "https://huggingface.co/Skywork/Matrix-Game-2.0) and put them in that folder"
+)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def find_config_file(model_dir: Path) -> Path:
+    candidates = sorted(p for p in model_dir.glob("*.json") if not p.name.endswith(".index.json"))
+    named = [p for p in candidates if "config" in p.name]
+    chosen = named or candidates
+    if len(chosen) != 1:
+        found = [p.name for p in candidates] or "none"
+        raise CheckpointError(f"{model_dir}: expected exactly one config JSON, found {found}; "
+                              f"{DOWNLOAD_HINT}")
+    return chosen[0]
+
+
+def find_weight_files(model_dir: Path) -> dict[str, Path]:
+    """{tensor name: file} from an index JSON, else from every .safetensors in the folder."""
+    indexes = sorted(model_dir.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{model_dir}: more than one index JSON: {[p.name for p in indexes]}")
+    if indexes:
+        index = indexes[0]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' "
+                                  f"object): {e}") from None
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are not in {model_dir}: {missing}")
+        located = {name: model_dir / f for name, f in weight_map.items()}
+        for path in sorted(set(located.values())):
+            with safe_open(path, framework="pt") as f:
+                keys = set(f.keys())
+            listed = {n for n, p in located.items() if p == path}
+            if keys != listed:
+                raise CheckpointError(
+                    f"{path} does not hold what {index.name} says: missing "
+                    f"{sorted(listed - keys)}, not listed {sorted(keys - listed)}")
+        return located
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no base-model weights (.safetensors) in {model_dir}: {DOWNLOAD_HINT}")
+    located = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name in located:
+                    raise CheckpointError(f"tensor {name} is in both {located[name].name} and "
+                                          f"{path.name} (in {model_dir}); remove one of them")
+                located[name] = path
+    return located
+
+
+def read_shapes(located: dict[str, Path]) -> dict[str, list[int]]:
+    """Tensor shapes from the file headers (no tensor data is read)."""
+    shapes = {}
+    for path in sorted(set(located.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if located.get(name) == path:
+                    shapes[name] = list(f.get_slice(name).get_shape())
+    return shapes
+
+
+def checkpoint_keyboard_dim(shapes: dict[str, list[int]], where: Path) -> int | None:
+    """K from the keyboard_embed.0.weight tensors ([128, K]); None if the file has none."""
+    widths = {name: shape[-1] for name, shape in shapes.items()
+              if name.endswith(KEYBOARD_WEIGHT_SUFFIX) and len(shape) == 2}
+    if len(set(widths.values())) > 1:
+        raise CheckpointError(f"{where}: blocks disagree on the keyboard width: {widths}")
+    return next(iter(widths.values()), None)
+
+
+def load_base_model(model_dir, keyboard_dim: int | None = None, device="cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[WanModel, list[str]]:
+    """Load the base model; return it and the names of re-initialised tensors.
+
+    keyboard_dim: the keyboard width the caller's data has (None: the checkpoint's own).
+    When it differs from the checkpoint's, the blocks' keyboard_embed.0.weight tensors are
+    re-initialised (the spec's Linear init) and named in the returned list.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"base-model folder {model_dir} does not exist: {DOWNLOAD_HINT}")
+    located = find_weight_files(model_dir)
+    config = WanConfig.from_json(find_config_file(model_dir))
+    shapes = read_shapes(located)
+    file_keyboard_dim = checkpoint_keyboard_dim(shapes, model_dir)
+    if file_keyboard_dim is not None:
+        config = config.with_keyboard_dim(file_keyboard_dim)
+    if keyboard_dim is not None:
+        config = config.with_keyboard_dim(keyboard_dim)
+    with torch.device("meta"):
+        model = WanModel(config)
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+
+    reinit = []
+    if file_keyboard_dim is not None and config.action_config.keyboard_dim_in != file_keyboard_dim:
+        reinit = [n for n in expected if n.endswith(KEYBOARD_WEIGHT_SUFFIX)]
+    # What the file must hold: the model's shapes, with the file's own keyboard width.
+    in_file = {n: s[:-1] + [file_keyboard_dim] if n in reinit else s for n, s in expected.items()}
+    problems = [f"missing: {n} (expected {in_file[n]})" for n in in_file if n not in shapes]
+    problems += [f"unexpected: {n} (found {s})" for n, s in shapes.items() if n not in in_file]
+    problems += [f"wrong shape: {n} (expected {in_file[n]}, found {s})"
+                 for n, s in shapes.items() if n in in_file and s != in_file[n]]
+    if problems:
+        raise CheckpointError(
+            f"the checkpoint in {model_dir} does not fit the model its config describes "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+
+    device = torch.device(device)
+    state = {}
+    for path in sorted(set(located.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if located[name] == path and name not in reinit:
+                    # Move in the file's dtype, convert on the target: no float32 copy on CPU.
+                    state[name] = f.get_tensor(name).to(device).to(dtype)
+    for name in reinit:
+        state[name] = init_linear_weight_(torch.empty(expected[name], device=device, dtype=dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model, reinit
+
+
+def save_base_model(model: WanModel, model_dir, metadata: dict | None = None) -> Path:
+    """Write config.json + diffusion_pytorch_model.safetensors, the format load_base_model reads."""
+    model_dir = Path(model_dir)
+    others = [p.name for p in (*model_dir.glob("*.json"), *model_dir.glob("*.safetensors"))
+              if p.name not in (CONFIG_NAME, WEIGHTS_NAME)] if model_dir.is_dir() else []
+    if others:
+        raise CheckpointError(f"{model_dir} already holds other config/weight files {others}; "
+                              f"save into an empty folder so the loader finds one model")
+    tensors = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    save_safetensors_atomic(tensors, model_dir / WEIGHTS_NAME, {"format": "pt", **(metadata or {})})
+    write_json_atomic(model_dir / CONFIG_NAME, model.config.to_dict())
+    return model_dir
