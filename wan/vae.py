@@ -50,9 +50,7 @@ class VAEConfig:
             raise ValueError(f"z_dim must be {len(LATENT_MEAN)} (one latent mean/std per channel), got {self.z_dim}")
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError("temporal_downsample needs one flag per downsampling stage (len(dim_mult) - 1)")
-        spatial = VAE_SPACE_STRIDE.bit_length() - 1
-        temporal = VAE_TIME_STRIDE.bit_length() - 1
-        if len(self.dim_mult) - 1 != spatial or sum(self.temporal_downsample) != temporal:
+        if 2 ** (len(self.dim_mult) - 1) != VAE_SPACE_STRIDE or 2 ** sum(self.temporal_downsample) != VAE_TIME_STRIDE:
             raise ValueError(f"the VAE must downsample space by {VAE_SPACE_STRIDE} and time by {VAE_TIME_STRIDE} "
                              f"(wan/shapes.py); dim_mult={self.dim_mult}, temporal_downsample={self.temporal_downsample}")
 
@@ -130,9 +128,10 @@ def with_history(x: torch.Tensor, slot: Slot | None) -> torch.Tensor:
     chunk after chunk equals one causal conv over the whole sequence.
     """
     if slot is None or slot.frames is None:
-        padded = F.pad(x, (0, 0, 0, 0, CACHE_FRAMES, 0))
+        history = x.new_zeros(*x.shape[:2], CACHE_FRAMES, *x.shape[3:])
     else:
-        padded = torch.cat([slot.frames, x], dim=2)
+        history = slot.frames
+    padded = torch.cat([history, x], dim=2)
     if slot is not None:
         slot.frames = padded[:, :, -CACHE_FRAMES:].clone()
     return padded
@@ -182,8 +181,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * gamma_dims))  # checkpoint shape [C,1,1,1] or [C,1,1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gamma = self.gamma.view(-1, *(1,) * (x.ndim - 2))
-        return F.normalize(x, dim=1) * self.scale * gamma
+        # = F.normalize(x, dim=1) * scale * gamma, in two full-size passes instead of three
+        inv_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
+        return x * inv_norm * (self.scale * self.gamma.view(-1, *(1,) * (x.ndim - 2)))
 
 
 class ResidualBlock(nn.Module):
@@ -472,7 +472,7 @@ class WanVAE(nn.Module):
 
     def _encode_chunked(self, video: torch.Tensor) -> torch.Tensor:
         state = CausalState()
-        chunks = [video[:, :, :1]] + list(video[:, :, 1:].split(VAE_TIME_STRIDE, dim=2))
+        chunks = [video[:, :, :1], *video[:, :, 1:].split(VAE_TIME_STRIDE, dim=2)] if video.shape[2] > 1 else [video]
         features = []
         for chunk in chunks:
             state.next_chunk()
