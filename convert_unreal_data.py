@@ -771,8 +771,9 @@ class DataReport:
         sizes = sum((r.frame_sizes for r in recordings), Counter())
         usable = sum(len(r.usable_frames) for r in recordings)
         height, width = self.settings["VIDEO_HEIGHT"], self.settings["VIDEO_WIDTH"]
+        resolutions = ", ".join(f"{w}x{h} ({n:,})" for (w, h), n in sizes.most_common()) or "none"
         lines.append(f"Frames: {usable:,} usable of {sum(len(r.frame_files) for r in recordings):,} files; "
-                     "resolution(s) " + ", ".join(f"{w}x{h} ({n:,})" for (w, h), n in sizes.most_common())
+                     f"resolution(s) {resolutions}"
                      + (" - already" if set(sizes) == {(width, height)} else " -> centre-cropped to")
                      + f" {width}:{height} and resized to {width}x{height} (W x H)")
 
@@ -807,7 +808,7 @@ class DataReport:
         lines.append("Keys held (frames): " + ", ".join(
             f"{k} {int(n):,} ({100 * n / total:.1f}%)" for k, n in zip(keys, held.sum(0))))
         combos = Counter("".join(k for k, on in zip(keys, row) if on) or "none" for row in held.astype(bool))
-        lines.append("Key combinations: " + ", ".join(f"{c} {n:,}" for c, n in combos.most_common()))
+        lines.append("Key combinations: " + (", ".join(f"{c} {n:,}" for c, n in combos.most_common()) or "none"))
         lines += self._mouse_lines()
 
         stride = self.settings.get("CLIP_STRIDE")
@@ -957,33 +958,38 @@ class DemoCamera:
         return DemoCamera(self.x + forward * sin + right * cos, self.z + forward * cos - right * sin, yaw, pitch)
 
 
+DEMO_RUNS = ("W", "S", "A", "D", "WA", "WD", "SA", "SD", "idle", "turn", "turn", "W+turn", "look")
+
+
 def demo_actions(num_frames: int = DEMO_FRAMES, seed: int = DEMO_SEED) -> list[tuple[str, float, float]]:
-    """A seeded script of (keys, mouse_x, mouse_y) per frame: runs of 6-24 frames of walking,
-    strafing, combinations such as WA, idling, turning and looking up or down."""
+    """A seeded script of (keys, mouse_x, mouse_y) per frame: runs of 6-24 frames drawn from a
+    shuffled deck of DEMO_RUNS, so every kind (walking, strafing, combinations, idling,
+    turning, turning while walking, looking up or down) recurs about every 200 frames."""
     rng = random.Random(seed)
-    moves = ["W", "W", "W", "S", "A", "D", "WA", "WD", "SA", "SD", "", ""]
-    actions, camera = [], DemoCamera()
+    actions, camera, deck = [], DemoCamera(), []
     while len(actions) < num_frames:
-        length = rng.randint(6, 24)
-        kind = rng.random()
-        keys, mouse_x, mouse_y = rng.choice(moves), 0.0, 0.0
+        if not deck:
+            deck = list(DEMO_RUNS)
+            rng.shuffle(deck)
+        kind, length = deck.pop(), rng.randint(6, 24)
+        keys, mouse_x, mouse_y = "", 0.0, 0.0
         if math.hypot(camera.x, camera.z) > DEMO_ARENA:
-            # Turn towards the middle (and keep walking) instead of leaving the pillars behind.
-            bearing = math.degrees(math.atan2(-camera.x, -camera.z)) - camera.yaw
-            bearing = (bearing + 180) % 360 - 180
-            keys, mouse_x = "W", round(math.copysign(2.5, bearing), 2)
+            # Turn towards the middle while walking instead of leaving the pillars behind.
+            deck.append(kind)
+            bearing = (math.degrees(math.atan2(-camera.x, -camera.z)) - camera.yaw + 180) % 360 - 180
+            keys, mouse_x = "W", math.copysign(2.5, bearing)
             length = max(6, min(24, int(abs(bearing) / 2.5)))
-        elif kind < 0.3:
+        elif kind in ("turn", "W+turn"):
+            keys = "W" if kind == "W+turn" else ""
             mouse_x = round(rng.choice((-1, 1)) * rng.uniform(1.0, 3.0), 2)
-            keys = rng.choice(["", "", "W", "S", "A", "D"])
-        elif kind < 0.42:
-            keys = ""
-            mouse_y = round(rng.choice((-1, 1)) * rng.uniform(0.4, 1.0), 2)
-            if abs(camera.pitch + mouse_y * length) > DEMO_MAX_PITCH:
-                mouse_y = -mouse_y
-            length = min(length, int(DEMO_MAX_PITCH - abs(camera.pitch)) + int(DEMO_MAX_PITCH))
-            while abs(camera.pitch + mouse_y * length) > DEMO_MAX_PITCH:
-                length -= 1
+        elif kind == "look":
+            mouse_y = round(rng.uniform(0.4, 1.0), 2)
+            if camera.pitch > 0:
+                mouse_y = -mouse_y  # head back towards level, never past DEMO_MAX_PITCH
+            room = DEMO_MAX_PITCH - math.copysign(1, mouse_y) * camera.pitch
+            length = min(length, int(room / abs(mouse_y)))
+        elif kind != "idle":
+            keys = kind
         for _ in range(min(length, num_frames - len(actions))):
             actions.append((keys, mouse_x, mouse_y))
             camera = camera.step(keys, mouse_x, mouse_y)
