@@ -21,7 +21,8 @@ from wan.action import (ActionModule, RMSNormIgnoringWeight, action_tables, chec
                         rms_normalize)
 from wan.config import WanConfig
 from wan.rope import apply_rope, video_rope_table
-from wan.shapes import COND_CHANNELS, LATENT_CHANNELS, PATCH_SIZE, video_frame_count
+from wan.shapes import (COND_CHANNELS, COND_MASK_CHANNELS, LATENT_CHANNELS, PATCH_SIZE,
+                        video_frame_count)
 
 STRATEGIES = ("action_only", "last_layers", "full")
 CONTEXT_TOKENS = 257  # CLIP ViT-H/14 at 224 px: class token + 16*16 patches
@@ -288,7 +289,7 @@ def random_inputs(config: WanConfig, batch: int, latent_frames: int, latent_heig
     timesteps, CLIP-width context, cond_concat with the first-frame mask, actions."""
     g = torch.Generator().manual_seed(seed)
     shape = (batch, LATENT_CHANNELS, latent_frames, latent_height, latent_width)
-    mask = torch.zeros(batch, COND_CHANNELS - LATENT_CHANNELS, *shape[2:])
+    mask = torch.zeros(batch, COND_MASK_CHANNELS, *shape[2:])
     mask[:, :, 0] = 1
     raw_frames = video_frame_count(latent_frames)
     action = config.action_config
