@@ -215,7 +215,8 @@ class WanModel(nn.Module):
 
         x, cond_concat: [B, 16, F, H, W], [B, 20, F, H, W] latents; t: [B] in [0, 1000];
         visual_context: [B, 257, clip_dim]; keyboard_cond [B, N, K], mouse_cond [B, N, 2],
-        N = 4(F-1)+1 raw frames.
+        N = 4(F-1)+1 raw frames. A condition left as None skips its branch (as in the
+        reference); one given for a branch the config disables is an error.
         """
         self.check_inputs(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond)
         dtype = self.patch_embedding.weight.dtype
