@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from wan.config import ActionConfig
 from wan.rope import action_rope_angles, apply_rope, cached_table, cos_sin
+from wan.shapes import VAE_TIME_STRIDE, video_frame_count
 
 RMS_EPS = 1e-6
 
@@ -33,11 +34,10 @@ def action_window_rows(f: int, ratio: int, window_size: int) -> list[int]:
     return [max(ratio * f - window + j, 0) for j in range(window)]
 
 
-def action_window_index(num_latent_frames: int, ratio: int, window_size: int, device=None) -> torch.Tensor:
-    """[F, P] raw row indices: row f is action_window_rows(f), as one gather index."""
-    window = ratio * window_size
-    starts = ratio * torch.arange(num_latent_frames, device=device)[:, None] - window
-    return (starts + torch.arange(window, device=device)[None, :]).clamp(min=0)
+def action_window_index(num_latent_frames: int, ratio: int, window_size: int) -> torch.Tensor:
+    """[F, P] raw row indices, row f = action_window_rows(f): one gather for all frames."""
+    return torch.tensor([action_window_rows(f, ratio, window_size)
+                         for f in range(num_latent_frames)], dtype=torch.long)
 
 
 class ActionTables(NamedTuple):
@@ -59,8 +59,7 @@ def action_tables(config: ActionConfig, num_latent_frames: int, device) -> Actio
 def check_action_inputs(config: ActionConfig, batch: int, num_latent_frames: int,
                         mouse_cond: torch.Tensor | None, keyboard_cond: torch.Tensor | None) -> None:
     """Raise a clear error unless the conditions fit the config and the latent frames."""
-    ratio = config.vae_time_compression_ratio
-    expected_rows = ratio * (num_latent_frames - 1) + 1
+    expected_rows = video_frame_count(num_latent_frames)  # r = the VAE's stride (validated)
     for name, cond, enabled, width in (
         ("mouse_cond", mouse_cond, config.enable_mouse, config.mouse_dim_in),
         ("keyboard_cond", keyboard_cond, config.enable_keyboard, config.keyboard_dim_in),
@@ -72,11 +71,10 @@ def check_action_inputs(config: ActionConfig, batch: int, num_latent_frames: int
         if cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != width:
             raise ValueError(f"{name} must be [batch={batch}, frames, {width}], "
                              f"got {list(cond.shape)}")
-        rows = cond.shape[1]
-        if (rows - 1) % ratio or (rows - 1) // ratio + 1 != num_latent_frames:
+        if cond.shape[1] != expected_rows:
             raise ValueError(
-                f"{name} has {rows} frames, but {num_latent_frames} latent frames need "
-                f"{ratio}*({num_latent_frames}-1)+1 = {expected_rows} raw action frames")
+                f"{name} has {cond.shape[1]} frames, but {num_latent_frames} latent frames "
+                f"need {VAE_TIME_STRIDE}*({num_latent_frames}-1)+1 = {expected_rows} raw action frames")
 
 
 class RMSNormIgnoringWeight(nn.Module):
