@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -61,7 +61,7 @@ SETTING_NAMES = (
 )
 CSV_NAME = "input.csv"
 FRAME_FILE = re.compile(r"frame_(\d+)\.png", re.IGNORECASE)
-MAX_PROBLEMS_PER_FILE = 20  # past this, one file's problems are summarised as a count
+MAX_PROBLEMS_PER_FILE = 20  # a CSV's check stops after this many problems
 
 
 class DataError(ValueError):
@@ -170,10 +170,20 @@ def crop_box(src_width: int, src_height: int, height: int = VIDEO_HEIGHT,
 
 
 def _resize_rgb(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """EXIF-transpose, RGB, centre-crop to height:width, bilinear (antialiased) resize -> uint8 [H,W,3]."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    image = image.crop(crop_box(image.width, image.height, height, width))
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    """EXIF-transpose, RGB, centre-crop to height:width, bilinear (antialiased) resize -> uint8 [H,W,3].
+
+    Steps that would not change a pixel (no EXIF rotation, already RGB, nothing to crop,
+    already the size) are skipped: they only cost copies.
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    box = crop_box(image.width, image.height, height, width)
+    if box != (0, 0, image.width, image.height):
+        image = image.crop(box)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -194,23 +204,30 @@ def open_frame(path) -> Image.Image:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated frames would be "
                            "silently completed; set it back to False")
+    image = None
     try:
         image = Image.open(path)
         image.load()  # PIL decodes lazily: force the whole file now
     except (OSError, ValueError, SyntaxError) as error:
+        if image is not None:
+            image.close()
         raise DataError(f"{path}: unreadable image ({error})") from None
     return image
 
 
-def load_frame(path, height: int = VIDEO_HEIGHT, width: int = VIDEO_WIDTH) -> torch.Tensor:
-    """An image file -> float32 [3, height, width] in [-1, 1]."""
-    with open_frame(path) as image:
-        return preprocess_image(image, height, width)
-
-
 def _load_frame_pixels(path, height: int, width: int) -> np.ndarray:
+    """An image file -> uint8 [height, width, 3], preprocessed; problems name the file."""
     with open_frame(path) as image:
-        return _resize_rgb(image, height, width)
+        try:
+            return _resize_rgb(image, height, width)
+        except ValueError as error:
+            raise DataError(f"{path}: {error}") from None
+
+
+def load_frame(path, height: int = VIDEO_HEIGHT, width: int = VIDEO_WIDTH) -> torch.Tensor:
+    """An image file -> float32 [3, height, width] in [-1, 1], exactly as training sees frames."""
+    pixels = torch.from_numpy(_load_frame_pixels(path, height, width).copy())
+    return _to_model_range(pixels.permute(2, 0, 1).contiguous())
 
 
 def _inspect_frame(path, decode: bool, height: int, width: int) -> tuple[tuple[int, int] | None, str | None]:
@@ -348,7 +365,7 @@ def parse_input_csv(path, key_parser: KeyParser | None = None) -> InputCsv:
     previous_time = None
     for line, cells in records:
         if len(problems) >= MAX_PROBLEMS_PER_FILE:
-            problems.append(f"{path}: more problems after line {line} not listed")
+            problems.append(f"{path}:{line}: stopped checking after {MAX_PROBLEMS_PER_FILE} problems")
             break
         where = f"{path}:{line}"
         if len(cells) != len(columns):
@@ -807,8 +824,11 @@ class DataReport:
         total = max(len(held), 1)
         lines.append("Keys held (frames): " + ", ".join(
             f"{k} {int(n):,} ({100 * n / total:.1f}%)" for k, n in zip(keys, held.sum(0))))
-        combos = Counter("".join(k for k, on in zip(keys, row) if on) or "none" for row in held.astype(bool))
-        lines.append("Key combinations: " + (", ".join(f"{c} {n:,}" for c, n in combos.most_common()) or "none"))
+        codes, counts = np.unique(held.astype(np.int64) @ (1 << np.arange(len(keys))), return_counts=True)
+        combos = sorted(zip(counts, codes), reverse=True)
+        lines.append("Key combinations: " + (", ".join(
+            f"{''.join(k for i, k in enumerate(keys) if code >> i & 1) or 'none'} {n:,}" for n, code in combos)
+            or "none"))
         lines += self._mouse_lines()
 
         stride = self.settings.get("CLIP_STRIDE")
@@ -998,7 +1018,7 @@ def demo_actions(num_frames: int = DEMO_FRAMES, seed: int = DEMO_SEED) -> list[t
 
 def _hash_bits(ix: np.ndarray, iz: np.ndarray, salt: int) -> np.ndarray:
     """Fixed pseudo-random uint32 bits per integer lattice point (no period in practice)."""
-    h = ix.astype(np.uint32) * np.uint32(0x8DA6B343) ^ iz.astype(np.uint32) * np.uint32(0xD8163841)
+    h = ix.astype(np.uint32, copy=False) * np.uint32(0x8DA6B343) ^ iz.astype(np.uint32, copy=False) * np.uint32(0xD8163841)
     h ^= np.uint32((salt * 0x9E3779B9) & 0xFFFFFFFF)
     h ^= h >> np.uint32(15)
     h *= np.uint32(0x2C1B3C6D)
@@ -1017,9 +1037,10 @@ def _value_noise(x: np.ndarray, z: np.ndarray, salt: int) -> np.ndarray:
     fx, fz = np.floor(x), np.floor(z)
     tx, tz = x - fx, z - fz
     sx, sz = tx * tx * (3 - 2 * tx), tz * tz * (3 - 2 * tz)
-    ix, iz = fx.astype(np.int64), fz.astype(np.int64)
-    a, b = _hash01(ix, iz, salt), _hash01(ix + 1, iz, salt)
-    c, d = _hash01(ix, iz + 1, salt), _hash01(ix + 1, iz + 1, salt)
+    ix, iz = fx.astype(np.int32).view(np.uint32), fz.astype(np.int32).view(np.uint32)  # wraps like ints
+    one = np.uint32(1)
+    a, b = _hash01(ix, iz, salt), _hash01(ix + one, iz, salt)
+    c, d = _hash01(ix, iz + one, salt), _hash01(ix + one, iz + one, salt)
     return (a + (b - a) * sx) + ((c + (d - c) * sx) - (a + (b - a) * sx)) * sz
 
 
@@ -1052,7 +1073,7 @@ def _ground_colour(px, pz, distance, footprint) -> np.ndarray:
     colour *= (1 + 0.6 * mid * fade(1.2) + 0.6 * fine * fade(0.3) + 0.5 * grain * fade(0.08))[..., None]
 
     cell_x, cell_z = np.floor(px / 1.3), np.floor(pz / 1.3)
-    bits = _hash_bits(cell_x.astype(np.int64), cell_z.astype(np.int64), 5)
+    bits = _hash_bits(cell_x.astype(np.int32).view(np.uint32), cell_z.astype(np.int32).view(np.uint32), 5)
     byte = [(bits >> np.uint32(8 * k) & np.uint32(255)).astype(np.float32) / 256 for k in range(4)]
     centre_x, centre_z = (cell_x + 0.25 + 0.5 * byte[0]) * 1.3, (cell_z + 0.25 + 0.5 * byte[1]) * 1.3
     radius = 0.08 + 0.17 * byte[2]
@@ -1195,17 +1216,10 @@ def write_demo_recording(out_dir, num_frames: int = DEMO_FRAMES, height: int = D
             cameras.append(camera)
         digits = max(4, len(str(num_frames)))
 
-        def render(frame: int) -> None:
+        frames = range(1, num_frames + 1)
+        for frame in tqdm(frames, desc="rendering demo", unit="frame") if progress else frames:
             Image.fromarray(render_demo_frame(cameras[frame - 1], height, width)).save(
                 staging / f"frame_{frame:0{digits}d}.png", compress_level=1)
-
-        # numpy and zlib release the GIL, so threads render frames side by side.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            done = pool.map(render, range(1, num_frames + 1))
-            if progress:
-                done = tqdm(done, total=num_frames, desc="rendering demo", unit="frame")
-            for _ in done:
-                pass
         lines = ["key,time,frame,mouse_x,mouse_y"] + [
             f"{keys or '='},{(frame - 1) / FPS:.2f},{frame},{mouse_x:.2f},{mouse_y:.2f}"
             for frame, (keys, mouse_x, mouse_y) in enumerate(actions, 1)]

@@ -212,6 +212,14 @@ def test_load_frame_values_and_modes(tmp_path):
     np.testing.assert_allclose(frame[:, 0, 0].numpy(), [-1.0, (128 / 255 - 0.5) / 0.5, 1.0], atol=1e-6)
     Image.new("L", (64, 32), 51).save(tmp_path / "grey.png")
     assert torch.allclose(load_frame(tmp_path / "grey.png", 32, 64), torch.tensor((51 / 255 - 0.5) / 0.5))
+    # EXIF orientation 6 (rotate 90 clockwise) is applied before cropping, as the reference does.
+    stored = frame_image(7, size=(40, 72))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.png", exif=exif)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)
+    assert upright.size == (72, 40)
+    assert torch.equal(load_frame(tmp_path / "rotated.png", 32, 64), preprocess_image(upright, 32, 64))
 
 
 # --- split ---------------------------------------------------------------------
