@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_helpers import perturb_, tiny_model
+from model_helpers import tiny_model
 from test_model_action import naive_action_module
 from wan.config import tiny_config
 from wan.model import (STRATEGIES, WanModel, apply_training_strategy, random_inputs,

@@ -268,7 +268,8 @@ def trainable_parameter_names(model: WanModel, strategy: str, last_layers: int =
     if strategy == "action_only":
         return action_parameter_names(model)
     num_layers = len(model.blocks)
-    if isinstance(last_layers, bool) or not isinstance(last_layers, int) or not 1 <= last_layers <= num_layers:
+    valid = isinstance(last_layers, int) and not isinstance(last_layers, bool)
+    if not valid or not 1 <= last_layers <= num_layers:
         raise ValueError(f"strategy 'last_layers' needs 1 <= N <= {num_layers} (the model's "
                          f"blocks), got N = {last_layers!r}")
     last = tuple(f"blocks.{i}." for i in range(num_layers - last_layers, num_layers))
