@@ -39,7 +39,7 @@ def time_loader(dataset, workers: int, clips: int) -> tuple[float, float]:
 
 
 def one_clip_breakdown(clip, height: int, width: int) -> dict:
-    """Per-frame milliseconds of the three steps of loading, single-threaded."""
+    """Per-frame milliseconds of the three steps of loading a clip, single-threaded."""
     decode = resize = 0.0
     frames = np.empty((clip.num_frames, height, width, 3), np.uint8)
     for t, path in enumerate(clip.frame_paths):
