@@ -346,3 +346,9 @@ def test_parse_overrides_coerces_to_the_constants_types():
                           (["--SEQUENCE_LENGTH"], "needs a value")]:
         with pytest.raises(ValueError, match=message):
             parse_overrides(argv, namespace)
+
+
+def test_pixel_conversion_is_bit_exact_for_every_value():
+    pixels = torch.arange(256, dtype=torch.uint8)
+    reference = (pixels.float() / 255 - 0.5) / 0.5  # VAE_CLIP_SPEC A.7 step 2
+    assert torch.equal(data._to_model_range(pixels), reference)
