@@ -486,12 +486,18 @@ class Recording:
 
 def find_recordings(data_dir) -> tuple[list[Path], list[str]]:
     """Folders holding an input.csv under data_dir (itself included), and the folders with
-    frame files but no input.csv (problems). Hidden folders are not searched."""
+    frame files but no input.csv (problems). Hidden folders are not searched; symbolic
+    links to folders are followed, each real folder once."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such folder (DATA_DIR must be a recording or a folder of recordings)")
-    found, problems = [], []
-    for folder, subfolders, files in os.walk(data_dir):
+    found, problems, seen = [], [], set()
+    for folder, subfolders, files in os.walk(data_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         if CSV_NAME in files:
             found.append(Path(folder))

@@ -154,6 +154,11 @@ def test_recordings_at_any_depth_and_clips_never_cross_them(tmp_path):
     assert Counter(c.recording for c in report.clips) == {"day1/take1": 3, "day1/take2": 3}
     single = check_data(tmp_path / "day1" / "take2", sequence_length=5, clip_stride=1)
     assert [r.name for r in single.recordings] == ["."]
+    # Linked recordings are found; a link loop does not make the search go round forever.
+    (tmp_path / "day2" / "linked").symlink_to(tmp_path / "day1" / "take1")
+    (tmp_path / "day2" / "a" / "loop").symlink_to(tmp_path / "day2")
+    linked = check_data(tmp_path / "day2", sequence_length=5, clip_stride=1, val_fraction=0)
+    assert [r.name for r in linked.recordings] == ["a/b", "linked"] and len(linked.clips) == 3
 
 
 def test_folder_problems_are_reported(tmp_path):
