@@ -361,6 +361,8 @@ def parse_input_csv(path, key_parser: KeyParser | None = None) -> InputCsv:
             raise DataError(f"{path}:{line}: header {','.join(header)!r} is not usable: expected "
                             "the columns key,time,frame and optionally mouse_x,mouse_y")
         columns = header
+    if not records:
+        raise DataError(f"{path}:1: no rows (expected one row per frame: key,time,frame)")
     has_mouse = "mouse_x" in columns
 
     rows, unmapped_keys, examples, duplicates = {}, Counter(), {}, 0

@@ -115,6 +115,7 @@ ERRORS = {
     "bad mouse value": (b"key,time,frame,mouse_x,mouse_y\nW,0,1,left,0\n", 2, "are not numbers"),
     "unknown column": (b"key,time,frame,jump\nW,0,1,0\n", 1, "header"),
     "one mouse column": (b"key,time,frame,mouse_x\nW,0,1,0\n", 1, "header"),
+    "no rows": (b"key,time,frame\r\n\r\n", 1, "no rows"),
     "row for a missing frame": (b"W,0,1\nW,0.04,2\nW,0.08,9\n", 3, "row for frame 9, but there is no frame_0009.png"),
 }
 
