@@ -10,6 +10,7 @@ over the whole sequence (A.4's "single-pass equivalent"); they hold every frame'
 activations at once and exist to check the chunked path.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -149,6 +150,16 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, slot: Slot | None = None) -> torch.Tensor:
         return super().forward(with_history(x, slot))
+
+    def reset_parameters(self) -> None:
+        """Random init as a per-frame conv: a Conv2d's default init on the current-frame tap,
+        zero on the two past taps, so that a random VAE keeps each frame's content local in time."""
+        current = torch.empty_like(self.weight[:, :, -1])
+        nn.init.kaiming_uniform_(current, a=math.sqrt(5))  # nn.Conv2d's default
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :, -1] = current
+            self.bias.zero_()
 
 
 class FrameConv2d(nn.Conv2d):
@@ -416,12 +427,15 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random init for a VAE without a checkpoint (tests, the demo).
+        """Random init for a VAE without a checkpoint (tests, the demo): latents of about unit
+        scale that follow the input frame by frame.
 
-        Convs keep PyTorch's default init and gammas are 1, so every block sees unit-RMS
-        features; the 1x1 convs around the latent are then set so that raw latents follow the
-        published mean/std, i.e. normalised latents come out at the scale of the encoder head
-        (about unit variance, see tests) and decode maps them back.
+        Biases are 0 and gammas 1, so every block sees unit-RMS features and a mid-grey video
+        encodes to 0. Causal convs start as per-frame convs (see CausalConv3d.reset_parameters):
+        with all temporal taps random, frame 0 dominated every later latent and a latent frame
+        barely depended on its own 4 frames. The encoder head is scaled for unit-variance output,
+        and the 1x1 convs around the latent map it onto the published mean/std and back, so
+        normalised latents keep that scale and the decoder sees them unchanged.
         """
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
@@ -429,17 +443,16 @@ class WanVAE(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 module.gamma.fill_(1.0)
-        head = self.encoder.head[2]
-        nn.init.normal_(head.weight, std=(head.weight[0].numel() * SILU_SECOND_MOMENT) ** -0.5)
-        nn.init.zeros_(head.bias)
+        current_tap = self.encoder.head[2].weight[:, :, -1]
+        nn.init.normal_(current_tap, std=(current_tap[0].numel() * SILU_SECOND_MOMENT) ** -0.5)
         mean, std = self._latent_stats(torch.float32)
         z = self.config.z_dim
         nn.init.zeros_(self.conv1.weight)
         nn.init.zeros_(self.conv1.bias)
         self.conv1.weight[:z, :z, 0, 0, 0] = torch.diag(std.flatten())
         self.conv1.bias[:z] = mean.flatten()
-        self.conv2.weight.copy_(torch.eye(z).view(z, z, 1, 1, 1))
-        nn.init.zeros_(self.conv2.bias)
+        self.conv2.weight.copy_(torch.diag(1 / std.flatten()).view(z, z, 1, 1, 1))
+        self.conv2.bias.copy_(-(mean / std).flatten())
 
     def _latent_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1, 1, 1, 1)
