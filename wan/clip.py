@@ -6,8 +6,8 @@ blocks, CLS token first, with no final norm, head or pooling. Only the `visual.*
 tensors of the official file are read; the text tower is never built.
 
 Precision follows the reference's bf16 run where it matters: LayerNorm always runs in
-float32 and is cast back. Attention runs in the input dtype, so a float32 tower is an
-exact float32 port (the reference's CUDA helper would attend in bf16).
+float32 and is cast back. Attention runs in the input dtype, so a float32 tower attends
+in exact float32 (the reference's CUDA helper would attend in bf16, spec B.5).
 """
 
 import math
