@@ -16,3 +16,25 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def reference_dir():
     return REFERENCE_DIR
+
+
+def demo_settings(root: Path, *overrides: str) -> dict:
+    """The --demo settings with every path under root (and any --NAME=value overrides)."""
+    import finetune_base_model as fb
+
+    paths = [f"--{name}={root / value.removeprefix(fb.DEMO_DIR + '/')}" for name, value in fb.DEMO_SETTINGS.items()
+             if isinstance(value, str) and value.startswith(fb.DEMO_DIR + "/")]
+    settings, _ = fb.parse_settings(["--demo", *paths, *overrides])
+    return settings
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict:
+    """A demo recording (80 frames, 32x64) and tiny random base model, VAE and CLIP files in
+    the official formats, made once per test run by the demo's own set-up code."""
+    import finetune_base_model as fb
+
+    settings = demo_settings(tmp_path_factory.mktemp("tiny_assets"), "--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64",
+                             "--SEQUENCE_LENGTH=9", "--CLIP_STRIDE=4")
+    fb.prepare_demo(settings, num_frames=80)
+    return settings

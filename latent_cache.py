@@ -1,0 +1,383 @@
+"""The latent cache: each clip's VAE latents and first-frame conditioning, encoded once.
+
+Training never sees pixels. For every clip it needs the normalised VAE latents of the clip
+[16, F, h, w], the VAE latent of "first frame + zero frames" (the image half of
+cond_concat) and the CLIP tokens of the first frame. Encoding them costs far more than a
+training step of the action modules, so they are computed once and stored here:
+
+    CACHE_DIR/shards/shard-*.safetensors   tensors "<key>/latents", "<key>/first_frame_latent",
+                                           "<key>/visual_context" for up to SHARD_CLIPS clips
+    CACHE_DIR/shards/shard-*.json          the shard's sidecar: sha256, size, entries
+    CACHE_DIR/manifest.json                every entry and shard, merged from the sidecars
+
+An entry's key is a hash of everything that determines it: the frame files (name, size,
+mtime), the clip's place in its recording, the frame size, the storage dtype and the
+identity of the VAE and CLIP files. Change any of them and the key changes, so stale
+entries are never served; they are rebuilt under the new key. A shard is written before
+its sidecar (both atomically), so a killed build loses at most the shard in progress, and
+a shard whose bytes no longer match its sidecar's sha256 is deleted and rebuilt, never read.
+
+Actions (keyboard, mouse) are not cached: they are cheap to parse and depend on KEY_MAP,
+MOUSE_SCALE and KEYBOARD_KEYS, which a user should be able to change without re-encoding.
+"""
+
+import hashlib
+import json
+import os
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from convert_unreal_data import ClipRef, RecordingClipDataset
+from wan.conditioning import cond_concat_from_latent, encode_first_frame_latent
+from wan.files import save_safetensors_atomic, write_json_atomic
+from wan.shapes import latent_frame_count, latent_size
+
+CACHE_FORMAT_VERSION = 1
+SHARD_CLIPS = 16          # clips per shard: a killed build loses at most this many encodings
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TENSOR_NAMES = ("latents", "first_frame_latent", "visual_context")
+MANIFEST_NAME = "manifest.json"
+HASH_BLOCK = 16 << 20
+
+
+class CacheError(RuntimeError):
+    """The cache cannot serve what was asked; the message says what is missing and what to run."""
+
+
+# -----------------------------------------------------------------------------
+# Keys
+
+def file_identity(path) -> dict:
+    """What identifies a file's content cheaply: its name, size and modification time."""
+    stat = os.stat(path)
+    return {"name": Path(path).name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+@dataclass(frozen=True)
+class EncodingSettings:
+    """Everything besides the frames that determines a cache entry."""
+
+    height: int
+    width: int
+    dtype: str
+    vae: dict = field(hash=False)
+    clip: dict = field(hash=False)
+
+    @classmethod
+    def for_files(cls, vae_path, clip_path, height: int, width: int, dtype: str = "bf16") -> "EncodingSettings":
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"CACHE_DTYPE must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+        latent_size(height, width)  # validates the size
+        missing = [str(p) for p in (vae_path, clip_path) if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                "the latent cache is keyed by the encoder files, and these are missing: " + ", ".join(missing)
+                + " (see FINETUNING_GUIDE.md, 'Set-up', for where the VAE and CLIP weights go)")
+        return cls(height, width, dtype, file_identity(vae_path), file_identity(clip_path))
+
+
+def clip_key(clip: ClipRef, settings: EncodingSettings) -> str:
+    payload = {
+        "format": CACHE_FORMAT_VERSION,
+        "recording": clip.recording,
+        "first_frame": clip.first_frame,
+        "frames": [file_identity(p) for p in clip.frame_paths],
+        "settings": asdict(settings),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def sha256_of_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# The cache folder
+
+class LatentCache:
+    """The shards of one cache folder, as their sidecars describe them."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = Path(cache_dir)
+        self.shard_dir = self.cache_dir / "shards"
+        self.shards: dict[str, dict] = {}    # shard file name -> sidecar
+        self.entries: dict[str, str] = {}    # key -> shard file name
+        self.verified: set[str] = set()      # shards whose sha256 was checked in this process
+        self.rescan()
+
+    def rescan(self) -> None:
+        self.shards, self.entries = {}, {}
+        if not self.shard_dir.is_dir():
+            return
+        for sidecar in sorted(self.shard_dir.glob("shard-*.json")):
+            try:
+                info = json.loads(sidecar.read_text())
+                name = info["file"]
+                entries = info["entries"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise CacheError(f"{sidecar}: unreadable cache sidecar ({error}); delete it and its "
+                                 ".safetensors file to have those clips re-encoded") from error
+            self.shards[name] = info
+            for key in entries:
+                self.entries[key] = name
+
+    def stray_files(self) -> list[Path]:
+        """Shards without a sidecar (a build killed between the two writes) and temp files."""
+        if not self.shard_dir.is_dir():
+            return []
+        return [p for p in self.shard_dir.iterdir()
+                if p.name.endswith(".tmp") or (p.suffix == ".safetensors" and p.name not in self.shards)]
+
+    def remove_shard(self, name: str, delete_files: bool = True) -> None:
+        if delete_files:
+            for path in (self.shard_dir / name, self.shard_dir / Path(name).with_suffix(".json").name):
+                path.unlink(missing_ok=True)
+        self.verified.discard(name)
+        self.shards.pop(name, None)
+        self.entries = {k: s for k, s in self.entries.items() if s != name}
+
+    def check_shard(self, name: str) -> str | None:
+        """None if the shard's bytes match its sidecar, else what is wrong."""
+        if name in self.verified:
+            return None
+        info, path = self.shards[name], self.shard_dir / name
+        if not path.is_file():
+            return "file missing"
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            return f"{size} bytes, its sidecar says {info['bytes']} (truncated?)"
+        if sha256_of_file(path) != info["sha256"]:
+            return "sha256 differs from its sidecar (corrupt)"
+        self.verified.add(name)
+        return None
+
+    def verify(self, keys, progress: bool = False, remove: bool = True) -> list[str]:
+        """Check every shard holding one of keys; forget (and with remove, delete) the bad
+        ones so that they are never read. Returns the problems."""
+        names = sorted({self.entries[k] for k in keys if k in self.entries} - self.verified)
+        problems = []
+        for name in tqdm(names, desc="verifying cache shards", unit="shard", disable=not progress or not names):
+            problem = self.check_shard(name)
+            if problem:
+                problems.append(f"{self.shard_dir / name}: {problem}; its clips will be re-encoded")
+                self.remove_shard(name, delete_files=remove)
+        return problems
+
+    def write_shard(self, tensors_by_key: dict[str, dict], descriptions: dict[str, dict], tag: str) -> str:
+        name = f"shard-{tag}-{time.time_ns():x}-{uuid.uuid4().hex[:8]}.safetensors"
+        path = self.shard_dir / name
+        tensors = {f"{key}/{part}": t for key, parts in tensors_by_key.items() for part, t in parts.items()}
+        save_safetensors_atomic(tensors, path, {"format": CACHE_FORMAT_VERSION})
+        info = {"file": name, "bytes": path.stat().st_size, "sha256": sha256_of_file(path),
+                "format": CACHE_FORMAT_VERSION, "entries": descriptions}
+        write_json_atomic(path.with_suffix(".json"), info)
+        self.shards[name] = info
+        self.verified.add(name)
+        for key in descriptions:
+            self.entries[key] = name
+        return name
+
+    def write_manifest(self) -> Path:
+        manifest = {
+            "format": CACHE_FORMAT_VERSION,
+            "shards": {name: {k: info[k] for k in ("bytes", "sha256")} for name, info in self.shards.items()},
+            "entries": {key: {"shard": name, **self.shards[name]["entries"][key]} for key, name in self.entries.items()},
+        }
+        return write_json_atomic(self.cache_dir / MANIFEST_NAME, manifest)
+
+
+# -----------------------------------------------------------------------------
+# Building
+
+@dataclass
+class CacheReport:
+    cache_dir: str
+    settings: EncodingSettings | None = None
+    clips: int = 0
+    reused: int = 0
+    encoded: int = 0
+    rebuilt_shards: list = field(default_factory=list)
+    removed_strays: int = 0
+    unused_entries: int = 0
+    device: str = ""
+    seconds: float = 0.0
+
+    def format(self) -> str:
+        rate = f", {self.encoded / self.seconds:.2f} clips/s on {self.device}" if self.encoded and self.seconds else ""
+        lines = [f"latent cache {self.cache_dir}: {self.clips} clips, {self.reused} reused, "
+                 f"{self.encoded} encoded{rate}"]
+        lines += [f"  rebuilt: {p}" for p in self.rebuilt_shards]
+        if self.removed_strays:
+            lines.append(f"  removed {self.removed_strays} incomplete shard file(s) left by an interrupted build")
+        if self.unused_entries:
+            lines.append(f"  {self.unused_entries} cached entries are not used by these clips (other data or "
+                         "settings); delete the cache folder to reclaim their space")
+        return "\n".join(lines)
+
+
+def default_encoder_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    warnings.warn("no CUDA GPU: encoding the latent cache on the CPU is slow (the real VAE takes seconds "
+                  "per 352x640 frame); it is done once, later runs reuse the cache", stacklevel=2)
+    return torch.device("cpu")
+
+
+def load_encoders(vae_path, clip_path, device: torch.device):
+    """The VAE and CLIP tower in the dtype they run in: bf16 on GPU (as the reference), fp32 on CPU."""
+    from wan.clip import load_clip
+    from wan.vae import load_vae
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = load_vae(vae_path, device=device, dtype=dtype).requires_grad_(False)
+    clip = load_clip(clip_path, device=device, dtype=dtype)
+    return vae, clip
+
+
+@torch.no_grad()
+def encode_clip_batch(vae, clip, video: torch.Tensor, out_dtype: torch.dtype) -> list[dict]:
+    """video [B, 3, T, H, W] in [-1, 1] -> per clip: latents, first_frame_latent, visual_context."""
+    video = video.to(device=vae.device, dtype=vae.dtype)
+    first = video[:, :, 0]
+    latents = vae.encode(video)
+    first_latent = encode_first_frame_latent(vae, first, video.shape[2])
+    visual = clip.encode_frames(first)
+    return [{"latents": latents[i].to("cpu", out_dtype), "first_frame_latent": first_latent[i].to("cpu", out_dtype),
+             "visual_context": visual[i].to("cpu", out_dtype)} for i in range(video.shape[0])]
+
+
+def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width: int, dtype: str = "bf16",
+                       device=None, batch_size: int = 1, num_workers: int = 2, rank: int = 0,
+                       world_size: int = 1, progress: bool = True,
+                       cache: LatentCache | None = None) -> CacheReport:
+    """Encode every clip that has no valid entry yet; reuse the rest.
+
+    With world_size > 1 each rank encodes every world_size-th missing clip into its own
+    shards; call merge_manifest on one rank after all have finished. Pass the same `cache`
+    to CachedClipDataset to skip verifying the shards twice.
+    """
+    started = time.perf_counter()
+    settings = EncodingSettings.for_files(vae_path, clip_path, height, width, dtype)
+    keys = [clip_key(c, settings) for c in clips]
+    cache = cache or LatentCache(cache_dir)
+    report = CacheReport(cache_dir=str(cache_dir), clips=len(clips), settings=settings)
+    if world_size == 1:
+        strays = cache.stray_files()
+        for path in strays:
+            path.unlink(missing_ok=True)
+        report.removed_strays = len(strays)
+    report.rebuilt_shards = cache.verify(keys, progress=progress)
+    missing = [(c, k) for c, k in zip(clips, keys) if k not in cache.entries]
+    report.reused = len(clips) - len(missing)
+    mine = missing[rank::world_size]
+    if mine:
+        device = torch.device(device) if device is not None else default_encoder_device()
+        report.device = str(device)
+        vae, clip_model = load_encoders(vae_path, clip_path, device)
+        frames = DataLoader(RecordingClipDataset([c for c, _ in mine], height, width), batch_size=batch_size,
+                            num_workers=num_workers, persistent_workers=False)
+        out_dtype = CACHE_DTYPES[dtype]
+        pending, described = {}, {}
+        bar = tqdm(total=len(mine), desc="encoding clips", unit="clip", disable=not progress)
+        done = 0
+        for batch in frames:
+            for encoded in encode_clip_batch(vae, clip_model, batch["video"], out_dtype):
+                clip_ref, key = mine[done]
+                pending[key] = encoded
+                described[key] = {"clip": clip_ref.clip_id, "num_frames": clip_ref.num_frames}
+                done += 1
+                if len(pending) == SHARD_CLIPS:
+                    cache.write_shard(pending, described, f"r{rank}")
+                    pending, described = {}, {}
+            bar.update(batch["video"].shape[0])
+        if pending:
+            cache.write_shard(pending, described, f"r{rank}")
+        bar.close()
+        report.encoded = len(mine)
+        del vae, clip_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if world_size == 1:
+        cache.write_manifest()
+    report.unused_entries = len(set(cache.entries) - set(keys))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def merge_manifest(cache_dir) -> Path:
+    """Rebuild manifest.json from every shard's sidecar (after a multi-rank build)."""
+    return LatentCache(cache_dir).write_manifest()
+
+
+# -----------------------------------------------------------------------------
+# Reading
+
+class CachedClipDataset(Dataset):
+    """Clips served from the latent cache.
+
+    Item: latents [16, F, h, w], cond_concat [20, F, h, w], visual_context [tokens, width]
+    (float32), keyboard [T, K], mouse [T, 2], recording, first_frame. Raises CacheError,
+    listing what is missing, unless every clip has a verified entry.
+    """
+
+    def __init__(self, clips, cache_dir, settings: EncodingSettings, cache: LatentCache | None = None):
+        self.clips = list(clips)
+        self.cache_dir = Path(cache_dir)
+        self.keys = [clip_key(c, settings) for c in self.clips]
+        cache = cache or LatentCache(cache_dir)
+        problems = cache.verify(self.keys, remove=False)
+        missing = [c.clip_id for c, k in zip(self.clips, self.keys) if k not in cache.entries]
+        if problems or missing:
+            shown = "\n  ".join(problems + missing[:10] + ([f"... and {len(missing) - 10} more"] if len(missing) > 10 else []))
+            raise CacheError(
+                f"the latent cache {self.cache_dir} lacks {len(missing)} of {len(self.clips)} clips "
+                f"(or their settings/frames changed):\n  {shown}\n"
+                "build it with: python convert_unreal_data.py DATA_DIR --cache (the training script "
+                "builds it by itself before training)")
+        self.shard_of = [cache.entries[k] for k in self.keys]
+        latent_frames = latent_frame_count(self.clips[0].num_frames) if self.clips else 0
+        self.latent_shape = (latent_frames, *latent_size(settings.height, settings.width))
+        self._handles = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open files do not cross into DataLoader workers
+        return state
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def _tensor(self, index: int, part: str) -> torch.Tensor:
+        name = self.shard_of[index]
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.cache_dir / "shards" / name), framework="pt")
+        return self._handles[name].get_tensor(f"{self.keys[index]}/{part}").float()
+
+    def __getitem__(self, index: int) -> dict:
+        clip = self.clips[index]
+        latents = self._tensor(index, "latents")
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise CacheError(f"{self.cache_dir}: entry for {clip.clip_id} has latents {list(latents.shape)}, "
+                             f"expected [16, {', '.join(map(str, self.latent_shape))}]")
+        first_latent = self._tensor(index, "first_frame_latent")
+        return {
+            "latents": latents,
+            "cond_concat": cond_concat_from_latent(first_latent[None])[0],
+            "visual_context": self._tensor(index, "visual_context"),
+            "keyboard": clip.keyboard.clone(),
+            "mouse": clip.mouse.clone(),
+            "recording": clip.recording,
+            "first_frame": clip.first_frame,
+        }

@@ -1,0 +1,146 @@
+import os
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import convert_unreal_data as data
+import latent_cache
+from wan.clip import load_clip
+from wan.conditioning import build_cond_concat
+from wan.vae import load_vae
+
+
+@pytest.fixture
+def setup(tiny_assets, tmp_path):
+    """A private copy of the tiny recording (tests modify frames) and its clips."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_assets["DATA_DIR"], data_dir)
+    s = dict(tiny_assets, DATA_DIR=str(data_dir), CACHE_DIR=str(tmp_path / "cache"))
+    report = data.check_data(data_dir, sequence_length=9, clip_stride=8, height=32, width=64)
+    clips = report.clips[:4]
+    return s, clips
+
+
+def build(s, clips, **options):
+    return latent_cache.build_latent_cache(clips, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], 32, 64,
+                                           dtype="fp32", num_workers=0, progress=False, device="cpu", **options)
+
+
+def dataset(s, clips, report):
+    return latent_cache.CachedClipDataset(clips, s["CACHE_DIR"], report.settings)
+
+
+def test_cached_entries_are_the_real_encodings_and_are_reused(setup):
+    s, clips = setup
+    first = build(s, clips)
+    assert (first.encoded, first.reused) == (4, 0)
+    vae, clip_model = load_vae(s["VAE_PATH"]), load_clip(s["CLIP_PATH"])
+    item = dataset(s, clips, first)[2]
+    video = data.RecordingClipDataset([clips[2]], 32, 64)[0]["video"][None]
+    assert torch.equal(item["latents"], vae.encode(video)[0])
+    assert torch.equal(item["cond_concat"], build_cond_concat(vae, video[:, :, 0], 9)[0])
+    assert torch.equal(item["visual_context"], clip_model.encode_frames(video[:, :, 0])[0])
+    assert torch.equal(item["keyboard"], clips[2].keyboard) and torch.equal(item["mouse"], clips[2].mouse)
+    assert (item["recording"], item["first_frame"]) == (clips[2].recording, clips[2].first_frame)
+
+    again = build(s, clips)
+    assert (again.encoded, again.reused) == (0, 4)
+    assert torch.equal(dataset(s, clips, again)[2]["latents"], item["latents"])
+    manifest = (latent_cache.LatentCache(s["CACHE_DIR"]).cache_dir / latent_cache.MANIFEST_NAME).read_text()
+    assert clips[2].clip_id in manifest
+
+
+def test_changed_frame_invalidates_exactly_the_clips_that_use_it(setup):
+    s, clips = setup
+    build(s, clips)
+    frame = clips[1].frame_paths[3]  # only in clip 1 (clips are 9 frames, 8 apart)
+    assert sum(frame in c.frame_paths for c in clips) == 1
+    shutil.copy(clips[0].frame_paths[0], frame)
+    os.utime(frame, ns=(1, 1))
+    report = build(s, clips)
+    assert (report.encoded, report.reused) == (1, 3)
+
+
+def test_changed_encoder_file_invalidates_everything(setup):
+    s, clips = setup
+    build(s, clips)
+    os.utime(s["VAE_PATH"], ns=(2, 2))
+    try:
+        assert build(s, clips).encoded == 4
+    finally:
+        os.utime(s["VAE_PATH"])
+
+
+def test_interrupted_build_resumes_where_it_stopped(setup, monkeypatch):
+    s, clips = setup
+    monkeypatch.setattr(latent_cache, "SHARD_CLIPS", 2)
+    real_write = latent_cache.LatentCache.write_shard
+    calls = []
+
+    def write_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(latent_cache.LatentCache, "write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(s, clips)
+    monkeypatch.setattr(latent_cache.LatentCache, "write_shard", real_write)
+    report = build(s, clips)
+    assert (report.reused, report.encoded) == (2, 2)
+
+
+def test_shard_without_sidecar_is_removed_and_re_encoded(setup):
+    s, clips = setup
+    build(s, clips)
+    cache = latent_cache.LatentCache(s["CACHE_DIR"])
+    (shard,) = cache.shards
+    (cache.shard_dir / shard).with_suffix(".json").unlink()  # killed between the two writes
+    report = build(s, clips)
+    assert report.removed_strays == 1 and report.encoded == 4
+    assert not (cache.shard_dir / shard).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_shard_is_detected_never_read_and_rebuilt(setup, damage):
+    s, clips = setup
+    first = build(s, clips)
+    cache = latent_cache.LatentCache(s["CACHE_DIR"])
+    (shard,) = cache.shards
+    path = cache.shard_dir / shard
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:
+        raw[-100] ^= 0xFF  # inside the tensor data: the header still parses
+        path.write_bytes(raw)
+    with pytest.raises(latent_cache.CacheError, match="sha256|truncated"):
+        dataset(s, clips, first)
+    report = build(s, clips)
+    assert report.encoded == 4 and len(report.rebuilt_shards) == 1 and shard in report.rebuilt_shards[0]
+    assert len(dataset(s, clips, report)) == 4
+
+
+def test_dataset_names_missing_clips(setup):
+    s, clips = setup
+    report = build(s, clips[:2])
+    with pytest.raises(latent_cache.CacheError, match="lacks 2 of 4 clips") as error:
+        dataset(s, clips, report)
+    assert clips[3].clip_id in str(error.value) and "--cache" in str(error.value)
+
+
+def test_dataset_works_with_loader_workers(setup):
+    s, clips = setup
+    report = build(s, clips)
+    ds = dataset(s, clips, report)
+    batches = list(DataLoader(ds, batch_size=2, num_workers=2))
+    assert torch.equal(torch.cat([b["latents"] for b in batches]), torch.stack([ds[i]["latents"] for i in range(4)]))
+
+
+def test_missing_encoder_files_are_a_clear_error(setup, tmp_path):
+    s, clips = setup
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        latent_cache.build_latent_cache(clips, s["CACHE_DIR"], tmp_path / "nowhere.pth", s["CLIP_PATH"], 32, 64)
