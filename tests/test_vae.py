@@ -337,3 +337,10 @@ def test_config_is_read_from_the_shapes(vae):
     wide = WanVAE(VAEConfig(dim=16))
     assert VAEConfig.from_state_dict(wide.state_dict()) == VAEConfig(dim=16)
     assert VAEConfig.from_state_dict(vae.state_dict()) == VAEConfig.tiny()
+
+
+def test_config_rejects_structures_the_shape_rules_do_not_allow():
+    with pytest.raises(ValueError, match="z_dim must be 16"):
+        VAEConfig(z_dim=8)
+    with pytest.raises(ValueError, match="downsample space by 8 and time by 4"):
+        VAEConfig(temporal_downsample=(False, False, True))

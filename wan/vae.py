@@ -192,9 +192,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * gamma_dims))  # checkpoint shape [C,1,1,1] or [C,1,1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # = F.normalize(x, dim=1) * scale * gamma, in two full-size passes instead of three
+        # = F.normalize(x, dim=1) * scale * gamma, in two full-size passes and one allocation
         inv_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
-        return x * inv_norm * (self.scale * self.gamma.view(-1, *(1,) * (x.ndim - 2)))
+        return (x * inv_norm).mul_(self.scale * self.gamma.view(-1, *(1,) * (x.ndim - 2)))
 
 
 class ResidualBlock(nn.Module):
@@ -202,15 +202,15 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Indices follow the checkpoint keys; 5 is the reference's p=0 dropout.
         self.residual = nn.ModuleList([
-            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim),
-            RMSNorm(out_dim), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim)])
+            RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim),
+            RMSNorm(out_dim), nn.SiLU(inplace=True), nn.Identity(), CausalConv3d(out_dim, out_dim)])
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, state: CausalState | None = None) -> torch.Tensor:
         r = self.residual
         h = r[2](r[1](r[0](x)), next_slot(state))
         h = r[6](r[5](r[4](r[3](h))), next_slot(state))
-        return h + self.shortcut(x)
+        return h.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -223,6 +223,7 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, state: CausalState | None = None) -> torch.Tensor:
+        """state is unused (attention never looks across frames); it keeps the block signature."""
         b, c, t, h, w = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)
         q, k, v = F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias).chunk(3, dim=-1)
@@ -305,7 +306,7 @@ class Encoder3d(nn.Module):
         self.downsamples = nn.ModuleList(layers)
         self.middle = nn.ModuleList([ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
                                      ResidualBlock(dims[-1], dims[-1])])
-        self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], config.z_dim * 2)])
+        self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(inplace=True), CausalConv3d(dims[-1], config.z_dim * 2)])
 
     def forward(self, x: torch.Tensor, state: CausalState | None = None) -> torch.Tensor:
         x = self.conv1(x, next_slot(state))
@@ -332,7 +333,7 @@ class Decoder3d(nn.Module):
             if stage < len(temporal_upsample):
                 layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[stage] else "upsample2d"))
         self.upsamples = nn.ModuleList(layers)
-        self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3)])
+        self.head = nn.ModuleList([RMSNorm(dims[-1]), nn.SiLU(inplace=True), CausalConv3d(dims[-1], 3)])
 
     def forward(self, x: torch.Tensor, state: CausalState | None = None) -> torch.Tensor:
         x = self.conv1(x, next_slot(state))
