@@ -5,11 +5,13 @@ row per frame: the keys held, the time in seconds, the frame number, and optiona
 mouse deltas. DATA_DIR is one recording or a folder of recordings at any depth.
 
     python convert_unreal_data.py [DATA_DIR] [--NAME=value ...]   # check the data, print the report
+    python convert_unreal_data.py [DATA_DIR] --cache              # ... then build the latent cache
     python convert_unreal_data.py --demo DIR                      # write the synthetic demo recording
 
 The training script imports this module: check_data() -> DataReport (recordings, clips,
 train/validation split, printable report), RecordingClipDataset for raw-frame loading,
-load_frame()/preprocess_image() for the one frame preprocessing everything shares.
+load_frame()/preprocess_image() for the one frame preprocessing everything shares. The
+latent cache itself lives in latent_cache.py.
 """
 
 import argparse
@@ -32,7 +34,10 @@ from PIL import ExifTags, Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from wan.shapes import FPS, VIDEO_HEIGHT, VIDEO_WIDTH, check_frame_count, check_image_size
+from wan import shapes
+from wan.clip import DEFAULT_CLIP_PATH
+from wan.shapes import FPS, check_frame_count, check_image_size
+from wan.vae import DEFAULT_VAE_PATH
 
 # -----------------------------------------------------------------------------
 # Settings: edit them here, or override any of them with --NAME=value.
@@ -53,11 +58,19 @@ SKIP_BAD_FRAMES = False     # True: an unreadable frame becomes a gap (counted) 
 VAL_FRACTION = 0.1          # share of clips held out for validation
 VAL_BLOCK_CLIPS = 8         # validation holds out runs of up to this many consecutive clips
 SPLIT_SEED = 0              # which runs are held out
+VIDEO_HEIGHT = shapes.VIDEO_HEIGHT  # frames are centre-cropped to this aspect and resized
+VIDEO_WIDTH = shapes.VIDEO_WIDTH    # (352x640: the base model's size; sides multiples of 16)
+# The latent cache (--cache): every clip encoded once by the VAE and CLIP
+CACHE_DIR = "latent_cache"  # keyed by content: several datasets and settings can share it
+CACHE_DTYPE = "bf16"        # "bf16" (half the disk) or "fp32"
+VAE_PATH = str(DEFAULT_VAE_PATH)
+CLIP_PATH = str(DEFAULT_CLIP_PATH)
 # -----------------------------------------------------------------------------
 
 SETTING_NAMES = (
     "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS", "KEY_MAP", "MOUSE_SCALE",
     "INVERT_MOUSE_Y", "SKIP_BAD_FRAMES", "VAL_FRACTION", "VAL_BLOCK_CLIPS", "SPLIT_SEED",
+    "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DIR", "CACHE_DTYPE", "VAE_PATH", "CLIP_PATH",
 )
 CSV_NAME = "input.csv"
 FRAME_FILE = re.compile(r"frame_(\d+)\.png", re.IGNORECASE)
@@ -1256,6 +1269,9 @@ def _argument_parser() -> argparse.ArgumentParser:
                "--SEQUENCE_LENGTH=33 --SKIP_BAD_FRAMES=true --KEYBOARD_KEYS=W,S,A,D. "
                "Exit code 1 when the data has problems.")
     parser.add_argument("data_dir", nargs="?", help="a recording or a folder of recordings (default: DATA_DIR)")
+    parser.add_argument("--cache", action="store_true",
+                        help="after the check, encode every clip into the latent cache CACHE_DIR with the VAE "
+                             "(VAE_PATH) and CLIP (CLIP_PATH); clips already cached are reused")
     parser.add_argument("--demo", metavar="DIR", help="write the demo recording into DIR (new or empty) and exit")
     parser.add_argument("--frames", type=int, default=DEMO_FRAMES, help=f"demo: frames to render (default {DEMO_FRAMES})")
     parser.add_argument("--height", type=int, default=DEMO_HEIGHT,
@@ -1288,14 +1304,26 @@ def main(argv=None) -> int:
             key_map=settings["KEY_MAP"], mouse_scale=settings["MOUSE_SCALE"],
             invert_mouse_y=settings["INVERT_MOUSE_Y"], skip_bad_frames=settings["SKIP_BAD_FRAMES"],
             val_fraction=settings["VAL_FRACTION"], val_block_clips=settings["VAL_BLOCK_CLIPS"],
-            split_seed=settings["SPLIT_SEED"], decode_frames=True, progress=True)
+            split_seed=settings["SPLIT_SEED"], height=settings["VIDEO_HEIGHT"], width=settings["VIDEO_WIDTH"],
+            decode_frames=True, progress=True)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(report.format())
-    # --cache (the latent cache: encode every clip of report.split once) is added here by the
-    # latent-cache issue.
-    return 1 if report.problems else 0
+    if report.problems:
+        return 1
+    if args.cache:
+        import latent_cache  # imports the encoders; only needed here
+
+        try:
+            cache_report = latent_cache.build_latent_cache(
+                report.clips, settings["CACHE_DIR"], settings["VAE_PATH"], settings["CLIP_PATH"],
+                settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"], dtype=settings["CACHE_DTYPE"])
+        except (FileNotFoundError, ValueError, latent_cache.CacheError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(cache_report.format())
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,27 +30,24 @@ from tqdm import tqdm
 import convert_unreal_data as data
 import latent_cache
 from wan import flow
-from wan.clip import CLIP_FILE_NAME
 from wan.files import save_safetensors_atomic, torch_save_atomic, write_text_atomic
 from wan.loading import CheckpointError, load_base_model
 from wan.model import STRATEGIES, WanModel, apply_training_strategy
-from wan import shapes
-from wan.vae import DEFAULT_VAE_PATH
 
 # -----------------------------------------------------------------------------
 # Settings: edit them here, or override any of them with --NAME=value.
 _names_before_settings = set(globals())
 # where things are
 BASE_MODEL_DIR = "models/base_model"     # config JSON + diffusion_pytorch_model.safetensors
-VAE_PATH = str(DEFAULT_VAE_PATH)         # models/Wan2.1_VAE.pth
-CLIP_PATH = f"models/{CLIP_FILE_NAME}"
+VAE_PATH = data.VAE_PATH                 # models/Wan2.1_VAE.pth
+CLIP_PATH = data.CLIP_PATH               # models/models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth
 DATA_DIR = data.DATA_DIR                 # one recording or a folder of recordings
-CACHE_DIR = "latent_cache"               # encoded clips; shared by runs, keyed by content
-CACHE_DTYPE = "bf16"                     # "bf16" (half the disk) or "fp32"
-VIDEO_HEIGHT = shapes.VIDEO_HEIGHT       # frames are centre-cropped to this aspect and resized:
-VIDEO_WIDTH = shapes.VIDEO_WIDTH         # 352x640, the base model's size (sides multiples of 16)
+CACHE_DIR = data.CACHE_DIR               # encoded clips; shared by runs, keyed by content
+CACHE_DTYPE = data.CACHE_DTYPE           # "bf16" (half the disk) or "fp32"
+VIDEO_HEIGHT = data.VIDEO_HEIGHT         # frames are centre-cropped to this aspect and resized:
+VIDEO_WIDTH = data.VIDEO_WIDTH           # 352x640, the base model's size (sides multiples of 16)
 CHECKPOINT_DIR = "checkpoints"
-# data (defaults live in convert_unreal_data.py; KEY_MAP is edited there)
+# data (defaults live in convert_unreal_data.py; KEY_MAP and SPLIT_SEED are edited there)
 SEQUENCE_LENGTH = data.SEQUENCE_LENGTH   # frames per clip, 4k+1
 CLIP_STRIDE = data.CLIP_STRIDE           # None: SEQUENCE_LENGTH // 2
 KEYBOARD_KEYS = data.KEYBOARD_KEYS       # column order of the keyboard tensor
@@ -417,7 +414,7 @@ def train(s: dict) -> dict:
     report = data.check_data(
         s["DATA_DIR"], sequence_length=s["SEQUENCE_LENGTH"], clip_stride=s["CLIP_STRIDE"],
         keyboard_keys=s["KEYBOARD_KEYS"], mouse_scale=s["MOUSE_SCALE"], skip_bad_frames=s["SKIP_BAD_FRAMES"],
-        val_fraction=s["VAL_FRACTION"], split_seed=s["SEED"], height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"],
+        val_fraction=s["VAL_FRACTION"], height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"],
         decode_frames=s["SKIP_BAD_FRAMES"], progress=True)
     print(report.format())
     report.raise_for_problems()

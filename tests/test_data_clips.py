@@ -327,7 +327,7 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     assert data.main([str(tmp_path / "good"), "--SEQUENCE_LENGTH=56"]) == 1
     assert "4k+1" in capsys.readouterr().err
     assert data.main(["--SEQUENCE_LENGHT=33"]) == 2
-    assert "valid names: CLIP_STRIDE, DATA_DIR" in capsys.readouterr().err
+    assert "valid names: CACHE_DIR, CACHE_DTYPE, CLIP_PATH, CLIP_STRIDE, DATA_DIR" in capsys.readouterr().err
     assert data.main([str(tmp_path / "nowhere")]) == 1
     assert "no such folder" in capsys.readouterr().err
 

@@ -144,3 +144,17 @@ def test_missing_encoder_files_are_a_clear_error(setup, tmp_path):
     s, clips = setup
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         latent_cache.build_latent_cache(clips, s["CACHE_DIR"], tmp_path / "nowhere.pth", s["CLIP_PATH"], 32, 64)
+
+
+def test_cli_check_then_cache_reuses_on_the_second_run(setup, capsys):
+    s, _ = setup
+    args = [s["DATA_DIR"], "--cache", f"--CACHE_DIR={s['CACHE_DIR']}", f"--VAE_PATH={s['VAE_PATH']}",
+            f"--CLIP_PATH={s['CLIP_PATH']}", "--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64", "--SEQUENCE_LENGTH=17",
+            "--CLIP_STRIDE=16", "--CACHE_DTYPE=fp32"]
+    assert data.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Problems: none" in out and "4 clips, 0 reused, 4 encoded" in out
+    assert data.main(args) == 0
+    assert "4 clips, 4 reused, 0 encoded" in capsys.readouterr().out
+    assert data.main(args[:3] + ["--VAE_PATH=/nowhere/vae.pth"] + args[4:]) == 1
+    assert "/nowhere/vae.pth" in capsys.readouterr().err

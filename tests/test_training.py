@@ -221,7 +221,7 @@ def test_validation_is_repeatable(tiny_assets, tmp_path):
     import convert_unreal_data as data
     import latent_cache
     report = data.check_data(s["DATA_DIR"], sequence_length=9, clip_stride=4, val_fraction=s["VAL_FRACTION"],
-                             split_seed=s["SEED"], height=32, width=64)
+                             height=32, width=64)
     cache = latent_cache.build_latent_cache(report.split.val, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], 32,
                                             64, dtype=s["CACHE_DTYPE"], num_workers=0, progress=False)
     loader = torch.utils.data.DataLoader(

@@ -21,6 +21,7 @@ from torch import nn
 from wan.files import torch_save_atomic
 
 CLIP_FILE_NAME = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+DEFAULT_CLIP_PATH = Path("models") / CLIP_FILE_NAME
 CLIP_DOWNLOAD_HINT = (
     f"Download {CLIP_FILE_NAME} from the Hugging Face repo Skywork/Matrix-Game-2.0 (the same "
     f"file is in Wan-AI/Wan2.1-I2V-14B-480P), e.g. `huggingface-cli download "
