@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import convert_unreal_data as data
+import generate_preview
 import latent_cache
 from wan import flow
 from wan.files import save_safetensors_atomic, torch_save_atomic, write_text_atomic
@@ -84,6 +85,9 @@ SAVE_EVERY_STEPS = 0                     # 0: only at epoch ends; else also ever
 LOG_EVERY_STEPS = 10                     # metrics.csv is rewritten this often
 RESUME = False                           # continue the run in CHECKPOINT_DIR/training_state.pt
 SEED = 42
+# previews (generate_preview.py): the first validation clip generated from its first frame and actions
+PREVIEW_EVERY_EPOCHS = 0                 # 0: off; else every N epochs and after the last, into previews/
+PREVIEW_STEPS = 50                       # sampling steps per preview
 # -----------------------------------------------------------------------------
 
 SETTING_NAMES = [name for name in list(globals()) if name.isupper() and name not in _names_before_settings]
@@ -91,6 +95,7 @@ STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.csv"
 INFO_FILE = "training_info.txt"
 FINAL_FILE = "base_finetuned_final.safetensors"
+PREVIEW_DIR = "previews"
 METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "sigma", "seconds_per_step")
 # A run can continue only with the settings that shaped its state and its data order.
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
@@ -108,7 +113,7 @@ DEMO_SETTINGS = dict(
     VIDEO_HEIGHT=64, VIDEO_WIDTH=112, SEQUENCE_LENGTH=17, CLIP_STRIDE=8, VAL_FRACTION=0.15, TRAINING_STRATEGY="full",
     BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, NUM_EPOCHS=40, LEARNING_RATE=2e-3, WARMUP_STEPS=10,
     GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
-    SAVE_EVERY_EPOCHS=2, LOG_EVERY_STEPS=5,
+    SAVE_EVERY_EPOCHS=2, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=10,
 )
 DEMO_FRAMES = 300
 DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
@@ -144,10 +149,11 @@ def check_settings(s: dict) -> None:
         problems.append(f"MIXED_PRECISION={s['MIXED_PRECISION']!r}: choose 'bf16' or 'fp32'")
     if s["TIMESTEP_SAMPLING"] not in flow.SAMPLING_MODES:
         problems.append(f"TIMESTEP_SAMPLING={s['TIMESTEP_SAMPLING']!r}: choose one of {', '.join(flow.SAMPLING_MODES)}")
-    for name in ("BATCH_SIZE", "GRAD_ACCUM_STEPS", "NUM_EPOCHS", "VAL_SIGMAS"):
+    for name in ("BATCH_SIZE", "GRAD_ACCUM_STEPS", "NUM_EPOCHS", "VAL_SIGMAS", "PREVIEW_STEPS"):
         if s[name] < 1:
             problems.append(f"{name}={s[name]}: must be at least 1")
-    for name in ("WARMUP_STEPS", "SAVE_EVERY_EPOCHS", "SAVE_EVERY_STEPS", "NUM_WORKERS", "LAST_LAYERS"):
+    for name in ("WARMUP_STEPS", "SAVE_EVERY_EPOCHS", "SAVE_EVERY_STEPS", "NUM_WORKERS", "LAST_LAYERS",
+                 "PREVIEW_EVERY_EPOCHS"):
         if s[name] < 0:
             problems.append(f"{name}={s[name]}: must not be negative")
     if s["LOG_EVERY_STEPS"] < 1:
@@ -515,7 +521,8 @@ def train(s: dict) -> dict:
                   + ", action gain " + (f"{h['action_gain']:.4f}" if h.get("action_gain") is not None
                                         else "n/a (needs 2+ validation clips)")
                   + (f" (EMA weights)" if ema is not None else "")
-                  + f", {h['seconds']:.0f} s" for h in history]
+                  + f", {h['seconds']:.0f} s" + (f"; preview {h['preview']}" if h.get("preview") else "")
+                  for h in history]
         lines += ["", f"speed: {sum(seconds) / len(seconds):.3f} s per optimizer step (last {len(seconds)})"
                   if seconds else "speed: no steps yet"]
         if device.type == "cuda":
@@ -619,6 +626,15 @@ def train(s: dict) -> dict:
                 "keyboard_keys": ",".join(s["KEYBOARD_KEYS"]), "weights": "ema" if ema else "trained",
                 "contents": "trainable tensors only; load over the base model"})
             checkpoints.append(name)
+        if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]):
+            if ema is not None:
+                ema.swap_into(trainable)
+            entry.update(generate_preview.epoch_preview(
+                model, val_set if len(val_set) else train_set, s["VAE_PATH"], height, width, out_dir / PREVIEW_DIR,
+                epoch, s["KEYBOARD_KEYS"], s["PREVIEW_STEPS"], s["TIMESTEP_SHIFT"], s["SEED"], autocast))
+            if ema is not None:
+                ema.swap_into(trainable)
+            print(f"epoch {epoch} preview: {entry['preview']}")
         save_state()
         write_info("training" if epoch < s["NUM_EPOCHS"] else "finished")
 

@@ -19,7 +19,8 @@ from wan.model import WanModel
 
 def run_settings(tiny_assets, tmp_path, *overrides):
     s = dict(tiny_assets, CHECKPOINT_DIR=str(tmp_path / "checkpoints"))
-    s.update({"NUM_EPOCHS": 2, "BATCH_SIZE": 2, "GRAD_ACCUM_STEPS": 2, "NUM_WORKERS": 0, "SAVE_EVERY_EPOCHS": 1})
+    s.update({"NUM_EPOCHS": 2, "BATCH_SIZE": 2, "GRAD_ACCUM_STEPS": 2, "NUM_WORKERS": 0, "SAVE_EVERY_EPOCHS": 1,
+              "PREVIEW_EVERY_EPOCHS": 0})
     for item in overrides:
         name, value = item.split("=", 1)
         s[name] = type(fb.DEMO_SETTINGS.get(name, getattr(fb, name)))(value) if not isinstance(
