@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import convert_unreal_data as data
 from action_score import action_following_score
+from latent_cache import load_encoders
 from wan import flow
 from wan.conditioning import build_cond_concat, build_visual_context
 from wan.config import WanConfig
@@ -274,6 +275,8 @@ class PreviewInputs:
 
 
 def load_inputs(s: dict) -> PreviewInputs:
+    """The first frame and the actions the settings name; the real frames when the actions
+    are the recording's own."""
     height, width, num_frames = s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"], s["NUM_FRAMES"]
     if s["ACTIONS"]:
         keyboard, mouse = parse_action_script(s["ACTIONS"], s["KEYBOARD_KEYS"])
@@ -289,12 +292,13 @@ def load_inputs(s: dict) -> PreviewInputs:
                              f"first frame {path}, actions {s['ACTIONS']!r}")
 
     recording, first = s["RECORDING"], s["START_FRAME"]
-    rows = recording_range(recording, first, num_frames, s["KEYBOARD_KEYS"], s["MOUSE_SCALE"], height, width)
-    paths = [rows.frame_files[f] for f in range(first, first + num_frames)]
-    first_frame = data.load_frame(paths[0], height, width)
-    where = f"{recording} frame {first}"
+    rows = recording_range(recording, first, 1 if s["ACTIONS"] else num_frames, s["KEYBOARD_KEYS"],
+                           s["MOUSE_SCALE"], height, width)
+    first_frame = data.load_frame(rows.frame_files[first], height, width)
     if s["ACTIONS"]:
-        return PreviewInputs(first_frame, keyboard, mouse, None, f"first frame {where}, actions {s['ACTIONS']!r}")
+        return PreviewInputs(first_frame, keyboard, mouse, None,
+                             f"first frame {recording} frame {first}, actions {s['ACTIONS']!r}")
+    paths = [rows.frame_files[f] for f in range(first, first + num_frames)]
     rows_slice = slice(first - 1, first - 1 + num_frames)
     truth = torch.stack([first_frame] + [data.load_frame(p, height, width) for p in paths[1:]])
     return PreviewInputs(first_frame, torch.from_numpy(rows.keyboard[rows_slice].copy()),
@@ -320,8 +324,9 @@ def recording_range(folder, first: int, num_frames: int, keyboard_keys, mouse_sc
     last = first + num_frames - 1
     if not any(seg.first <= first and last <= seg.last for seg in recording.segments):
         runs = ", ".join(f"{seg.first}-{seg.last}" for seg in recording.segments)
-        raise PreviewError(f"{folder}: START_FRAME={first} and NUM_FRAMES={num_frames} need frames {first}-{last} "
-                           f"without a gap, but its runs of consecutive frames are {runs}")
+        need = f"frame {first}" if num_frames == 1 else f"frames {first}-{last} without a gap (NUM_FRAMES={num_frames})"
+        raise PreviewError(f"{folder}: START_FRAME={first} needs {need}, but its runs of consecutive frames "
+                           f"are {runs}")
     return recording
 
 
@@ -732,8 +737,6 @@ def pick_device(name: str) -> torch.device:
 
 def generate(s: dict) -> dict:
     """Render the preview the settings describe; returns {"video", "json", "scores"}."""
-    from latent_cache import load_encoders
-
     device = pick_device(s["DEVICE"])
     dtype, autocast = run_dtype(device), autocast_for(device)
     inputs = load_inputs(s)

@@ -113,6 +113,7 @@ def trained(tiny_assets, tmp_path_factory):
     return s, summary, seen
 
 
+@pytest.mark.slow
 def test_training_writes_a_preview_of_a_validation_clip_with_the_ema_weights(trained):
     s, summary, seen = trained
     out = Path(s["CHECKPOINT_DIR"])
@@ -134,6 +135,7 @@ def test_training_writes_a_preview_of_a_validation_clip_with_the_ema_weights(tra
     assert any(not torch.equal(seen[n], raw[n]) for n in seen)
 
 
+@pytest.mark.slow
 def test_epoch_preview_leaves_the_random_state_alone(tiny_assets, trained, tmp_path):
     import latent_cache
     s = tiny_assets
@@ -154,6 +156,7 @@ def test_epoch_preview_leaves_the_random_state_alone(tiny_assets, trained, tmp_p
 
 # ----------------------------------------------------------------------------- checkpoints
 
+@pytest.mark.slow
 def test_both_checkpoint_kinds_of_a_real_run_load(trained):
     s, _, _ = trained
     out = Path(s["CHECKPOINT_DIR"])
@@ -243,14 +246,14 @@ def first_frame(s) -> torch.Tensor:
 
 def test_sampling_is_seeded(tiny_assets, encoders):
     model = gp.load_model(tiny_assets["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32).model
-    keyboard, mouse = gp.parse_action_script("W*5 D+mouse(0,0.1)*4", KEYS)
+    keyboard, mouse = gp.parse_action_script("W*3 D+mouse(0,0.1)*2", KEYS)
 
     def run(seed):
-        return gp.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 9, 3, 5.0, seed,
+        return gp.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 5, 3, 5.0, seed,
                                   gp.nullcontext())
 
     a = run(1)
-    assert a.shape == (9, 3, tiny_assets["VIDEO_HEIGHT"], tiny_assets["VIDEO_WIDTH"])
+    assert a.shape == (5, 3, tiny_assets["VIDEO_HEIGHT"], tiny_assets["VIDEO_WIDTH"])
     assert a.min() >= -1 and a.max() <= 1
     assert torch.equal(a, run(1))
     assert not torch.equal(a, run(2))
@@ -258,14 +261,14 @@ def test_sampling_is_seeded(tiny_assets, encoders):
 
 def test_long_clips_chain_windows_on_the_last_frame(tiny_assets, encoders, monkeypatch):
     model = gp.load_model(tiny_assets["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32).model
-    keyboard, mouse = gp.parse_action_script("W*9 A*8", KEYS)
+    keyboard, mouse = gp.parse_action_script("W*5 A*4", KEYS)
     firsts, real = [], gp.build_cond_concat
     monkeypatch.setattr(gp, "build_cond_concat", lambda vae, image, n: firsts.append((image, n)) or real(vae, image, n))
-    frames = gp.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 9, 2, 5.0, 0,
+    frames = gp.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 5, 2, 5.0, 0,
                                 gp.nullcontext())
-    assert frames.shape[0] == 17 and [n for _, n in firsts] == [9, 9]
+    assert frames.shape[0] == 9 and [n for _, n in firsts] == [5, 5]
     assert torch.equal(firsts[0][0][0], first_frame(tiny_assets))
-    last_of_first_window = data.preprocess_image(Image.fromarray(gp.to_uint8(frames[8:9])[0]),
+    last_of_first_window = data.preprocess_image(Image.fromarray(gp.to_uint8(frames[4:5])[0]),
                                                  *frames.shape[-2:])
     assert torch.equal(firsts[1][0][0], last_of_first_window)
 
@@ -289,6 +292,7 @@ def read_mp4(path) -> list[np.ndarray]:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
+@pytest.mark.slow
 def test_compare_writes_base_finetuned_and_truth_side_by_side(tiny_assets, trained, tmp_path, capsys):
     pytest.importorskip("av")
     run, _, _ = trained
@@ -320,18 +324,23 @@ def test_gif_fallback_without_pyav_and_a_script_without_truth(tiny_assets, tmp_p
 
 
 def test_chained_preview_warns_and_keeps_every_frame(tiny_assets, tmp_path):
-    s = preview_settings(tiny_assets, tmp_path, "", NUM_FRAMES=17, OUTPUT=str(tmp_path / "long.gif"))
-    with pytest.warns(UserWarning, match="2 windows.*at frame 8.*bidirectional base model, not .*streaming"):
+    s = preview_settings(tiny_assets, tmp_path, "", WINDOW_FRAMES=5, OUTPUT=str(tmp_path / "long.gif"))
+    with pytest.warns(UserWarning, match="2 windows.*at frame 4.*bidirectional base model, not .*streaming"):
         result = gp.generate(s)
     with Image.open(result["video"]) as gif:
-        assert gif.n_frames == 17
+        assert gif.n_frames == 9
     assert json.loads(result["json"].read_text())["windows"] == 2
 
 
 def test_bad_inputs_are_clear(tiny_assets, tmp_path):
     s = preview_settings(tiny_assets, tmp_path, "", START_FRAME=75)
-    with pytest.raises(gp.PreviewError, match="need frames 75-83 without a gap.*consecutive frames are 1-80"):
+    with pytest.raises(gp.PreviewError, match=r"START_FRAME=75 needs frames 75-83 without a gap \(NUM_FRAMES=9\), "
+                                              "but its runs of consecutive frames are 1-80"):
         gp.load_inputs(s)
+    scripted = gp.load_inputs(dict(s, ACTIONS="W*9"))  # a script needs only the first frame
+    assert scripted.truth is None and scripted.keyboard.shape == (9, 4)
+    with pytest.raises(gp.PreviewError, match="START_FRAME=81 needs frame 81, but"):
+        gp.load_inputs(dict(s, ACTIONS="W*9", START_FRAME=81))
     with pytest.raises(gp.PreviewError, match="is not a recording"):
         gp.load_inputs(dict(s, RECORDING=str(tmp_path)))
     with pytest.raises(gp.PreviewError, match="a picture, which has no recorded actions"):
