@@ -3,6 +3,7 @@
     python finetune_base_model.py                          # with the settings below
     python finetune_base_model.py --NUM_EPOCHS=3 --RESUME=true
     python finetune_base_model.py --demo                   # the whole pipeline, tiny model, CPU
+    torchrun --nproc_per_node=4 finetune_base_model.py     # several GPUs (DDP; FSDP for "full")
 
 It loads BASE_MODEL_DIR (re-initialising the keyboard embeddings when your key set has
 another width than the checkpoint), freezes what TRAINING_STRATEGY does not train, makes
@@ -12,6 +13,7 @@ to CHECKPOINT_DIR; read training_info.txt there first.
 """
 
 import datetime
+import hashlib
 import math
 import os
 import platform
@@ -19,12 +21,18 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Sampler
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import convert_unreal_data as data
@@ -97,10 +105,12 @@ INFO_FILE = "training_info.txt"
 FINAL_FILE = "base_finetuned_final.safetensors"
 PREVIEW_DIR = "previews"
 METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "sigma", "seconds_per_step")
-# A run can continue only with the settings that shaped its state and its data order.
+# A run can continue only with the settings that shaped its state and its data order
+# (EFFECTIVE_BATCH = BATCH_SIZE x GRAD_ACCUM_STEPS x ranks, so a run may resume on another
+# number of GPUs with the same effective batch).
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
-                     "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE", "TRAINING_STRATEGY", "LAST_LAYERS", "BATCH_SIZE",
-                     "GRAD_ACCUM_STEPS", "LEARNING_RATE", "MIN_LR_RATIO", "WEIGHT_DECAY", "WARMUP_STEPS",
+                     "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE", "TRAINING_STRATEGY", "LAST_LAYERS",
+                     "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO", "WEIGHT_DECAY", "WARMUP_STEPS",
                      "EMA_DECAY", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING", "MIN_SIGMA", "MAX_SIGMA",
                      "MIXED_PRECISION", "SEED")
 
@@ -196,27 +206,42 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def micro_batches_per_epoch(num_clips: int, batch_size: int) -> int:
-    return math.ceil(num_clips / batch_size)
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The clips of an epoch in a fresh seeded order; the same for every rank and on resume."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
 
 
-def optimizer_steps_per_epoch(num_clips: int, batch_size: int, accum: int) -> int:
-    return math.ceil(micro_batches_per_epoch(num_clips, batch_size) / accum)
+def plan_epoch(start: int, total: int, batch_size: int, accum: int, world: int) -> tuple[list, int]:
+    """Cut positions [start, total) of the epoch order into optimizer steps.
+
+    Returns (steps, dropped): steps[k][m][r] lists the positions rank r trains on in
+    micro-batch m of step k. A micro-batch takes the next batch_size x world positions,
+    rank by rank; the last one may be smaller (split as evenly as possible) and the last
+    step may have fewer micro-batches. Positions that cannot give every rank one clip are
+    dropped (only possible with several ranks). Steps consume consecutive positions, so a
+    run resumed at any step boundary - on any number of ranks - continues the same order.
+    """
+    micro, position = [], start
+    while total - position >= world:
+        size = min(batch_size * world, total - position)
+        base, extra = divmod(size, world)
+        per_rank = []
+        for r in range(world):
+            n = base + (r < extra)
+            per_rank.append(list(range(position, position + n)))
+            position += n
+        micro.append(per_rank)
+    steps = [micro[i:i + accum] for i in range(0, len(micro), accum)]
+    return steps, total - position
 
 
-class EpochSampler(Sampler):
-    """A fresh seeded permutation every epoch, started at `start` (a resumed epoch skips
-    what it already trained on), so a resumed run sees exactly the same order."""
-
-    def __init__(self, num_items: int, seed: int, epoch: int, start: int = 0):
-        self.order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        self.start = start
-
-    def __iter__(self):
-        return iter(self.order[self.start:].tolist())
-
-    def __len__(self) -> int:
-        return len(self.order) - self.start
+def sample_noise(seed: int, epoch: int, position: int, shape, sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigma and noise of one training sample, drawn from its own seeded generator:
+    the same whatever the batch size, the number of ranks or an interruption."""
+    key = hashlib.sha256(f"{seed}:{epoch}:{position}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    sigma = flow.sample_sigmas(1, generator=g, **sampling)
+    return sigma, torch.randn(shape, generator=g)
 
 
 def prepare_trainable(model: WanModel, strategy: str, last_layers: int) -> dict:
@@ -249,46 +274,48 @@ def flow_matching_step(model, inputs: dict, sigma: torch.Tensor, noise: torch.Te
 
 
 @torch.no_grad()
-def validate(model, loader, sigmas: torch.Tensor, seed: int, device, autocast) -> dict:
+def validate(model, val_set, sigmas: torch.Tensor, seed: int, device, autocast, rank: int = 0,
+             world: int = 1) -> dict:
     """Validation loss with the true actions and with actions shuffled across clips.
 
     Every clip is scored at the same fixed sigmas with the same noise every time (seeded by
-    its index), so numbers are comparable across epochs. The action gain is shuffled / true:
-    above 1 means the model's predictions depend on the actions it is given.
+    its index), so numbers are comparable across epochs and numbers of ranks. The action
+    gain is shuffled / true: above 1 means the model's predictions depend on the actions.
+    With several ranks each scores every world-th clip; ranks with one clip fewer run a
+    weightless pass so that all make the same calls (FSDP needs every rank in every forward).
     """
     model.eval()
-    batches = [model_inputs(b, device) for b in loader]
-    keyboard = torch.cat([b["keyboard"] for b in batches])
-    mouse = torch.cat([b["mouse"] for b in batches])
+    n = len(val_set)
     # Every clip gets the actions of the clip half the set away: neighbouring validation clips
     # overlap in time and share most of their actions, so a shift by one would change little.
-    shuffled = torch.roll(torch.arange(len(keyboard)), max(1, len(keyboard) // 2))
-    true_losses, shuffled_losses, per_sigma = [], [], torch.zeros(len(sigmas), dtype=torch.float64)
-    index = 0
-    for inputs in batches:
-        n = inputs["latents"].shape[0]
-        clip_ids = range(index, index + n)
+    other = [(i + max(1, n // 2)) % n for i in range(n)]
+    sums = torch.zeros(3, len(sigmas), dtype=torch.float64)  # true, shuffled, count
+    for k in range(math.ceil(n / world)):
+        index = k * world + rank
+        weight = 1.0 if index < n else 0.0
+        item = val_set[min(index, n - 1)]
+        inputs = model_inputs({name: value[None] if torch.is_tensor(value) else value
+                               for name, value in item.items()}, device)
+        swap = val_set.clips[other[min(index, n - 1)]]
         for j, sigma in enumerate(sigmas):
-            noise = torch.stack([torch.randn(inputs["latents"].shape[1:], generator=torch.Generator().manual_seed(
-                seed * 1000003 + i * 101 + j)) for i in clip_ids])
-            sigma_batch = sigma.repeat(n)
-            true = flow_matching_step(model, inputs, sigma_batch, noise, autocast)
-            true_losses.append(true)
-            per_sigma[j] += true.sum().item()
-            if len(keyboard) > 1:
-                swap = shuffled[index:index + n]
-                shuffled_losses.append(flow_matching_step(
-                    model, inputs, sigma_batch, noise, autocast,
-                    keyboard=keyboard[swap], mouse=mouse[swap]))
-        index += n
+            g = torch.Generator().manual_seed(seed * 1000003 + min(index, n - 1) * 101 + j)
+            noise = torch.randn(inputs["latents"].shape, generator=g)
+            sums[0, j] += weight * flow_matching_step(model, inputs, sigma[None], noise, autocast).item()
+            sums[2, j] += weight
+            if n > 1:
+                sums[1, j] += weight * flow_matching_step(
+                    model, inputs, sigma[None], noise, autocast, keyboard=swap.keyboard[None].to(device),
+                    mouse=swap.mouse[None].to(device)).item()
+    if world > 1:
+        dist.all_reduce(sums)
     model.train()
-    loss = torch.cat(true_losses).mean().item()
+    loss = (sums[0].sum() / sums[2].sum()).item()
     if not math.isfinite(loss):
         raise TrainingError(f"the validation loss became {loss}: the weights have diverged. Training stopped; "
                             "the files from the last save remain valid. Try a lower LEARNING_RATE.")
-    result = {"val_loss": loss, "val_loss_per_sigma": (per_sigma / index).tolist()}
-    if shuffled_losses:
-        shuffled_loss = torch.cat(shuffled_losses).mean().item()
+    result = {"val_loss": loss, "val_loss_per_sigma": (sums[0] / sums[2]).tolist()}
+    if n > 1:
+        shuffled_loss = (sums[1].sum() / sums[2].sum()).item()
         result.update(val_loss_shuffled=shuffled_loss, action_gain=shuffled_loss / loss)
     return result
 
@@ -386,11 +413,102 @@ def prepare_demo(settings: dict, num_frames: int = DEMO_FRAMES) -> None:
 
 
 # -----------------------------------------------------------------------------
+# Several GPUs (torchrun): DDP for partial strategies, FSDP for "full"
+
+class Ranks:
+    """This process's place among the training processes (one of one without torchrun)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.main = rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_ranks(device_setting: str) -> tuple[Ranks, torch.device]:
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: join the process group (NCCL on CUDA,
+    gloo on CPU) and take this rank's GPU. Without them: one process on pick_device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), pick_device(device_setting)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and device_setting != "cpu"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Ranks(dist.get_rank(), world, local_rank), device
+
+
+def wrap_for_ranks(model: WanModel, strategy: str, ranks: Ranks, device: torch.device, use_bf16: bool):
+    """The module the training forward goes through. Partial strategies: DDP (frozen tensors
+    are left out of its gradient buckets; find_unused_parameters because the action module's
+    four norm weights are never used, as in the reference). "full": FSDP shards parameters,
+    gradients and optimizer state, computing in bf16 and reducing gradients in float32."""
+    if ranks.world == 1:
+        return model
+    if strategy == "full":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        # The root reshards after forward too: a no-grad forward (validation, previews) must not
+        # leave unsharded parameters in place of the ones the optimizer holds.
+        fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def gradient_sync(wrapped, model: WanModel, enabled: bool):
+    """Let the last micro-batch of a step all-reduce the gradients, not the others."""
+    if isinstance(wrapped, DistributedDataParallel):
+        return nullcontext() if enabled else wrapped.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+def full_tensors(named: dict, main: bool) -> dict:
+    """Whole CPU tensors on the main rank (FSDP shards are gathered; every rank must call)."""
+    out = {}
+    for name, t in named.items():
+        t = t.detach()
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        if main:
+            out[name] = t.cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def load_full_tensors(targets: dict, tensors: dict) -> None:
+    """Copy whole tensors into parameters or EMA shadows, sharding them like the target."""
+    for name, target in targets.items():
+        full = tensors[name].to(target.device if not isinstance(target, DTensor) else target.to_local().device)
+        if isinstance(target, DTensor):
+            full = distribute_tensor(full, target.device_mesh, target.placements)
+        target.copy_(full)
+
+
+# -----------------------------------------------------------------------------
 # Training
 
-def train(s: dict) -> dict:
+def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = None) -> dict:
     """The whole run. Returns the final summary (also in training_info.txt)."""
     started = time.time()
+    if ranks is None:
+        ranks, device = init_ranks(s["DEVICE"])
+    log = print if ranks.main else (lambda *a, **k: None)
     out_dir = Path(s["CHECKPOINT_DIR"])
     state_path = out_dir / STATE_FILE
     if state_path.exists() and not s["RESUME"]:
@@ -398,17 +516,19 @@ def train(s: dict) -> dict:
                             "or choose another CHECKPOINT_DIR (nothing was overwritten)")
     resume = torch.load(state_path, map_location="cpu", weights_only=False) if s["RESUME"] and state_path.exists() else None
     if s["RESUME"] and resume is None:
-        print(f"RESUME is on but {state_path} does not exist: starting a new run")
+        log(f"RESUME is on but {state_path} does not exist: starting a new run")
+    effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
     if resume is not None:
-        changed = [f"{n}: {resume['settings'].get(n)!r} -> {s[n]!r}" for n in RESUME_MUST_MATCH
-                   if resume["settings"].get(n) != s[n]]
+        current = dict(s, EFFECTIVE_BATCH=effective_batch)
+        changed = [f"{n}: {resume['settings'].get(n)!r} -> {current[n]!r}" for n in RESUME_MUST_MATCH
+                   if resume["settings"].get(n) != current[n]]
         if changed:
             raise TrainingError(f"cannot resume {state_path}: these settings differ from the saved run:\n  "
                                 + "\n  ".join(changed))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s["SEED"])
 
-    device = pick_device(s["DEVICE"])
     use_bf16 = s["MIXED_PRECISION"] == "bf16" and device.type == "cuda"
     precision_note = "bf16 autocast, float32 master weights" if use_bf16 else "float32"
     if s["MIXED_PRECISION"] == "bf16" and device.type != "cuda":
@@ -424,23 +544,25 @@ def train(s: dict) -> dict:
         s["DATA_DIR"], sequence_length=s["SEQUENCE_LENGTH"], clip_stride=s["CLIP_STRIDE"],
         keyboard_keys=s["KEYBOARD_KEYS"], mouse_scale=s["MOUSE_SCALE"], skip_bad_frames=s["SKIP_BAD_FRAMES"],
         val_fraction=s["VAL_FRACTION"], height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"],
-        decode_frames=s["SKIP_BAD_FRAMES"], progress=True)
-    print(report.format())
+        decode_frames=s["SKIP_BAD_FRAMES"], progress=ranks.main)
+    log(report.format())
     report.raise_for_problems()
     split = report.split
     if not split.train:
         raise TrainingError(f"no training clips in {s['DATA_DIR']}")
     height, width = report.settings["VIDEO_HEIGHT"], report.settings["VIDEO_WIDTH"]
-    cache = latent_cache.LatentCache(s["CACHE_DIR"])
+    # every rank encodes its share of what is missing; the main rank then merges the manifest
     cache_report = latent_cache.build_latent_cache(
         split.train + split.val, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
-        dtype=s["CACHE_DTYPE"], num_workers=s["NUM_WORKERS"], cache=cache)
-    print(cache_report.format())
+        dtype=s["CACHE_DTYPE"], device=device if ranks.world > 1 else None, num_workers=s["NUM_WORKERS"],
+        rank=ranks.rank, world_size=ranks.world, progress=ranks.main)
+    ranks.barrier()
+    if ranks.world > 1 and ranks.main:
+        latent_cache.merge_manifest(s["CACHE_DIR"])
+    log(cache_report.format())
+    cache = latent_cache.LatentCache(s["CACHE_DIR"])
     train_set = latent_cache.CachedClipDataset(split.train, s["CACHE_DIR"], cache_report.settings, cache)
     val_set = latent_cache.CachedClipDataset(split.val, s["CACHE_DIR"], cache_report.settings, cache)
-    loader_options = dict(batch_size=s["BATCH_SIZE"], num_workers=s["NUM_WORKERS"],
-                          pin_memory=device.type == "cuda", persistent_workers=False)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_options)
 
     # --- model: load, re-initialise the keyboard if its width differs, freeze by strategy
     model_dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -448,43 +570,44 @@ def train(s: dict) -> dict:
                                            device=device, dtype=model_dtype)
     trainable = prepare_trainable(model, s["TRAINING_STRATEGY"], s["LAST_LAYERS"])
     trainable_names = list(trainable)
-    params = dict(model.named_parameters())
+    total_params = sum(p.numel() for p in model.parameters())
+    trainable_count = sum(p.numel() for p in trainable.values())
     model.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
     if s["COMPILE"]:
         for block in model.blocks:
             block.compile()
+    wrapped = wrap_for_ranks(model, s["TRAINING_STRATEGY"], ranks, device, use_bf16)
+    trainable = {n: p for n, p in model.named_parameters() if n in trainable}  # FSDP replaced them
     model.train()
-    total_params = sum(p.numel() for p in params.values())
-    trainable_count = sum(p.numel() for p in trainable.values())
 
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=s["LEARNING_RATE"], weight_decay=s["WEIGHT_DECAY"],
                                   betas=(0.9, 0.999), fused=device.type == "cuda")
-    steps_per_epoch = optimizer_steps_per_epoch(len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"])
+    full_epoch, dropped_per_epoch = plan_epoch(0, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
+    steps_per_epoch = len(full_epoch)
     total_steps = steps_per_epoch * s["NUM_EPOCHS"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"]))
     ema = EMA(trainable, s["EMA_DECAY"]) if s["EMA_DECAY"] > 0 else None
-    noise_generator = torch.Generator().manual_seed(s["SEED"])
-    val_sigmas = flow.validation_sigmas(s["VAL_SIGMAS"], s["TIMESTEP_SAMPLING"], s["TIMESTEP_SHIFT"],
-                                        s["MIN_SIGMA"], s["MAX_SIGMA"])
+    sampling = dict(mode=s["TIMESTEP_SAMPLING"], shift=s["TIMESTEP_SHIFT"], min_sigma=s["MIN_SIGMA"],
+                    max_sigma=s["MAX_SIGMA"])
+    val_sigmas = flow.validation_sigmas(s["VAL_SIGMAS"], **sampling)
+    state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    epoch, micro_done, global_step, history, epoch_loss = 0, 0, 0, [], [0.0, 0]
+    epoch, position, global_step, history, epoch_loss = 0, 0, 0, [], [0.0, 0]
     if resume is not None:
         if resume["trainable_names"] != trainable_names or resume["train_clips"] != [c.clip_id for c in split.train]:
             raise TrainingError(f"cannot resume {state_path}: its trainable tensors or training clips differ from "
                                 "this run's (did the data change?)")
-        with torch.no_grad():
-            for name, tensor in resume["trainable"].items():
-                trainable[name].copy_(tensor)
-        optimizer.load_state_dict(resume["optimizer"])
+        load_full_tensors(trainable, resume["trainable"])
+        # strict=False: the action modules' norm weights are never used, so never get a state
+        set_optimizer_state_dict(model, optimizer, resume["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
         scheduler.load_state_dict(resume["scheduler"])
-        noise_generator.set_state(resume["noise_rng"])
-        torch.set_rng_state(resume["torch_rng"])
         if ema is not None:
-            ema.shadow = {n: t.clone() for n, t in resume["ema"].items()}
-        epoch, micro_done, global_step = resume["epoch"], resume["micro_done"], resume["global_step"]
+            load_full_tensors(ema.shadow, resume["ema"])
+        epoch, position, global_step = resume["epoch"], resume["position"], resume["global_step"]
         history, epoch_loss = resume["history"], resume["epoch_loss"]
-        print(f"resumed {state_path}: epoch {epoch + 1}, optimizer step {global_step}")
+        log(f"resumed {state_path}: epoch {epoch + 1}, optimizer step {global_step}, on {ranks.world} rank(s)")
     metrics = read_metrics_csv(out_dir / METRICS_FILE, global_step) if resume is not None else []
     checkpoints = [p.name for p in sorted(out_dir.glob("base_finetuned_*.safetensors"))] if resume is not None else []
 
@@ -492,14 +615,16 @@ def train(s: dict) -> dict:
     header = [
         f"Matrix-Game 2.0 base-model fine-tuning - {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"code commit: {git_commit()}",
-        f"device: {device_name(device)}; precision: {precision_note}; torch {torch.__version__}; "
-        f"python {platform.python_version()}",
+        f"device: {device_name(device)}" + (f" x {ranks.world} ranks" if ranks.world > 1 else "")
+        + f"; precision: {precision_note}; torch {torch.__version__}; python {platform.python_version()}",
         f"model: {s['BASE_MODEL_DIR']}; dim {model.config.dim}, {model.config.num_layers} blocks, "
         f"{model.config.num_heads} heads, keyboard width {model.config.action_config.keyboard_dim_in} "
         f"({', '.join(s['KEYBOARD_KEYS'])})",
         f"parameters: total {format_count(total_params)}, trainable {format_count(trainable_count)}, "
         f"frozen {format_count(total_params - trainable_count)} (strategy {s['TRAINING_STRATEGY']}"
-        + (f", last {s['LAST_LAYERS']} blocks" if s["TRAINING_STRATEGY"] == "last_layers" else "") + ")",
+        + (f", last {s['LAST_LAYERS']} blocks" if s["TRAINING_STRATEGY"] == "last_layers" else "")
+        + (f"; {'FSDP' if s['TRAINING_STRATEGY'] == 'full' else 'DDP'} over {ranks.world} ranks" if ranks.world > 1
+           else "") + ")",
         (f"re-initialised {len(reinitialised)} keyboard tensors because the checkpoint's keyboard width differs "
          f"from KEYBOARD_KEYS ({len(s['KEYBOARD_KEYS'])}): " + ", ".join(reinitialised)) if reinitialised
         else "keyboard embeddings: loaded from the checkpoint (its width matches KEYBOARD_KEYS)",
@@ -507,13 +632,17 @@ def train(s: dict) -> dict:
         + (f", {len(split.dropped)} dropped (they overlapped validation frames)" if split.dropped else "")
         + (f" - {split.note}" if split.note else "") + f"; {s['SEQUENCE_LENGTH']} frames at {width}x{height}",
         f"optimisation: {steps_per_epoch} optimizer steps per epoch, {total_steps} in all; effective batch "
-        f"{s['BATCH_SIZE'] * s['GRAD_ACCUM_STEPS']} (BATCH_SIZE {s['BATCH_SIZE']} x GRAD_ACCUM_STEPS "
-        f"{s['GRAD_ACCUM_STEPS']}); validation sigmas {', '.join(f'{x:.3f}' for x in val_sigmas.tolist())}",
+        f"{effective_batch} (BATCH_SIZE {s['BATCH_SIZE']} x GRAD_ACCUM_STEPS {s['GRAD_ACCUM_STEPS']} x "
+        f"{ranks.world} rank(s))"
+        + (f"; {dropped_per_epoch} clip(s) per epoch left out so that every rank gets one" if dropped_per_epoch
+           else "") + f"; validation sigmas {', '.join(f'{x:.3f}' for x in val_sigmas.tolist())}",
     ]
-    print("\n".join(header))
+    log("\n".join(header))
     settings_text = "\n".join(f"  {n} = {s[n]!r}" for n in SETTING_NAMES)
 
     def write_info(status: str) -> None:
+        if not ranks.main:
+            return
         seconds = [m["seconds_per_step"] for m in metrics[-100:]]
         lines = header + [f"status: {status}", "", "Per epoch:"]
         lines += [f"  epoch {h['epoch']}: train loss {h['train_loss']:.5f}, val loss "
@@ -526,62 +655,80 @@ def train(s: dict) -> dict:
         lines += ["", f"speed: {sum(seconds) / len(seconds):.3f} s per optimizer step (last {len(seconds)})"
                   if seconds else "speed: no steps yet"]
         if device.type == "cuda":
-            lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+            lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                         + (" (rank 0)" if ranks.world > 1 else ""))
         lines += ["checkpoints: " + (", ".join(checkpoints) or "none yet"), "", "Settings:", settings_text,
                   "", "Data report:", report.format(), "", cache_report.format(), ""]
         write_text_atomic(out_dir / INFO_FILE, "\n".join(lines))
 
     def save_state() -> None:
-        torch_save_atomic({
-            "settings": {n: s[n] for n in SETTING_NAMES}, "trainable_names": trainable_names,
-            "train_clips": [c.clip_id for c in split.train],
-            "trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
-            "ema": ema.shadow if ema is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "noise_rng": noise_generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "epoch": epoch, "micro_done": micro_done, "global_step": global_step,
+        """Gathered on every rank, written by the main rank: whole tensors, so that the run can
+        resume on any number of ranks."""
+        state = {
+            "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch},
+            "trainable_names": trainable_names, "train_clips": [c.clip_id for c in split.train],
+            "trainable": full_tensors(trainable, ranks.main),
+            "ema": full_tensors(ema.shadow, ranks.main) if ema is not None else None,
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=state_options),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "position": position, "global_step": global_step,
             "history": history, "epoch_loss": epoch_loss,
-        }, state_path)
-        write_text_atomic(out_dir / METRICS_FILE, format_metrics_csv(metrics))
+        }
+        if ranks.main:
+            torch_save_atomic(state, state_path)
+            write_text_atomic(out_dir / METRICS_FILE, format_metrics_csv(metrics))
+        ranks.barrier()
 
     def weights_to_save() -> dict:
-        weights = ema.shadow if ema is not None else trainable
-        return {n: t.detach().cpu() for n, t in weights.items()}
+        return full_tensors(ema.shadow if ema is not None else trainable, ranks.main)
+
+    def metadata(contents: str) -> dict:
+        return {"strategy": s["TRAINING_STRATEGY"], "epoch": epoch, "step": global_step,
+                "keyboard_keys": ",".join(s["KEYBOARD_KEYS"]), "weights": "ema" if ema else "trained",
+                "contents": contents}
 
     write_info("training")
     train_start = time.time()
     while epoch < s["NUM_EPOCHS"]:
         epoch_started = time.time()
-        sampler = EpochSampler(len(train_set), s["SEED"], epoch, start=micro_done * s["BATCH_SIZE"])
-        loader = DataLoader(train_set, sampler=sampler, **loader_options)
-        micro_total = micro_batches_per_epoch(len(train_set), s["BATCH_SIZE"])
-        bar = tqdm(total=micro_total, initial=micro_done, desc=f"epoch {epoch + 1}/{s['NUM_EPOCHS']}", unit="batch")
+        order = epoch_order(len(train_set), s["SEED"], epoch)
+        steps, _ = plan_epoch(position, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
+        my_batches = [[order[p] for p in micro[ranks.rank]] for step in steps for micro in step]
+        loader = iter(DataLoader(train_set, batch_sampler=my_batches, num_workers=s["NUM_WORKERS"],
+                                 pin_memory=device.type == "cuda"))
+        bar = tqdm(total=steps_per_epoch, initial=steps_per_epoch - len(steps), unit="step",
+                   desc=f"epoch {epoch + 1}/{s['NUM_EPOCHS']}", disable=not ranks.main)
         step_started = time.time()
-        for batch in loader:
-            # gradient accumulation: the last group of an epoch may be shorter
-            group_start = (micro_done // s["GRAD_ACCUM_STEPS"]) * s["GRAD_ACCUM_STEPS"]
-            group_size = min(s["GRAD_ACCUM_STEPS"], micro_total - group_start)
-            inputs = model_inputs(batch, device)
-            batch_size = inputs["latents"].shape[0]
-            sigma = flow.sample_sigmas(batch_size, s["TIMESTEP_SAMPLING"], s["TIMESTEP_SHIFT"], s["MIN_SIGMA"],
-                                       s["MAX_SIGMA"], generator=noise_generator)
-            noise = torch.randn(inputs["latents"].shape, generator=noise_generator)
-            loss = flow_matching_step(model, inputs, sigma, noise, autocast).mean()
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at optimizer step {global_step + 1} (epoch {epoch + 1}; clips "
-                    f"{', '.join(f'{r}:{f}' for r, f in zip(batch['recording'], batch['first_frame'].tolist()))}); "
-                    f"training stopped before applying it. The files in {out_dir} are from the last save and "
-                    "remain valid. Try a lower LEARNING_RATE or MAX_GRAD_NORM, or MIXED_PRECISION=fp32.")
-            (loss / group_size).backward()
-            epoch_loss[0] += loss.item() * batch_size
-            epoch_loss[1] += batch_size
-            micro_done += 1
-            bar.update(1)
-            if micro_done - group_start < group_size:
-                continue
+        for step in steps:
+            # Each sample's loss is weighted 1/(samples in the step), summed over ranks by
+            # the gradient all-reduce (which averages: hence x world), so the step's gradient
+            # is the mean over all its samples, whatever the ranks and micro-batches.
+            step_samples = sum(len(per_rank) for micro in step for per_rank in micro)
+            step_loss, step_sigma = 0.0, 0.0
+            for m, micro in enumerate(step):
+                batch = next(loader)
+                inputs = model_inputs(batch, device)
+                drawn = [sample_noise(s["SEED"], epoch, p, inputs["latents"].shape[1:], sampling)
+                         for p in micro[ranks.rank]]
+                sigma = torch.cat([d[0] for d in drawn])
+                noise = torch.stack([d[1] for d in drawn])
+                with gradient_sync(wrapped, model, enabled=m == len(step) - 1):
+                    losses = flow_matching_step(wrapped, inputs, sigma, noise, autocast)
+                    (losses.sum() * ranks.world / step_samples).backward()
+                finite, loss_sum, sigma_sum = ranks.sum([float(torch.isfinite(losses).all()), losses.sum().item(),
+                                                         sigma.sum().item()])
+                if finite < ranks.world:
+                    raise TrainingError(
+                        f"the loss became {loss_sum} at optimizer step {global_step + 1} (epoch {epoch + 1}; clips "
+                        f"{', '.join(f'{r}:{f}' for r, f in zip(batch['recording'], batch['first_frame'].tolist()))}"
+                        f"{f' on rank {ranks.rank}' if ranks.world > 1 else ''}); training stopped before applying "
+                        f"it. The files in {out_dir} are from the last save and remain valid. Try a lower "
+                        "LEARNING_RATE or MAX_GRAD_NORM, or MIXED_PRECISION=fp32.")
+                step_loss += loss_sum
+                step_sigma += sigma_sum
 
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), s["MAX_GRAD_NORM"]).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), s["MAX_GRAD_NORM"])
+            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
             if not math.isfinite(grad_norm):
                 raise TrainingError(f"the gradient norm became {grad_norm} at optimizer step {global_step + 1}; "
                                     f"training stopped before applying it. The files in {out_dir} are from the "
@@ -593,14 +740,18 @@ def train(s: dict) -> dict:
             if ema is not None:
                 ema.update(trainable)
             global_step += 1
+            position = step[-1][-1][-1] + 1
+            loss = step_loss / step_samples
+            epoch_loss = [epoch_loss[0] + step_loss, epoch_loss[1] + step_samples]
             seconds = time.time() - step_started
             step_started = time.time()
-            metrics.append({"step": global_step, "epoch": epoch + 1, "loss": loss.item(), "lr": lr,
-                            "grad_norm": grad_norm, "sigma": sigma.mean().item(), "seconds_per_step": seconds})
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
-            if global_step % s["LOG_EVERY_STEPS"] == 0:
+            metrics.append({"step": global_step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                            "sigma": step_sigma / step_samples, "seconds_per_step": seconds})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
+            if ranks.main and global_step % s["LOG_EVERY_STEPS"] == 0:
                 write_text_atomic(out_dir / METRICS_FILE, format_metrics_csv(metrics))
-            if s["SAVE_EVERY_STEPS"] and global_step % s["SAVE_EVERY_STEPS"] == 0 and micro_done < micro_total:
+            if s["SAVE_EVERY_STEPS"] and global_step % s["SAVE_EVERY_STEPS"] == 0 and step is not steps[-1]:
                 save_state()
         bar.close()
 
@@ -610,21 +761,21 @@ def train(s: dict) -> dict:
         if len(val_set):
             if ema is not None:
                 ema.swap_into(trainable)
-            entry.update(validate(model, val_loader, val_sigmas, s["SEED"], device, autocast))
+            entry.update(validate(model, val_set, val_sigmas, s["SEED"], device, autocast, ranks.rank, ranks.world))
             if ema is not None:
                 ema.swap_into(trainable)
         history.append(entry)
         gain = entry.get("action_gain")
-        print(f"epoch {epoch + 1}: train loss {entry['train_loss']:.5f}"
-              + (f", val loss {entry['val_loss']:.5f}" if "val_loss" in entry else ", no validation clips")
-              + (f", action gain {gain:.4f}" if gain is not None else ""))
-        epoch, micro_done, epoch_loss = epoch + 1, 0, [0.0, 0]
+        log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.5f}"
+            + (f", val loss {entry['val_loss']:.5f}" if "val_loss" in entry else ", no validation clips")
+            + (f", action gain {gain:.4f}" if gain is not None else ""))
+        epoch, position, epoch_loss = epoch + 1, 0, [0.0, 0]
         if s["SAVE_EVERY_EPOCHS"] and epoch % s["SAVE_EVERY_EPOCHS"] == 0:
             name = f"base_finetuned_epoch{epoch}.safetensors"
-            save_safetensors_atomic(weights_to_save(), out_dir / name, {
-                "strategy": s["TRAINING_STRATEGY"], "epoch": epoch, "step": global_step,
-                "keyboard_keys": ",".join(s["KEYBOARD_KEYS"]), "weights": "ema" if ema else "trained",
-                "contents": "trainable tensors only; load over the base model"})
+            tensors = weights_to_save()
+            if ranks.main:
+                save_safetensors_atomic(tensors, out_dir / name, metadata("trainable tensors only; load over "
+                                                                          "the base model"))
             checkpoints.append(name)
         if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]):
             if ema is not None:
@@ -639,18 +790,17 @@ def train(s: dict) -> dict:
         write_info("training" if epoch < s["NUM_EPOCHS"] else "finished")
 
     # --- the final full state dict, loadable with WanModel.load_state_dict(strict=True)
-    final = {n: p.detach().cpu() for n, p in model.state_dict().items()}
+    final = full_tensors(dict(model.state_dict()), ranks.main)
     final.update(weights_to_save())
-    save_safetensors_atomic(final, out_dir / FINAL_FILE, {
-        "strategy": s["TRAINING_STRATEGY"], "epoch": epoch, "step": global_step,
-        "keyboard_keys": ",".join(s["KEYBOARD_KEYS"]), "weights": "ema" if ema else "trained",
-        "contents": "full state dict"})
+    if ranks.main:
+        save_safetensors_atomic(final, out_dir / FINAL_FILE, metadata("full state dict"))
+        write_text_atomic(out_dir / METRICS_FILE, format_metrics_csv(metrics))
     if FINAL_FILE not in checkpoints:
         checkpoints.append(FINAL_FILE)
-    write_text_atomic(out_dir / METRICS_FILE, format_metrics_csv(metrics))
     summary = {"history": history, "steps": global_step, "train_seconds": time.time() - train_start,
                "seconds": time.time() - started, "checkpoint_dir": str(out_dir)}
     write_info(f"finished in {summary['seconds']:.0f} s")
+    ranks.barrier()
     return summary
 
 
@@ -662,19 +812,38 @@ def device_name(device: torch.device) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ranks = Ranks()
     try:
         settings, demo = parse_settings(argv)
-        if demo:
+        ranks, device = init_ranks(settings["DEVICE"])
+        if demo and ranks.main:
             prepare_demo(settings)
-        summary = train(settings)
-    except (ValueError, FileNotFoundError, TrainingError, CheckpointError, latent_cache.CacheError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        ranks.barrier()
+        summary = train(settings, ranks, device)
+    except BaseException as error:
+        expected = isinstance(error, (ValueError, FileNotFoundError, TrainingError, CheckpointError,
+                                      latent_cache.CacheError))
+        if ranks.world == 1 and not expected:
+            raise
+        where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+        if expected:
+            print(f"error{where}: {error}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+            print(f"error{where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if ranks.world > 1:
+            # The other ranks may be waiting in a collective for this one: leave at once and
+            # let torchrun stop them, rather than hang in a clean shutdown.
+            os._exit(1)
         return 1
+    if ranks.world > 1:
+        dist.destroy_process_group()
     history = summary["history"]
     first, last = history[0], history[-1]
-    print(f"done: {summary['steps']} optimizer steps in {summary['seconds']:.0f} s; train loss "
-          f"{first['train_loss']:.4f} (epoch 1) -> {last['train_loss']:.4f} (epoch {last['epoch']}); "
-          f"outputs in {summary['checkpoint_dir']} (read {INFO_FILE})")
+    if ranks.main:
+        print(f"done: {summary['steps']} optimizer steps in {summary['seconds']:.0f} s; train loss "
+              f"{first['train_loss']:.4f} (epoch 1) -> {last['train_loss']:.4f} (epoch {last['epoch']}); "
+              f"outputs in {summary['checkpoint_dir']} (read {INFO_FILE})")
     return 0
 
 

@@ -72,11 +72,31 @@ def test_learning_rate_schedule_by_hand():
     assert fb.lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
 
 
-def test_epoch_order_is_seeded_and_resumable():
-    full = list(fb.EpochSampler(10, seed=1, epoch=3))
-    assert sorted(full) == list(range(10))
-    assert list(fb.EpochSampler(10, seed=1, epoch=3, start=4)) == full[4:]
-    assert full != list(fb.EpochSampler(10, seed=1, epoch=4))
+def test_epoch_order_is_seeded_and_differs_per_epoch():
+    order = fb.epoch_order(10, seed=1, epoch=3)
+    assert sorted(order) == list(range(10)) and order == fb.epoch_order(10, seed=1, epoch=3)
+    assert order != fb.epoch_order(10, seed=1, epoch=4)
+
+
+def test_epoch_plan_by_hand():
+    steps, dropped = fb.plan_epoch(0, 7, batch_size=2, accum=2, world=1)
+    assert steps == [[[[0, 1]], [[2, 3]]], [[[4, 5]], [[6]]]] and dropped == 0
+    # two ranks with one clip each see the same clips per micro-batch as one rank with two
+    steps2, dropped2 = fb.plan_epoch(0, 7, batch_size=1, accum=2, world=2)
+    assert steps2 == [[[[0], [1]], [[2], [3]]], [[[4], [5]]]] and dropped2 == 1
+    # a short last micro-batch is split as evenly as possible
+    assert fb.plan_epoch(0, 7, batch_size=2, accum=1, world=2)[0][-1] == [[[4, 5], [6]]]
+    # resuming at a step boundary continues the same plan
+    assert fb.plan_epoch(4, 7, batch_size=2, accum=2, world=1)[0] == steps[1:]
+
+
+def test_noise_per_sample_does_not_depend_on_batching():
+    sampling = dict(mode="uniform", shift=5.0, min_sigma=0.0, max_sigma=1.0)
+    a = fb.sample_noise(1, 2, 3, (4, 5), sampling)
+    b = fb.sample_noise(1, 2, 3, (4, 5), sampling)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = fb.sample_noise(1, 2, 4, (4, 5), sampling)
+    assert not torch.equal(a[1], c[1])
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -217,31 +237,30 @@ def test_ema_weights_go_to_validation_and_the_final_file(tiny_assets, tmp_path):
         assert f.metadata()["weights"] == "ema"
 
 
-def test_validation_is_repeatable(tiny_assets, tmp_path):
+def test_validation_is_repeatable_and_the_action_gain_measures_action_use(tiny_assets, tmp_path):
     s = run_settings(tiny_assets, tmp_path)
     import convert_unreal_data as data
     import latent_cache
-    report = data.check_data(s["DATA_DIR"], sequence_length=9, clip_stride=4, val_fraction=s["VAL_FRACTION"],
-                             height=32, width=64)
-    cache = latent_cache.build_latent_cache(report.split.val, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], 32,
-                                            64, dtype=s["CACHE_DTYPE"], num_workers=0, progress=False)
-    loader = torch.utils.data.DataLoader(
-        latent_cache.CachedClipDataset(report.split.val, s["CACHE_DIR"], cache.settings), batch_size=2)
+    report = data.check_data(s["DATA_DIR"], sequence_length=9, clip_stride=4, height=32, width=64)
+    clips = report.clips[::4]  # spread over the recording: different actions
+    assert len({tuple(c.keyboard.sum(0).tolist()) for c in clips}) > 1
+    cache = latent_cache.build_latent_cache(clips, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], 32, 64,
+                                            dtype=s["CACHE_DTYPE"], num_workers=0, progress=False)
+    val_set = latent_cache.CachedClipDataset(clips, s["CACHE_DIR"], cache.settings)
     model, _ = load_base_model(s["BASE_MODEL_DIR"])
     sigmas = flow.validation_sigmas(3)
-    a = fb.validate(model, loader, sigmas, 0, torch.device("cpu"), fb.nullcontext())
-    b = fb.validate(model, loader, sigmas, 0, torch.device("cpu"), fb.nullcontext())
-    assert a == b and len(a["val_loss_per_sigma"]) == 3
+    cpu = torch.device("cpu")
+    a = fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext())
+    assert a == fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext()) and len(a["val_loss_per_sigma"]) == 3
     with torch.no_grad():  # a model whose action outputs are zero cannot use actions: gain exactly 1
         for block in model.blocks:
             block.action_model.proj_keyboard.weight.zero_()
             block.action_model.proj_mouse.weight.zero_()
-    ignoring = fb.validate(model, loader, sigmas, 0, torch.device("cpu"), fb.nullcontext())
-    assert ignoring["action_gain"] == pytest.approx(1.0, abs=1e-6)
+    assert fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext())["action_gain"] == pytest.approx(1, abs=1e-6)
     with torch.no_grad():
         for block in model.blocks:
             block.action_model.proj_keyboard.weight.normal_(0, 1.0)
-    using = fb.validate(model, loader, sigmas, 0, torch.device("cpu"), fb.nullcontext())
+    using = fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext())
     assert using["action_gain"] != pytest.approx(1.0, abs=1e-4)
 
 
