@@ -777,15 +777,18 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 save_safetensors_atomic(tensors, out_dir / name, metadata("trainable tensors only; load over "
                                                                           "the base model"))
             checkpoints.append(name)
-        if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]):
+        sharded = ranks.world > 1 and s["TRAINING_STRATEGY"] == "full"  # FSDP: every rank takes part
+        if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]) \
+                and (ranks.main or sharded):
             if ema is not None:
                 ema.swap_into(trainable)
             entry.update(generate_preview.epoch_preview(
                 model, val_set if len(val_set) else train_set, s["VAE_PATH"], height, width, out_dir / PREVIEW_DIR,
-                epoch, s["KEYBOARD_KEYS"], s["PREVIEW_STEPS"], s["TIMESTEP_SHIFT"], s["SEED"], autocast))
+                epoch, s["KEYBOARD_KEYS"], s["PREVIEW_STEPS"], s["TIMESTEP_SHIFT"], s["SEED"], autocast,
+                write=ranks.main))
             if ema is not None:
                 ema.swap_into(trainable)
-            print(f"epoch {epoch} preview: {entry['preview']}")
+            log(f"epoch {epoch} preview: {entry.get('preview')}")
         save_state()
         write_info("training" if epoch < s["NUM_EPOCHS"] else "finished")
 

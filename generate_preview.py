@@ -690,13 +690,14 @@ def write_preview(path, panels: dict[str, torch.Tensor], keyboard: torch.Tensor,
 
 @torch.no_grad()
 def epoch_preview(model: WanModel, clips, vae_path, height: int, width: int, out_dir, epoch: int, keyboard_keys,
-                  num_steps: int, shift: float, seed: int, autocast) -> dict:
+                  num_steps: int, shift: float, seed: int, autocast, write: bool = True) -> dict:
     """Generate the first clip of `clips` (a CachedClipDataset) with its own actions and its
     cached conditioning, beside its real frames; write out_dir/epoch{N}.mp4 (or .gif) and
     .json. Returns what the training script records for the epoch.
 
     The VAE is loaded for the decode and freed after, so it holds no GPU memory while
     training. Only seeded generators are used: the training's random state is untouched.
+    With write=False only the sampling runs (the other ranks of a sharded model take part).
     """
     device = next(model.parameters()).device
     item, clip = clips[0], clips.clips[0]
@@ -706,6 +707,8 @@ def epoch_preview(model: WanModel, clips, vae_path, height: int, width: int, out
                              item["keyboard"], item["mouse"], num_steps, shift,
                              torch.Generator().manual_seed(seed), autocast)
     model.train(was_training)
+    if not write:
+        return {}
     vae = load_vae(vae_path, device=device, dtype=run_dtype(device))
     generated = decode_frames(vae, latents)
     del vae

@@ -68,6 +68,7 @@ def test_two_ranks_batch_one_equal_one_rank_batch_two(tiny_assets, tmp_path, str
     assert two.returncode == 0, two.stderr[-3000:]
     info = (tmp_path / "two" / fb.INFO_FILE).read_text()
     assert f"{engine} over 2 ranks" in info and "effective batch 2 (BATCH_SIZE 1 x GRAD_ACCUM_STEPS 1 x 2" in info
+    assert list((tmp_path / "two" / fb.PREVIEW_DIR).glob("epoch2.*"))  # the main rank wrote the preview
     one = run([sys.executable, SCRIPT, *args_for(tiny_assets, tmp_path / "one", TRAINING_STRATEGY=strategy,
                                                  BATCH_SIZE=2)])
     assert one.returncode == 0, one.stderr[-3000:]
