@@ -131,7 +131,7 @@ def check_settings(s: dict) -> None:
 def demo_settings() -> dict:
     """Preview the demo run: its final checkpoint and the base model, from its first
     validation clip's first frame, two windows of the recording's own actions."""
-    import finetune_base_model as fb
+    import finetune_base_model as fb  # here, not at the top: the training script imports this module
 
     d = fb.DEMO_SETTINGS
     checkpoint = Path(d["CHECKPOINT_DIR"]) / fb.FINAL_FILE

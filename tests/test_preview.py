@@ -372,10 +372,9 @@ def test_overlay_highlights_the_held_keys_and_points_the_mouse():
     # the arrow: yaw right, yaw left, pitch up
     right_of_keys = max(x1 for _, _, x1, _ in boxes.values())
     arrow = np.all(video[:, height:, right_of_keys:] == gp.MOUSE_ARROW, axis=-1)
-    centre_y, centre_x = strip // 2, None
     columns = [np.nonzero(arrow[t].any(0))[0] for t in range(3)]
     rows = [np.nonzero(arrow[t].any(1))[0] for t in range(3)]
-    centre_x = (columns[0].min() + columns[1].max()) / 2
+    centre_x, centre_y = (columns[0].min() + columns[1].max()) / 2, strip // 2
     assert columns[0].max() - centre_x > 5 and centre_x - columns[1].min() > 5
     assert rows[2].min() < centre_y - 5 and rows[2].max() <= centre_y + 3
 
