@@ -101,9 +101,9 @@ def trained(tiny_assets, tmp_path_factory):
     fb.check_settings(s)
     real_preview, seen = gp.epoch_preview, {}
 
-    def preview(model, *args):
+    def preview(model, *args, **kwargs):
         seen.update({n: p.detach().clone() for n, p in model.named_parameters() if ".action_model." in n})
-        return real_preview(model, *args)
+        return real_preview(model, *args, **kwargs)
 
     fb.generate_preview.epoch_preview = preview
     try:
