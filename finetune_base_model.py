@@ -649,7 +649,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                   + (f"{h['val_loss']:.5f}" if h.get("val_loss") is not None else "n/a")
                   + ", action gain " + (f"{h['action_gain']:.4f}" if h.get("action_gain") is not None
                                         else "n/a (needs 2+ validation clips)")
-                  + (f" (EMA weights)" if ema is not None else "")
+                  + (" (EMA weights)" if ema is not None else "")
                   + f", {h['seconds']:.0f} s" + (f"; preview {h['preview']}" if h.get("preview") else "")
                   for h in history]
         lines += ["", f"speed: {sum(seconds) / len(seconds):.3f} s per optimizer step (last {len(seconds)})"

@@ -17,27 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory import GIB, proc_status_bytes, reset_peak_rss  # noqa: E402
+
 from wan.clip import CLIPVisionConfig, CLIPVisionTower  # noqa: E402
 from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH  # noqa: E402
-
-GIB = 1024**3
-
-
-def rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM, the peak resident set size."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
 
 def time_encode(tower: CLIPVisionTower, frames: torch.Tensor, repeats: int, sync) -> float:
     tower.encode_frames(frames)  # warm-up
@@ -60,10 +43,10 @@ def bench_cpu(config: CLIPVisionConfig, batch_sizes: list[int], repeats: int) ->
     for batch in batch_sizes:
         frames = torch.rand(batch, 3, VIDEO_HEIGHT, VIDEO_WIDTH) * 2 - 1
         seconds = time_encode(tower, frames, repeats, sync=lambda: None)
-        before = rss_bytes("VmRSS")
+        before = proc_status_bytes("VmRSS")
         exact_peak = reset_peak_rss()
         tower.encode_frames(frames)
-        peak = rss_bytes("VmHWM")
+        peak = proc_status_bytes("VmHWM")
         note = "" if exact_peak else " (VmHWM not resettable: process-wide peak)"
         print(f"  batch {batch:3d}: {seconds / batch:7.3f} s/frame ({seconds:7.2f} s/batch); "
               f"peak RSS {peak / GIB:.2f} GiB, +{(peak - before) / GIB:.3f} GiB over the loaded model{note}")

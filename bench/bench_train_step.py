@@ -18,7 +18,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import finetune_base_model as fb  # noqa: E402
-from bench_model import bf16_peak_tflops, build_model, forward_flops, synchronize  # noqa: E402
+from bench_model import bf16_peak_tflops, build_model, forward_flops, time_steps  # noqa: E402
 from wan import flow  # noqa: E402
 from wan.config import base_config, tiny_config  # noqa: E402
 from wan.model import STRATEGIES  # noqa: E402
@@ -72,21 +71,13 @@ def one_case(config_name: str, strategy: str, frames: int, height: int, width: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocates the optimizer state)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    seconds = time_steps(step, device, steps, warmup=1)  # the warm-up step allocates the optimizer state
     optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                           for t in s.values() if torch.is_tensor(t))
     if use_bf16:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    seconds = sorted(times)[len(times) // 2]
     flops = 3 * forward_flops(config, 1, f, h, w)
     peak_tflops = bf16_peak_tflops(device)
     return {"config": config_name, "strategy": strategy, "device": device_name,

@@ -21,27 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from memory import GIB, proc_status_bytes, reset_peak_rss  # noqa: E402
+
 from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH, latent_frame_count  # noqa: E402
 from wan.vae import VAEConfig, WanVAE  # noqa: E402
-
-GIB = 1024**3
-
-
-def proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM (peak resident set size) to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
 
 def timed(fn, repeats: int, sync) -> float:
     times = []

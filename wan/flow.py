@@ -70,10 +70,14 @@ def sample_sigmas(
         index = torch.randint(0, grid.numel(), (batch_size,), generator=generator)
         return grid[index].float()
     if mode == "logit_normal":
-        _check_bounds(min_sigma, max_sigma)
-        u = torch.sigmoid(torch.randn(batch_size, generator=generator, dtype=torch.float64))
-        return (min_sigma + (max_sigma - min_sigma) * shift_sigma(u, shift)).float()
+        normal = torch.randn(batch_size, generator=generator, dtype=torch.float64)
+        return _logit_normal_sigma(normal, shift, min_sigma, max_sigma)
     raise ValueError(f"unknown timestep sampling {mode!r}; choose one of {SAMPLING_MODES}")
+
+
+def _logit_normal_sigma(normal: torch.Tensor, shift: float, min_sigma: float, max_sigma: float) -> torch.Tensor:
+    _check_bounds(min_sigma, max_sigma)
+    return (min_sigma + (max_sigma - min_sigma) * shift_sigma(torch.sigmoid(normal), shift)).float()
 
 
 def validation_sigmas(
@@ -91,10 +95,8 @@ def validation_sigmas(
         index = (quantiles * grid.numel()).floor().long().clamp(max=grid.numel() - 1)
         return grid[index].float()
     if mode == "logit_normal":
-        _check_bounds(min_sigma, max_sigma)
         normal_quantiles = math.sqrt(2.0) * torch.erfinv(2 * quantiles - 1)
-        u = torch.sigmoid(normal_quantiles)
-        return (min_sigma + (max_sigma - min_sigma) * shift_sigma(u, shift)).float()
+        return _logit_normal_sigma(normal_quantiles, shift, min_sigma, max_sigma)
     raise ValueError(f"unknown timestep sampling {mode!r}; choose one of {SAMPLING_MODES}")
 
 
