@@ -39,6 +39,7 @@ import convert_unreal_data as data
 import generate_preview
 import latent_cache
 from wan import flow
+from wan.device import autocast_for, pick_device, run_dtype
 from wan.files import save_safetensors_atomic, torch_save_atomic, write_text_atomic
 from wan.loading import CheckpointError, load_base_model
 from wan.model import STRATEGIES, WanModel, apply_training_strategy
@@ -188,15 +189,6 @@ def check_settings(s: dict) -> None:
 
 # -----------------------------------------------------------------------------
 # Small pieces of the loop
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"DEVICE={name!r} but no CUDA GPU is available; use DEVICE=cpu or auto")
-    return device
-
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Linear warm-up over warmup_steps, then cosine from 1 down to min_ratio at total_steps."""
@@ -533,7 +525,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     precision_note = "bf16 autocast, float32 master weights" if use_bf16 else "float32"
     if s["MIXED_PRECISION"] == "bf16" and device.type != "cuda":
         precision_note += " (bf16 mixed precision needs CUDA)"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_for(device, enabled=use_bf16)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -565,7 +557,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     val_set = latent_cache.CachedClipDataset(split.val, s["CACHE_DIR"], cache_report.settings, cache)
 
     # --- model: load, re-initialise the keyboard if its width differs, freeze by strategy
-    model_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    model_dtype = run_dtype(device) if use_bf16 else torch.float32
     model, reinitialised = load_base_model(s["BASE_MODEL_DIR"], keyboard_dim=len(s["KEYBOARD_KEYS"]),
                                            device=device, dtype=model_dtype)
     trainable = prepare_trainable(model, s["TRAINING_STRATEGY"], s["LAST_LAYERS"])

@@ -19,8 +19,6 @@ The training script calls epoch_preview() every PREVIEW_EVERY_EPOCHS epochs.
 import math
 import re
 import sys
-import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from action_score import action_following_score
 from latent_cache import load_encoders
 from wan import flow
 from wan.conditioning import build_cond_concat, build_visual_context
+from wan.device import autocast_for, pick_device, run_dtype
 from wan.config import WanConfig
 from wan.files import write_atomic, write_json_atomic
 from wan.loading import CheckpointError, checkpoint_keyboard_dim, find_config_file, load_base_model
@@ -332,15 +331,6 @@ def recording_range(folder, first: int, num_frames: int, keyboard_keys, mouse_sc
 
 # -----------------------------------------------------------------------------
 # Models
-
-def run_dtype(device: torch.device) -> torch.dtype:
-    """bf16 weights (under bf16 autocast) on a GPU, as the reference runs; float32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
 
 @dataclass
 class LoadedModel:
@@ -729,15 +719,6 @@ def epoch_preview(model: WanModel, clips, vae_path, height: int, width: int, out
 # -----------------------------------------------------------------------------
 # The whole preview
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PreviewError(f"DEVICE={name!r} but no CUDA GPU is available; use DEVICE=cpu or auto")
-    return device
-
-
 def generate(s: dict) -> dict:
     """Render the preview the settings describe; returns {"video", "json", "scores"}."""
     device = pick_device(s["DEVICE"])
@@ -745,7 +726,7 @@ def generate(s: dict) -> dict:
     inputs = load_inputs(s)
     print(f"inputs: {inputs.description}")
     if s["NUM_FRAMES"] > s["WINDOW_FRAMES"]:
-        warnings.warn(chaining_warning(s["NUM_FRAMES"], s["WINDOW_FRAMES"]), stacklevel=2)
+        print(f"warning: {chaining_warning(s['NUM_FRAMES'], s['WINDOW_FRAMES'])}", file=sys.stderr)
     vae, clip = load_encoders(s["VAE_PATH"], s["CLIP_PATH"], device)
     runs = [("base", "")] if s["COMPARE"] else []
     runs.append(("fine-tuned" if s["CHECKPOINT"] else "base", s["CHECKPOINT"]))

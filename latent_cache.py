@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from convert_unreal_data import ClipRef, RecordingClipDataset
 from wan.conditioning import cond_concat_from_latent, encode_first_frame_latent
+from wan.device import run_dtype
 from wan.files import save_safetensors_atomic, write_json_atomic
 from wan.shapes import latent_frame_count, latent_size
 
@@ -240,9 +241,8 @@ def load_encoders(vae_path, clip_path, device: torch.device):
     from wan.clip import load_clip
     from wan.vae import load_vae
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vae = load_vae(vae_path, device=device, dtype=dtype).requires_grad_(False)
-    clip = load_clip(clip_path, device=device, dtype=dtype)
+    vae = load_vae(vae_path, device=device, dtype=run_dtype(device)).requires_grad_(False)
+    clip = load_clip(clip_path, device=device, dtype=run_dtype(device))
     return vae, clip
 
 

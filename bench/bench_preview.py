@@ -33,6 +33,7 @@ import generate_preview as gp  # noqa: E402
 from bench_model import build_model, synchronize  # noqa: E402
 from wan.clip import CLIPVisionConfig, CLIPVisionTower  # noqa: E402
 from wan.conditioning import build_cond_concat, build_visual_context  # noqa: E402
+from wan.device import autocast_for, run_dtype  # noqa: E402
 from wan.config import base_config, tiny_config  # noqa: E402
 from wan.shapes import (VIDEO_HEIGHT, VIDEO_WIDTH, check_frame_count, check_image_size,  # noqa: E402
                         latent_frame_count, latent_size, tokens_per_latent_frame)
@@ -66,7 +67,7 @@ def peak_memory(device: torch.device) -> str:
 
 
 def bench(name: str, real: bool, frames: int, height: int, width: int, device: torch.device, measured_steps: int):
-    dtype, autocast = gp.run_dtype(device), gp.autocast_for(device)
+    dtype, autocast = run_dtype(device), autocast_for(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     vae, clip = build_encoders(real, device, dtype)

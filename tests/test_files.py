@@ -15,6 +15,15 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["info.txt"]
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = files.write_text_atomic(tmp_path / "info.txt", "x")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_crash_during_write_keeps_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "state.pt"
     files.torch_save_atomic({"step": 1}, target)

@@ -20,6 +20,7 @@ def write_atomic(path, write: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); give it a normal file's mode
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -31,6 +32,12 @@ def write_atomic(path, write: Callable[[str], None]) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:
