@@ -94,7 +94,7 @@ SAVE_EVERY_STEPS = 0                     # 0: only at epoch ends; else also ever
 LOG_EVERY_STEPS = 10                     # metrics.csv is rewritten this often
 RESUME = False                           # continue the run in CHECKPOINT_DIR/training_state.pt
 SEED = 42
-# previews (generate_preview.py): the first validation clip generated from its first frame and actions
+# previews (generate_preview.py): the most active validation clip, generated from its first frame and actions
 PREVIEW_EVERY_EPOCHS = 0                 # 0: off; else every N epochs and after the last, into previews/
 PREVIEW_STEPS = 50                       # sampling steps per preview
 # -----------------------------------------------------------------------------
@@ -122,11 +122,11 @@ DEMO_SETTINGS = dict(
     CLIP_PATH=f"{DEMO_DIR}/models/tiny_clip.pth", DATA_DIR=f"{DEMO_DIR}/data",
     CACHE_DIR=f"{DEMO_DIR}/latent_cache", CHECKPOINT_DIR=f"{DEMO_DIR}/checkpoints", CACHE_DTYPE="fp32",
     VIDEO_HEIGHT=64, VIDEO_WIDTH=112, SEQUENCE_LENGTH=17, CLIP_STRIDE=8, VAL_FRACTION=0.15, TRAINING_STRATEGY="full",
-    BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, NUM_EPOCHS=40, LEARNING_RATE=2e-3, WARMUP_STEPS=10,
+    BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, NUM_EPOCHS=15, LEARNING_RATE=2e-3, WARMUP_STEPS=10,
     GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
-    SAVE_EVERY_EPOCHS=2, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=20,
+    SAVE_EVERY_EPOCHS=5, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=15,
 )
-DEMO_FRAMES = 300
+DEMO_FRAMES = 900                        # 36 s of play: enough variety that validation means something
 DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
 
 

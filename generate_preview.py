@@ -679,18 +679,26 @@ def write_preview(path, panels: dict[str, torch.Tensor], keyboard: torch.Tensor,
 # Training-time previews
 
 @torch.no_grad()
+def preview_clip_index(clips) -> int:
+    """The clip with the most frames where a key is held or the mouse moves (the first of
+    equals): a clip of standing still would show, and score, nothing."""
+    active = [int((c.keyboard.any(dim=1) | c.mouse.ne(0).any(dim=1)).sum()) for c in clips]
+    return active.index(max(active))
+
+
 def epoch_preview(model: WanModel, clips, vae_path, height: int, width: int, out_dir, epoch: int, keyboard_keys,
                   num_steps: int, shift: float, seed: int, autocast, write: bool = True) -> dict:
-    """Generate the first clip of `clips` (a CachedClipDataset) with its own actions and its
-    cached conditioning, beside its real frames; write out_dir/epoch{N}.mp4 (or .gif) and
-    .json. Returns what the training script records for the epoch.
+    """Generate the most active clip of `clips` (a CachedClipDataset; see preview_clip_index)
+    with its own actions and its cached conditioning, beside its real frames; write
+    out_dir/epoch{N}.mp4 (or .gif) and .json. Returns what the training script records.
 
     The VAE is loaded for the decode and freed after, so it holds no GPU memory while
     training. Only seeded generators are used: the training's random state is untouched.
     With write=False only the sampling runs (the other ranks of a sharded model take part).
     """
     device = next(model.parameters()).device
-    item, clip = clips[0], clips.clips[0]
+    index = preview_clip_index(clips.clips)
+    item, clip = clips[index], clips.clips[index]
     was_training = model.training
     model.eval()
     latents = sample_latents(model, item["cond_concat"][None].to(device), item["visual_context"][None].to(device),

@@ -126,7 +126,7 @@ def test_training_writes_a_preview_of_a_validation_clip_with_the_ema_weights(tra
     assert set(info["scores"]["generated"]) >= {"forward_back", "strafe", "yaw", "pitch", "overall"}
     report = data.check_data(s["DATA_DIR"], sequence_length=s["SEQUENCE_LENGTH"], clip_stride=s["CLIP_STRIDE"],
                              val_fraction=s["VAL_FRACTION"], height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"])
-    assert info["clip"] == report.split.val[0].clip_id
+    assert info["clip"] == report.split.val[gp.preview_clip_index(report.split.val)].clip_id
     entry = summary["history"][0]
     assert entry["preview"].startswith("previews/epoch1.mp4: action-following")
     assert "preview previews/epoch1.mp4: action-following" in (out / fb.INFO_FILE).read_text()
@@ -138,6 +138,19 @@ def test_training_writes_a_preview_of_a_validation_clip_with_the_ema_weights(tra
 
 
 @pytest.mark.slow
+def test_the_preview_clip_is_the_most_active_one():
+    class Clip:
+        def __init__(self, keys, mouse):
+            self.keyboard, self.mouse = torch.tensor(keys, dtype=torch.float32), torch.tensor(mouse)
+
+    idle = Clip([[0, 0]] * 3, [[0.0, 0.0]] * 3)
+    keys_once = Clip([[1, 0], [0, 0], [0, 0]], [[0.0, 0.0]] * 3)
+    keys_and_mouse = Clip([[0, 1], [0, 0], [0, 0]], [[0.0, 0.0], [0.1, 0.0], [0.0, -0.1]])
+    assert gp.preview_clip_index([idle, keys_once, keys_and_mouse]) == 2
+    assert gp.preview_clip_index([idle, keys_once, keys_once]) == 1
+    assert gp.preview_clip_index([idle]) == 0
+
+
 def test_epoch_preview_leaves_the_random_state_alone(tiny_assets, trained, tmp_path):
     import latent_cache
     s = tiny_assets
