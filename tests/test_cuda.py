@@ -1,0 +1,55 @@
+"""The CUDA path (bf16 autocast, bf16 frozen weights with float32 masters, fused AdamW,
+encoders in bf16), run where a GPU is present; skipped on CPU-only machines such as CI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune_base_model as fb
+from wan.clip import load_clip
+from wan.loading import load_base_model
+from wan.vae import load_vae
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_training_on_cuda_in_bf16(tiny_assets, tmp_path):
+    s = dict(tiny_assets, CHECKPOINT_DIR=str(tmp_path / "checkpoints"), DEVICE="cuda", MIXED_PRECISION="bf16",
+             TRAINING_STRATEGY="action_only", NUM_EPOCHS=2, NUM_WORKERS=0, GRADIENT_CHECKPOINTING=True,
+             PREVIEW_EVERY_EPOCHS=1, PREVIEW_STEPS=2, CACHE_DIR=str(tmp_path / "cache"))
+    fb.check_settings(s)
+    summary = fb.train(s)
+    info = (tmp_path / "checkpoints" / fb.INFO_FILE).read_text()
+    assert "bf16 autocast, float32 master weights" in info and "peak GPU memory" in info
+    assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"] * 1.5
+    final = load_file(tmp_path / "checkpoints" / fb.FINAL_FILE)
+    base = load_file(next(Path(s["BASE_MODEL_DIR"]).glob("*.safetensors")))
+    for name, tensor in final.items():
+        if ".action_model." in name:
+            assert tensor.dtype == torch.float32  # trained in float32 masters
+        else:
+            assert torch.equal(tensor.float(), base[name].to(torch.bfloat16).float()), name  # frozen, bf16
+
+
+def test_bf16_model_on_cuda_matches_float32_on_cpu(tiny_assets):
+    from wan.model import random_inputs
+    cpu, _ = load_base_model(tiny_assets["BASE_MODEL_DIR"])
+    gpu, _ = load_base_model(tiny_assets["BASE_MODEL_DIR"], device="cuda", dtype=torch.bfloat16)
+    inputs = random_inputs(cpu.config, 2, 3, 4, 6)
+    with torch.no_grad():
+        expected = cpu(**inputs)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = gpu(**{k: v.cuda() if v is not None else None for k, v in inputs.items()}).cpu()
+    assert (got - expected).norm() / expected.norm() < 0.03
+
+
+def test_encoders_in_bf16_on_cuda_match_float32_on_cpu(tiny_assets):
+    video = torch.rand(1, 3, 9, 32, 64) * 2 - 1
+    for load, run in ((load_vae, lambda m, v: m.encode(v)), (load_clip, lambda m, v: m.encode_frames(v[:, :, 0]))):
+        cpu = load(tiny_assets["VAE_PATH" if load is load_vae else "CLIP_PATH"])
+        gpu = load(tiny_assets["VAE_PATH" if load is load_vae else "CLIP_PATH"], device="cuda", dtype=torch.bfloat16)
+        expected = run(cpu, video).float()
+        got = run(gpu, video.cuda().to(torch.bfloat16)).float().cpu()
+        assert (got - expected).norm() / expected.norm() < 0.05
