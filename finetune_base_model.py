@@ -110,10 +110,10 @@ METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "sigma", "seconds
 # (EFFECTIVE_BATCH = BATCH_SIZE x GRAD_ACCUM_STEPS x ranks, so a run may resume on another
 # number of GPUs with the same effective batch).
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
-                     "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE", "TRAINING_STRATEGY", "LAST_LAYERS",
-                     "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO", "WEIGHT_DECAY", "WARMUP_STEPS",
-                     "EMA_DECAY", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING", "MIN_SIGMA", "MAX_SIGMA",
-                     "MIXED_PRECISION", "SEED")
+                     "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE",
+                     "TRAINING_STRATEGY", "LAST_LAYERS", "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO",
+                     "WEIGHT_DECAY", "WARMUP_STEPS", "EMA_DECAY", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING",
+                     "MIN_SIGMA", "MAX_SIGMA", "MIXED_PRECISION", "SEED")
 
 # The --demo run: the real pipeline on a generated recording with tiny random weights, on CPU.
 DEMO_DIR = "demo_run"
@@ -121,7 +121,8 @@ DEMO_SETTINGS = dict(
     BASE_MODEL_DIR=f"{DEMO_DIR}/models/base_model", VAE_PATH=f"{DEMO_DIR}/models/tiny_vae.pth",
     CLIP_PATH=f"{DEMO_DIR}/models/tiny_clip.pth", DATA_DIR=f"{DEMO_DIR}/data",
     CACHE_DIR=f"{DEMO_DIR}/latent_cache", CHECKPOINT_DIR=f"{DEMO_DIR}/checkpoints", CACHE_DTYPE="fp32",
-    VIDEO_HEIGHT=64, VIDEO_WIDTH=112, SEQUENCE_LENGTH=17, CLIP_STRIDE=8, VAL_FRACTION=0.15, TRAINING_STRATEGY="full",
+    VIDEO_HEIGHT=64, VIDEO_WIDTH=112, SEQUENCE_LENGTH=17, CLIP_STRIDE=8, VAL_FRACTION=0.15,
+    TRAINING_STRATEGY="full",
     BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, NUM_EPOCHS=15, LEARNING_RATE=2e-3, WARMUP_STEPS=10,
     GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
     SAVE_EVERY_EPOCHS=5, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=15,
@@ -544,15 +545,17 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         raise TrainingError(f"no training clips in {s['DATA_DIR']}")
     height, width = report.settings["VIDEO_HEIGHT"], report.settings["VIDEO_WIDTH"]
     # every rank encodes its share of what is missing; the main rank then merges the manifest
+    cache = latent_cache.LatentCache(s["CACHE_DIR"])
     cache_report = latent_cache.build_latent_cache(
         split.train + split.val, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
-        dtype=s["CACHE_DTYPE"], device=device if ranks.world > 1 else None, num_workers=s["NUM_WORKERS"],
-        rank=ranks.rank, world_size=ranks.world, progress=ranks.main)
+        dtype=s["CACHE_DTYPE"], device=device, num_workers=s["NUM_WORKERS"],
+        rank=ranks.rank, world_size=ranks.world, progress=ranks.main, cache=cache)
     ranks.barrier()
-    if ranks.world > 1 and ranks.main:
-        latent_cache.merge_manifest(s["CACHE_DIR"])
+    if ranks.world > 1:
+        cache.rescan()  # the shards the other ranks wrote (verified shards stay verified)
+        if ranks.main:
+            cache.write_manifest()
     log(cache_report.format())
-    cache = latent_cache.LatentCache(s["CACHE_DIR"])
     train_set = latent_cache.CachedClipDataset(split.train, s["CACHE_DIR"], cache_report.settings, cache)
     val_set = latent_cache.CachedClipDataset(split.val, s["CACHE_DIR"], cache_report.settings, cache)
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from convert_unreal_data import ClipRef, RecordingClipDataset
 from wan.conditioning import cond_concat_from_latent, encode_first_frame_latent
-from wan.device import run_dtype
+from wan.device import pick_device, run_dtype
 from wan.files import save_safetensors_atomic, write_json_atomic
 from wan.shapes import latent_frame_count, latent_size
 
@@ -119,6 +119,7 @@ class LatentCache:
         self.rescan()
 
     def rescan(self) -> None:
+        """Read every sidecar again (shards written by other processes appear)."""
         self.shards, self.entries = {}, {}
         if not self.shard_dir.is_dir():
             return
@@ -228,14 +229,6 @@ class CacheReport:
         return "\n".join(lines)
 
 
-def default_encoder_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    warnings.warn("no CUDA GPU: encoding the latent cache on the CPU is slow (the real VAE takes seconds "
-                  "per 352x640 frame); it is done once, later runs reuse the cache", stacklevel=2)
-    return torch.device("cpu")
-
-
 def load_encoders(vae_path, clip_path, device: torch.device):
     """The VAE and CLIP tower in the dtype they run in: bf16 on GPU (as the reference), fp32 on CPU."""
     from wan.clip import load_clip
@@ -265,8 +258,8 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
     """Encode every clip that has no valid entry yet; reuse the rest.
 
     With world_size > 1 each rank encodes every world_size-th missing clip into its own
-    shards; call merge_manifest on one rank after all have finished. Pass the same `cache`
-    to CachedClipDataset to skip verifying the shards twice.
+    shards; once all have finished, cache.rescan() on every rank and cache.write_manifest() on
+    one. Pass the same `cache` to CachedClipDataset to skip verifying the shards twice.
     """
     started = time.perf_counter()
     settings = EncodingSettings.for_files(vae_path, clip_path, height, width, dtype)
@@ -283,7 +276,10 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
     report.reused = len(clips) - len(missing)
     mine = missing[rank::world_size]
     if mine:
-        device = torch.device(device) if device is not None else default_encoder_device()
+        device = torch.device(device) if device is not None else pick_device("auto")
+        if device.type == "cpu":
+            warnings.warn("encoding the latent cache on the CPU is slow (the real VAE takes seconds per 352x640 "
+                          "frame); it is done once, later runs reuse the cache", stacklevel=2)
         report.device = str(device)
         vae, clip_model = load_encoders(vae_path, clip_path, device)
         frames = DataLoader(RecordingClipDataset([c for c, _ in mine], height, width), batch_size=batch_size,
@@ -314,11 +310,6 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
     report.unused_entries = len(set(cache.entries) - set(keys))
     report.seconds = time.perf_counter() - started
     return report
-
-
-def merge_manifest(cache_dir) -> Path:
-    """Rebuild manifest.json from every shard's sidecar (after a multi-rank build)."""
-    return LatentCache(cache_dir).write_manifest()
 
 
 # -----------------------------------------------------------------------------
