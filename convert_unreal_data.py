@@ -684,6 +684,11 @@ class Split:
     dropped: list                # training clips sharing a frame with a validation clip
     note: str = ""               # why there is no validation set, if there is none
 
+    @property
+    def used(self) -> list:
+        """The clips training reads (and the latent cache must hold): train, then validation."""
+        return self.train + self.val
+
 
 def split_train_val(clips, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED,
                     block_clips: int = VAL_BLOCK_CLIPS) -> Split:
@@ -880,6 +885,8 @@ class DataReport:
                          + ", ".join(without[:LISTED]) + (" ..." if len(without) > LISTED else ""))
         if not with_mouse:
             return lines or ["Mouse: no recordings"]
+        if not any(r.usable_frames for r in with_mouse):
+            return lines + ["Mouse: no usable frames in the recordings with mouse columns"]
         raw = np.concatenate([r.mouse_raw[np.array(r.usable_frames, dtype=np.int64) - 1] for r in with_mouse])
         scaled = np.concatenate([r.mouse[np.array(r.usable_frames, dtype=np.int64) - 1] for r in with_mouse])
         lines.append(f"Mouse ({len(with_mouse)} recording(s) with columns; scaled by MOUSE_SCALE into the "
@@ -968,6 +975,20 @@ def check_data(data_dir=DATA_DIR, *, sequence_length: int = SEQUENCE_LENGTH,
         "VIDEO_WIDTH": width,
     }
     return DataReport(str(data_dir), settings, recordings, clips, split, problems, decode_frames)
+
+
+def check_data_with(settings: dict, data_dir=None, *, decode_frames: bool = False, progress: bool = False) -> DataReport:
+    """check_data with the settings by name, as the scripts hold them (a name missing from
+    settings takes this module's value), so the check, the cache and training agree."""
+    def get(name):
+        return settings.get(name, globals()[name])
+
+    return check_data(
+        data_dir or get("DATA_DIR"), sequence_length=get("SEQUENCE_LENGTH"), clip_stride=get("CLIP_STRIDE"),
+        keyboard_keys=get("KEYBOARD_KEYS"), key_map=get("KEY_MAP"), mouse_scale=get("MOUSE_SCALE"),
+        invert_mouse_y=get("INVERT_MOUSE_Y"), skip_bad_frames=get("SKIP_BAD_FRAMES"),
+        val_fraction=get("VAL_FRACTION"), val_block_clips=get("VAL_BLOCK_CLIPS"), split_seed=get("SPLIT_SEED"),
+        height=get("VIDEO_HEIGHT"), width=get("VIDEO_WIDTH"), decode_frames=decode_frames, progress=progress)
 
 
 # -----------------------------------------------------------------------------
@@ -1233,6 +1254,9 @@ def write_demo_recording(out_dir, num_frames: int = DEMO_FRAMES, height: int = D
         raise DataError(f"{out_dir}: exists and is not an empty folder; choose a new one for the demo recording")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the recording is an ordinary folder
     try:
         actions = demo_actions(num_frames, seed)
         cameras, camera = [], DemoCamera()
@@ -1298,14 +1322,7 @@ def main(argv=None) -> int:
             print(f"wrote {len(actions)} frames of {args.width}x{args.height} and {CSV_NAME} to {args.demo}; "
                   f"check it with: python convert_unreal_data.py {args.demo}")
             return 0
-        report = check_data(
-            args.data_dir or settings["DATA_DIR"], sequence_length=settings["SEQUENCE_LENGTH"],
-            clip_stride=settings["CLIP_STRIDE"], keyboard_keys=settings["KEYBOARD_KEYS"],
-            key_map=settings["KEY_MAP"], mouse_scale=settings["MOUSE_SCALE"],
-            invert_mouse_y=settings["INVERT_MOUSE_Y"], skip_bad_frames=settings["SKIP_BAD_FRAMES"],
-            val_fraction=settings["VAL_FRACTION"], val_block_clips=settings["VAL_BLOCK_CLIPS"],
-            split_seed=settings["SPLIT_SEED"], height=settings["VIDEO_HEIGHT"], width=settings["VIDEO_WIDTH"],
-            decode_frames=True, progress=True)
+        report = check_data_with(settings, args.data_dir, decode_frames=True, progress=True)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -1317,7 +1334,7 @@ def main(argv=None) -> int:
 
         try:
             cache_report = latent_cache.build_latent_cache(
-                report.clips, settings["CACHE_DIR"], settings["VAE_PATH"], settings["CLIP_PATH"],
+                report.split.used, settings["CACHE_DIR"], settings["VAE_PATH"], settings["CLIP_PATH"],
                 settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"], dtype=settings["CACHE_DTYPE"])
         except (FileNotFoundError, ValueError, latent_cache.CacheError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -41,7 +41,7 @@ import latent_cache
 from wan import flow
 from wan.device import autocast_for, pick_device, run_dtype
 from wan.files import save_safetensors_atomic, torch_save_atomic, write_text_atomic
-from wan.loading import CheckpointError, load_base_model
+from wan.loading import CONFIG_NAME, CheckpointError, load_base_model
 from wan.model import STRATEGIES, WanModel, apply_training_strategy
 
 # -----------------------------------------------------------------------------
@@ -112,7 +112,7 @@ METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "sigma", "seconds
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
                      "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE",
                      "TRAINING_STRATEGY", "LAST_LAYERS", "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO",
-                     "WEIGHT_DECAY", "WARMUP_STEPS", "EMA_DECAY", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING",
+                     "WEIGHT_DECAY", "WARMUP_STEPS", "MAX_GRAD_NORM", "EMA_DECAY", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING",
                      "MIN_SIGMA", "MAX_SIGMA", "MIXED_PRECISION", "SEED")
 
 # The --demo run: the real pipeline on a generated recording with tiny random weights, on CPU.
@@ -237,6 +237,15 @@ def sample_noise(seed: int, epoch: int, position: int, shape, sampling: dict) ->
     return sigma, torch.randn(shape, generator=g)
 
 
+def actions_digest(clips) -> str:
+    """A fingerprint of the clips' keyboard and mouse rows (what KEY_MAP and the CSVs decide)."""
+    digest = hashlib.sha256()
+    for clip in clips:
+        digest.update(clip.keyboard.numpy().tobytes())
+        digest.update(clip.mouse.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def prepare_trainable(model: WanModel, strategy: str, last_layers: int) -> dict:
     """Freeze what the strategy does not train; keep float32 master copies of what it does
     (the frozen weights stay in the loaded dtype; autocast runs the matmuls in bf16)."""
@@ -262,8 +271,7 @@ def flow_matching_step(model, inputs: dict, sigma: torch.Tensor, noise: torch.Te
                            inputs["visual_context"], inputs["cond_concat"],
                            keyboard_cond=inputs["keyboard"] if keyboard is None else keyboard,
                            mouse_cond=inputs["mouse"] if mouse is None else mouse)
-    error = (prediction.float() - flow.velocity_target(x0, noise).float()) ** 2
-    return error.flatten(1).mean(dim=1)
+    return flow.flow_matching_losses(prediction, x0, noise)
 
 
 @torch.no_grad()
@@ -377,7 +385,8 @@ def format_count(n: int) -> str:
 
 def prepare_demo(settings: dict, num_frames: int = DEMO_FRAMES) -> None:
     """Write the demo recording and tiny random weights in the real file formats (once;
-    later demo runs reuse them and their latent cache), and clear the demo's checkpoints."""
+    later demo runs reuse them and their latent cache), and clear demo_run/checkpoints (a
+    CHECKPOINT_DIR given on the command line is never cleared)."""
     from wan.clip import CLIPVisionConfig, CLIPVisionTower, save_clip
     from wan.config import tiny_config
     from wan.loading import save_base_model
@@ -394,15 +403,15 @@ def prepare_demo(settings: dict, num_frames: int = DEMO_FRAMES) -> None:
     if not Path(settings["CLIP_PATH"]).is_file():
         save_clip(CLIPVisionTower(clip_config), settings["CLIP_PATH"])
     model_dir = Path(settings["BASE_MODEL_DIR"])
-    if not model_dir.is_dir():
+    if not (model_dir / CONFIG_NAME).is_file():  # written last: its absence means an unfinished set-up
         config = tiny_config(keyboard_dim=len(settings["KEYBOARD_KEYS"]), clip_dim=clip_config.width, **DEMO_MODEL)
         model = WanModel(config)
         with torch.no_grad():  # like a pretrained model, no zero output layers (any strategy can learn)
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
         save_base_model(model, model_dir)
-    if not settings["RESUME"]:
-        shutil.rmtree(settings["CHECKPOINT_DIR"], ignore_errors=True)
+    if not settings["RESUME"] and settings["CHECKPOINT_DIR"] == DEMO_SETTINGS["CHECKPOINT_DIR"]:
+        shutil.rmtree(settings["CHECKPOINT_DIR"], ignore_errors=True)  # only the demo's own folder
 
 
 # -----------------------------------------------------------------------------
@@ -507,7 +516,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     if state_path.exists() and not s["RESUME"]:
         raise TrainingError(f"{out_dir} already holds a run ({STATE_FILE}); set --RESUME=true to continue it, "
                             "or choose another CHECKPOINT_DIR (nothing was overwritten)")
-    resume = torch.load(state_path, map_location="cpu", weights_only=False) if s["RESUME"] and state_path.exists() else None
+    resume = None
+    if s["RESUME"] and state_path.exists():
+        resume = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
     if s["RESUME"] and resume is None:
         log(f"RESUME is on but {state_path} does not exist: starting a new run")
     effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
@@ -533,11 +544,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         torch.cuda.reset_peak_memory_stats(device)
 
     # --- data: check the recordings, split them, make sure the latent cache holds every clip
-    report = data.check_data(
-        s["DATA_DIR"], sequence_length=s["SEQUENCE_LENGTH"], clip_stride=s["CLIP_STRIDE"],
-        keyboard_keys=s["KEYBOARD_KEYS"], mouse_scale=s["MOUSE_SCALE"], skip_bad_frames=s["SKIP_BAD_FRAMES"],
-        val_fraction=s["VAL_FRACTION"], height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"],
-        decode_frames=s["SKIP_BAD_FRAMES"], progress=ranks.main)
+    report = data.check_data_with(s, decode_frames=s["SKIP_BAD_FRAMES"], progress=ranks.main)
     log(report.format())
     report.raise_for_problems()
     split = report.split
@@ -547,7 +554,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     # every rank encodes its share of what is missing; the main rank then merges the manifest
     cache = latent_cache.LatentCache(s["CACHE_DIR"])
     cache_report = latent_cache.build_latent_cache(
-        split.train + split.val, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
+        split.used, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
         dtype=s["CACHE_DTYPE"], device=device, num_workers=s["NUM_WORKERS"],
         rank=ranks.rank, world_size=ranks.world, progress=ranks.main, cache=cache)
     ranks.barrier()
@@ -579,6 +586,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                                   betas=(0.9, 0.999), fused=device.type == "cuda")
     full_epoch, dropped_per_epoch = plan_epoch(0, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
     steps_per_epoch = len(full_epoch)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(train_set)} training clip(s) cannot give each of {ranks.world} ranks one clip: "
+                            "no optimizer step would run. Use fewer GPUs or more data.")
     total_steps = steps_per_epoch * s["NUM_EPOCHS"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"]))
@@ -593,6 +603,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         if resume["trainable_names"] != trainable_names or resume["train_clips"] != [c.clip_id for c in split.train]:
             raise TrainingError(f"cannot resume {state_path}: its trainable tensors or training clips differ from "
                                 "this run's (did the data change?)")
+        if resume["train_actions"] != actions_digest(split.train):
+            raise TrainingError(f"cannot resume {state_path}: the training clips' keyboard or mouse rows differ "
+                                "from the saved run's (did input.csv, KEY_MAP or INVERT_MOUSE_Y change?)")
         load_full_tensors(trainable, resume["trainable"])
         # strict=False: the action modules' norm weights are never used, so never get a state
         set_optimizer_state_dict(model, optimizer, resume["optimizer"],
@@ -662,6 +675,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         state = {
             "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch},
             "trainable_names": trainable_names, "train_clips": [c.clip_id for c in split.train],
+            "train_actions": actions_digest(split.train),
             "trainable": full_tensors(trainable, ranks.main),
             "ema": full_tensors(ema.shadow, ranks.main) if ema is not None else None,
             "optimizer": get_optimizer_state_dict(model, optimizer, options=state_options),
@@ -669,9 +683,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             "epoch": epoch, "position": position, "global_step": global_step,
             "history": history, "epoch_loss": epoch_loss,
         }
-        if ranks.main:
-            torch_save_atomic(state, state_path)
+        if ranks.main:  # metrics first: a kill between the two must not lose the saved steps' rows
             write_text_atomic(out_dir / METRICS_FILE, format_metrics_csv(metrics))
+            torch_save_atomic(state, state_path)
         ranks.barrier()
 
     def weights_to_save() -> dict:
@@ -791,7 +805,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     final = full_tensors(dict(model.state_dict()), ranks.main)
     final.update(weights_to_save())
     if ranks.main:
-        save_safetensors_atomic(final, out_dir / FINAL_FILE, metadata("full state dict"))
+        save_safetensors_atomic(final, out_dir / FINAL_FILE, metadata(generate_preview.FULL_CONTENTS))
         write_text_atomic(out_dir / METRICS_FILE, format_metrics_csv(metrics))
     if FINAL_FILE not in checkpoints:
         checkpoints.append(FINAL_FILE)

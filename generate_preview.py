@@ -128,8 +128,8 @@ def check_settings(s: dict) -> None:
 
 
 def demo_settings() -> dict:
-    """Preview the demo run: its final checkpoint and the base model, from its first
-    validation clip's first frame, two windows of the recording's own actions."""
+    """Preview the demo run: its final checkpoint and the base model, from the first frame of
+    the validation clip its training previews show, two windows of the recording's own actions."""
     import finetune_base_model as fb  # here, not at the top: the training script imports this module
 
     d = fb.DEMO_SETTINGS
@@ -139,12 +139,12 @@ def demo_settings() -> dict:
     if missing:
         raise PreviewError(f"--demo previews the outputs of `python finetune_base_model.py --demo`, run from "
                            f"this folder; these are missing: {', '.join(missing)}. Run the training demo first.")
-    report = data.check_data(d["DATA_DIR"], sequence_length=d["SEQUENCE_LENGTH"], clip_stride=d["CLIP_STRIDE"],
-                             val_fraction=d["VAL_FRACTION"], height=d["VIDEO_HEIGHT"], width=d["VIDEO_WIDTH"])
+    report = data.check_data_with(d)
     report.raise_for_problems()
     clips = report.split.val or report.split.train
+    first = clips[preview_clip_index(clips)].first_frame  # the clip the training previews show
     return dict(BASE_MODEL_DIR=d["BASE_MODEL_DIR"], CHECKPOINT=str(checkpoint), VAE_PATH=d["VAE_PATH"],
-                CLIP_PATH=d["CLIP_PATH"], RECORDING=d["DATA_DIR"], START_FRAME=clips[0].first_frame,
+                CLIP_PATH=d["CLIP_PATH"], RECORDING=d["DATA_DIR"], START_FRAME=first,
                 NUM_FRAMES=2 * d["SEQUENCE_LENGTH"] - 1, WINDOW_FRAMES=d["SEQUENCE_LENGTH"],
                 VIDEO_HEIGHT=d["VIDEO_HEIGHT"], VIDEO_WIDTH=d["VIDEO_WIDTH"], DEVICE="cpu", COMPARE=True,
                 OUTPUT=f"{fb.DEMO_DIR}/previews/demo_preview.mp4")

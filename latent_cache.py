@@ -46,6 +46,7 @@ SHARD_CLIPS = 16          # clips per shard: a killed build loses at most this m
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TENSOR_NAMES = ("latents", "first_frame_latent", "visual_context")
 MANIFEST_NAME = "manifest.json"
+STRAY_AGE_SECONDS = 600   # an unfinished shard this old is a killed build's, not one in progress
 HASH_BLOCK = 16 << 20
 
 
@@ -135,12 +136,16 @@ class LatentCache:
             for key in entries:
                 self.entries[key] = name
 
-    def stray_files(self) -> list[Path]:
-        """Shards without a sidecar (a build killed between the two writes) and temp files."""
+    def stray_files(self, older_than: float = 0.0) -> list[Path]:
+        """Shards without a sidecar (a build killed between the two writes) and temp files,
+        last modified more than older_than seconds ago (younger ones may be another
+        process's build in progress)."""
         if not self.shard_dir.is_dir():
             return []
+        now = time.time()
         return [p for p in self.shard_dir.iterdir()
-                if p.name.endswith(".tmp") or (p.suffix == ".safetensors" and p.name not in self.shards)]
+                if (p.name.endswith(".tmp") or (p.suffix == ".safetensors" and p.name not in self.shards))
+                and now - p.stat().st_mtime > older_than]
 
     def remove_shard(self, name: str, delete_files: bool = True) -> None:
         if delete_files:
@@ -257,9 +262,11 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
                        cache: LatentCache | None = None) -> CacheReport:
     """Encode every clip that has no valid entry yet; reuse the rest.
 
-    With world_size > 1 each rank encodes every world_size-th missing clip into its own
-    shards; once all have finished, cache.rescan() on every rank and cache.write_manifest() on
-    one. Pass the same `cache` to CachedClipDataset to skip verifying the shards twice.
+    With world_size > 1 each rank encodes the missing clips among every world_size-th clip
+    of `clips` (by position, so that the split does not depend on what the other ranks have
+    written yet) into its own shards; once all have finished, cache.rescan() on every rank
+    and cache.write_manifest() on one. Pass the same `cache` to CachedClipDataset to skip
+    verifying the shards twice.
     """
     started = time.perf_counter()
     settings = EncodingSettings.for_files(vae_path, clip_path, height, width, dtype)
@@ -267,14 +274,13 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
     cache = cache or LatentCache(cache_dir)
     report = CacheReport(cache_dir=str(cache_dir), clips=len(clips), settings=settings)
     if world_size == 1:
-        strays = cache.stray_files()
+        strays = cache.stray_files(older_than=STRAY_AGE_SECONDS)
         for path in strays:
             path.unlink(missing_ok=True)
         report.removed_strays = len(strays)
     report.rebuilt_shards = cache.verify(keys, progress=progress)
-    missing = [(c, k) for c, k in zip(clips, keys) if k not in cache.entries]
-    report.reused = len(clips) - len(missing)
-    mine = missing[rank::world_size]
+    report.reused = sum(k in cache.entries for k in keys)
+    mine = [(c, k) for i, (c, k) in enumerate(zip(clips, keys)) if i % world_size == rank and k not in cache.entries]
     if mine:
         device = torch.device(device) if device is not None else pick_device("auto")
         if device.type == "cpu":
@@ -283,7 +289,7 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
         report.device = str(device)
         vae, clip_model = load_encoders(vae_path, clip_path, device)
         frames = DataLoader(RecordingClipDataset([c for c, _ in mine], height, width), batch_size=batch_size,
-                            num_workers=num_workers, persistent_workers=False)
+                            num_workers=num_workers)
         out_dtype = CACHE_DTYPES[dtype]
         pending, described = {}, {}
         bar = tqdm(total=len(mine), desc="encoding clips", unit="clip", disable=not progress)

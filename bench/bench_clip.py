@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memory import GIB, proc_status_bytes, reset_peak_rss  # noqa: E402
+from memory import GIB, measure_case  # noqa: E402
 
 from wan.clip import CLIPVisionConfig, CLIPVisionTower  # noqa: E402
 from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH  # noqa: E402
@@ -43,10 +43,7 @@ def bench_cpu(config: CLIPVisionConfig, batch_sizes: list[int], repeats: int) ->
     for batch in batch_sizes:
         frames = torch.rand(batch, 3, VIDEO_HEIGHT, VIDEO_WIDTH) * 2 - 1
         seconds = time_encode(tower, frames, repeats, sync=lambda: None)
-        before = proc_status_bytes("VmRSS")
-        exact_peak = reset_peak_rss()
-        tower.encode_frames(frames)
-        peak = proc_status_bytes("VmHWM")
+        _, before, peak, exact_peak = measure_case(lambda: tower.encode_frames(frames))
         note = "" if exact_peak else " (VmHWM not resettable: process-wide peak)"
         print(f"  batch {batch:3d}: {seconds / batch:7.3f} s/frame ({seconds:7.2f} s/batch); "
               f"peak RSS {peak / GIB:.2f} GiB, +{(peak - before) / GIB:.3f} GiB over the loaded model{note}")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wan.config import WanConfig, base_config, tiny_config  # noqa: E402
 from wan.model import CONTEXT_TOKENS, WanModel, random_inputs  # noqa: E402
 from wan.shapes import (PATCH_SIZE, VIDEO_HEIGHT, VIDEO_WIDTH, latent_frame_count,  # noqa: E402
-                        latent_size, video_frame_count)
+                        latent_size, tokens_per_latent_frame, video_frame_count)
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by a substring of the device name; first match wins.
 BF16_PEAK_TFLOPS = (
@@ -65,7 +65,7 @@ def forward_flops(config: WanConfig, batch: int, latent_frames: int, latent_heig
     a = config.action_config
     C, Dff, Lc = config.dim, config.ffn_dim, context_tokens
     F = latent_frames
-    L = F * (latent_height // PATCH_SIZE[1]) * (latent_width // PATCH_SIZE[2])
+    L = F * tokens_per_latent_frame(latent_height, latent_width)
     N = video_frame_count(F)
     P = a.window_frames
     block = 8 * L * C * C + 4 * L * L * C
@@ -155,7 +155,7 @@ def bench(name, config, device, autocast_dtype, latent_frames, latent_hw, batche
     peak_tflops = bf16_peak_tflops(device)
     for batch in batches:
         inputs = random_inputs(config, batch, latent_frames, *latent_hw, device=device)
-        tokens = batch * latent_frames * (latent_hw[0] // 2) * (latent_hw[1] // 2)
+        tokens = batch * latent_frames * tokens_per_latent_frame(*latent_hw)
         flops = forward_flops(config, batch, latent_frames, *latent_hw)
         for mode in modes:
             for ckpt in (checkpointing if mode == "train" else (False,)):

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memory import GIB, proc_status_bytes, reset_peak_rss  # noqa: E402
+from memory import GIB, measure_case  # noqa: E402
 
-from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH, latent_frame_count  # noqa: E402
+from wan.shapes import LATENT_CHANNELS, VIDEO_HEIGHT, VIDEO_WIDTH, latent_frame_count, latent_size  # noqa: E402
 from wan.vae import VAEConfig, WanVAE  # noqa: E402
 
 def timed(fn, repeats: int, sync) -> float:
@@ -45,7 +45,7 @@ def parse_pair(text: str) -> tuple[int, int]:
 def cpu_cases(vae: WanVAE, frames: int, tile, stride, repeats: int) -> None:
     video = torch.rand(1, 3, frames, VIDEO_HEIGHT, VIDEO_WIDTH) * 2 - 1
     vae.encode(video[:, :, :1])  # warm-up on one frame
-    latents = torch.randn(1, 16, latent_frame_count(frames), VIDEO_HEIGHT // 8, VIDEO_WIDTH // 8)
+    latents = torch.randn(1, LATENT_CHANNELS, latent_frame_count(frames), *latent_size(VIDEO_HEIGHT, VIDEO_WIDTH))
     cases = [
         ("encode untiled", lambda: vae.encode(video), frames),
         (f"encode tiled {tile}/{stride}", lambda: vae.encode(video, tile, stride), frames),
@@ -53,10 +53,7 @@ def cpu_cases(vae: WanVAE, frames: int, tile, stride, repeats: int) -> None:
         (f"decode tiled {tile}/{stride}", lambda: vae.decode(latents, tile, stride), frames),
     ]
     for name, fn, n in cases:
-        before = proc_status_bytes("VmRSS")
-        exact = reset_peak_rss()
-        seconds = timed(fn, repeats, sync=lambda: None)
-        peak = proc_status_bytes("VmHWM")
+        seconds, before, peak, exact = measure_case(lambda: timed(fn, repeats, sync=lambda: None))
         note = "" if exact else " (VmHWM not resettable: process-wide peak)"
         print(f"  {name:34s} {seconds:8.2f} s  {n / seconds:7.3f} frames/s  "
               f"peak RSS {peak / GIB:5.2f} GiB (+{(peak - before) / GIB:.2f} over the loaded model){note}", flush=True)

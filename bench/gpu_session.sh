@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
-# The one prepared script for a session lent a GPU (see bench/RESULTS.md): the CUDA path of
-# the tests, then the benchmarks of the real 1.8B config. About 10 minutes on one H100.
-#   bash bench/gpu_session.sh            # figures in $OUT (the device tool's folder) or bench/gpu_out
-set -u
+# The prepared script for a session lent a GPU (see bench/RESULTS.md): two device calls of
+# under 10 minutes each (the device tool's limit per command; about 15 minutes in all):
+#   bash bench/gpu_session.sh 1     # the CUDA tests, the model and a training step per strategy
+#   bash bench/gpu_session.sh 2     # the VAE, CLIP and a whole preview
+# Figures go to $OUT (the device tool's folder) or bench/gpu_out. No network is needed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/gpu_out}"
 mkdir -p "$out"
-python -c "import av" 2>/dev/null || pip install -q -r requirements.txt
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 run() {  # name, seconds, command...
     local name=$1 limit=$2; shift 2
     echo "=== $name" | tee -a "$out/summary.txt"
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt" | tail -n 30 >> "$out/summary.txt"
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    echo "exit status $?" >> "$out/$name.txt"
+    tail -n 30 "$out/$name.txt" >> "$out/summary.txt"
 }
-run tests_cuda 240 python -m pytest -q tests/test_cuda.py tests/test_model_forward.py tests/test_training.py -m "not slow"
-run model 150 python bench/bench_model.py --steps 5 --skip-tiny
-run train_step 200 python bench/bench_train_step.py --steps 3
-run vae 120 python bench/bench_vae.py --no-cpu
-run clip 40 python bench/bench_clip.py --no-cpu
-run preview 120 python bench/bench_preview.py
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+case "${1:-1}" in
+    1)
+        run tests_cuda 150 python -m pytest -q tests/test_cuda.py
+        run model 150 python bench/bench_model.py --steps 5 --skip-tiny
+        run train_step 240 python bench/bench_train_step.py --steps 3
+        ;;
+    2)
+        run vae 200 python bench/bench_vae.py --no-cpu
+        run clip 60 python bench/bench_clip.py --no-cpu
+        run preview 240 python bench/bench_preview.py
+        ;;
+esac
+cat "$out/summary.txt"

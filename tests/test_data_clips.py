@@ -130,6 +130,18 @@ def test_truncated_frame_is_an_error_naming_the_file(tmp_path):
         RecordingClipDataset(quick.clips, H, W)[1]
 
 
+def test_report_of_a_mouse_recording_without_usable_frames(tmp_path):
+    folder = write_recording(tmp_path / "r", range(1, 4))
+    (folder / "input.csv").write_text("key,time,frame,mouse_x,mouse_y\n" + "".join(
+        f"W,{(f - 1) / 25:.2f},{f},1.0,0\n" for f in range(1, 4)))
+    for n in range(1, 4):
+        (folder / f"frame_{n:04d}.png").write_bytes(b"not a png")
+    report = check_data(tmp_path, sequence_length=5, skip_bad_frames=True, decode_frames=True)
+    text = report.format()
+    assert "Mouse: no usable frames in the recordings with mouse columns" in text
+    assert "no clip fits" in text
+
+
 def test_skip_bad_frames_turns_them_into_counted_gaps(tmp_path):
     folder = write_recording(tmp_path / "r", range(1, 13))
     truncate(folder / "frame_0007.png")

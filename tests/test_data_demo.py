@@ -1,5 +1,7 @@
 """The demo recording: Unreal format, parses to exactly its actions, and the actions drive the motion."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -86,6 +88,16 @@ def demo_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo") / "recording"
     actions = data.write_demo_recording(folder, num_frames=100, height=H, width=W, seed=0)
     return folder, actions
+
+
+def test_demo_recording_is_an_ordinary_folder(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        folder = tmp_path / "demo"
+        data.write_demo_recording(folder, num_frames=2, height=H, width=W)
+    finally:
+        os.umask(mask)
+    assert folder.stat().st_mode & 0o777 == 0o755
 
 
 def test_demo_is_in_the_unreal_format(demo_dir):

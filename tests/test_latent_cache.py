@@ -1,5 +1,6 @@
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -93,15 +94,29 @@ def test_interrupted_build_resumes_where_it_stopped(setup, monkeypatch):
     assert (report.reused, report.encoded) == (2, 2)
 
 
-def test_shard_without_sidecar_is_removed_and_re_encoded(setup):
+def test_shard_without_sidecar_is_removed_once_old_and_re_encoded(setup):
     s, clips = setup
     build(s, clips)
     cache = latent_cache.LatentCache(s["CACHE_DIR"])
     (shard,) = cache.shards
     (cache.shard_dir / shard).with_suffix(".json").unlink()  # killed between the two writes
+    report = build(s, clips)  # a fresh one may be another process's build in progress: kept
+    assert report.removed_strays == 0 and report.encoded == 4 and (cache.shard_dir / shard).exists()
+    old = time.time() - latent_cache.STRAY_AGE_SECONDS - 1
+    os.utime(cache.shard_dir / shard, (old, old))
     report = build(s, clips)
-    assert report.removed_strays == 1 and report.encoded == 4
+    assert report.removed_strays == 1 and report.encoded == 0
     assert not (cache.shard_dir / shard).exists()
+
+
+def test_ranks_split_the_clips_by_position_whatever_the_others_wrote(setup):
+    s, clips = setup
+    # rank 1 of 2 builds first; rank 0 then sees rank 1's shard but still encodes exactly its own
+    second = build(s, clips, rank=1, world_size=2)
+    first = build(s, clips, rank=0, world_size=2)
+    assert (second.encoded, first.encoded) == (2, 2)
+    cache = latent_cache.LatentCache(s["CACHE_DIR"])
+    assert len(latent_cache.CachedClipDataset(clips, s["CACHE_DIR"], first.settings, cache)) == 4
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -153,8 +168,12 @@ def test_cli_check_then_cache_reuses_on_the_second_run(setup, capsys):
             "--CLIP_STRIDE=16", "--CACHE_DTYPE=fp32"]
     assert data.main(args) == 0
     out = capsys.readouterr().out
-    assert "Problems: none" in out and "4 clips, 0 reused, 4 encoded" in out
+    # what training reads: train and validation clips, not those dropped to keep validation apart
+    split = data.check_data(s["DATA_DIR"], sequence_length=17, clip_stride=16, height=32, width=64).split
+    used = len(split.used)
+    assert split.dropped and used == len(split.train) + len(split.val) < 4
+    assert "Problems: none" in out and f"{used} clips, 0 reused, {used} encoded" in out
     assert data.main(args) == 0
-    assert "4 clips, 4 reused, 0 encoded" in capsys.readouterr().out
+    assert f"{used} clips, {used} reused, 0 encoded" in capsys.readouterr().out
     assert data.main(args[:3] + ["--VAE_PATH=/nowhere/vae.pth"] + args[4:]) == 1
     assert "/nowhere/vae.pth" in capsys.readouterr().err

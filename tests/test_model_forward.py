@@ -268,6 +268,29 @@ def test_bf16_autocast_stays_close_to_float32():
     assert 0 < error < BF16_TOLERANCE
 
 
+def test_time_embedding_modulation_and_residual_stream_stay_float32_with_bf16_weights():
+    # Wan2.1 computes these in float32 even when the weights are bf16; only the attention
+    # and MLP matmuls drop to bf16 under autocast.
+    model = tiny_model(seed=14).to(torch.bfloat16)
+    inputs = random_inputs(model.config, 2, 3, 4, 6, seed=15)
+    seen = []
+    model.blocks[1].register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, args[1].dtype, out.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs)
+    assert seen == [(torch.float32, torch.float32, torch.float32)] and out.dtype == torch.float32
+    # the time embedding equals a float32 computation with the (bf16-valued) weights upcast
+    t = inputs["t"]
+    reference = model.float().time_embedding(sinusoidal_embedding(t, model.config.freq_dim).float())
+    with torch.no_grad():
+        model.to(torch.bfloat16)
+        got = []
+        model.blocks[0].register_forward_hook(lambda m, args, out: got.append(args[1]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**inputs)
+    expected = model.float().time_projection(reference).unflatten(1, (6, model.config.dim))
+    assert torch.allclose(got[0], expected, atol=1e-5)
+
+
 def test_bf16_parameters_run_without_autocast():
     model = tiny_model(seed=12)
     inputs = random_inputs(model.config, 1, 2, 4, 4, seed=13)

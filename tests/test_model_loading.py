@@ -157,3 +157,13 @@ def test_save_refuses_a_folder_with_another_model(saved):
     (folder / "other_config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="other_config.json"):
         save_base_model(model, folder)
+
+
+def test_truncated_weights_file_is_an_error_naming_it(tmp_path):
+    from wan.loading import CheckpointError, load_base_model, save_base_model
+    from model_helpers import tiny_model
+    folder = save_base_model(tiny_model(), tmp_path / "model")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: not a readable .safetensors"):
+        load_base_model(folder)

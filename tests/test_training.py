@@ -87,6 +87,8 @@ def test_epoch_plan_by_hand():
     assert fb.plan_epoch(0, 7, batch_size=2, accum=1, world=2)[0][-1] == [[[4, 5], [6]]]
     # resuming at a step boundary continues the same plan
     assert fb.plan_epoch(4, 7, batch_size=2, accum=2, world=1)[0] == steps[1:]
+    # fewer clips than ranks: no step at all (the training script refuses to start)
+    assert fb.plan_epoch(0, 1, batch_size=1, accum=4, world=2) == ([], 1)
 
 
 def test_noise_per_sample_does_not_depend_on_batching():
@@ -204,6 +206,22 @@ def test_resume_refuses_changed_settings(tiny_assets, tmp_path):
     fb.train(s)
     with pytest.raises(fb.TrainingError, match=f"LEARNING_RATE: {s['LEARNING_RATE']!r} -> 0.001"):
         fb.train(dict(s, RESUME=True, LEARNING_RATE=1e-3, NUM_EPOCHS=2))
+
+
+def test_resume_refuses_changed_actions(tiny_assets, tmp_path, monkeypatch):
+    s = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=1")
+    fb.train(s)
+    monkeypatch.setattr(fb.data, "INVERT_MOUSE_Y", True)  # edited in convert_unreal_data.py, not a setting here
+    with pytest.raises(fb.TrainingError, match="keyboard or mouse rows differ.*INVERT_MOUSE_Y"):
+        fb.train(dict(s, RESUME=True, NUM_EPOCHS=2))
+
+
+def test_demo_never_clears_a_checkpoint_dir_given_on_the_command_line(tiny_assets, tmp_path):
+    mine = tmp_path / "my_run"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a real run")
+    fb.prepare_demo(dict(tiny_assets, CHECKPOINT_DIR=str(mine)), num_frames=80)
+    assert (mine / "keep.txt").read_text() == "a real run"
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save(tiny_assets, tmp_path, monkeypatch):

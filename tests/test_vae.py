@@ -344,3 +344,11 @@ def test_config_rejects_structures_the_shape_rules_do_not_allow():
         VAEConfig(z_dim=8)
     with pytest.raises(ValueError, match="downsample space by 8 and time by 4"):
         VAEConfig(temporal_downsample=(False, False, True))
+
+
+def test_truncated_vae_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "Wan2.1_VAE.pth"
+    save_vae(WanVAE(VAEConfig.tiny()), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="could not read the VAE checkpoint .*Wan2.1_VAE.pth"):
+        load_vae(path)

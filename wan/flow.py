@@ -101,7 +101,9 @@ def validation_sigmas(
 
 
 def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return sigma.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    """sigma [B] shaped to broadcast over like, never rounded below float32."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    return sigma.to(device=like.device, dtype=dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -115,9 +117,14 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+def flow_matching_losses(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error between predicted and true velocity, float32 [B]."""
+    return ((prediction.float() - velocity_target(x0, noise).float()) ** 2).flatten(1).mean(dim=1)
+
+
 def flow_matching_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between predicted and true velocity, in float32."""
-    return torch.mean((prediction.float() - velocity_target(x0, noise).float()) ** 2)
+    """The training loss: the mean over all elements (samples have the same size)."""
+    return flow_matching_losses(prediction, x0, noise).mean()
 
 
 @torch.no_grad()

@@ -34,6 +34,15 @@ class CheckpointError(ValueError):
     pass
 
 
+def open_safetensors(path: Path):
+    """safe_open, with an error that names the file when it is not a readable safetensors file."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({error}); the download may be "
+                              f"incomplete: {DOWNLOAD_HINT}") from error
+
+
 def find_config_file(model_dir: Path) -> Path:
     candidates = sorted(p for p in model_dir.glob("*.json") if not p.name.endswith(".index.json"))
     named = [p for p in candidates if "config" in p.name]
@@ -54,6 +63,8 @@ def find_weight_files(model_dir: Path) -> dict[str, Path]:
         index = indexes[0]
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"'weight_map' is a {type(weight_map).__name__}")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' "
                                   f"object): {e}") from None
@@ -62,7 +73,7 @@ def find_weight_files(model_dir: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index} names shard(s) that are not in {model_dir}: {missing}")
         located = {name: model_dir / f for name, f in weight_map.items()}
         for path in sorted(set(located.values())):
-            with safe_open(path, framework="pt") as f:
+            with open_safetensors(path) as f:
                 keys = set(f.keys())
             listed = {n for n, p in located.items() if p == path}
             if keys != listed:
@@ -75,7 +86,7 @@ def find_weight_files(model_dir: Path) -> dict[str, Path]:
         raise CheckpointError(f"no base-model weights (.safetensors) in {model_dir}: {DOWNLOAD_HINT}")
     located = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if name in located:
                     raise CheckpointError(f"tensor {name} is in both {located[name].name} and "
@@ -88,7 +99,7 @@ def read_shapes(located: dict[str, Path]) -> dict[str, list[int]]:
     """Tensor shapes from the file headers (no tensor data is read)."""
     shapes = {}
     for path in sorted(set(located.values())):
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if located.get(name) == path:
                     shapes[name] = list(f.get_slice(name).get_shape())
@@ -144,7 +155,7 @@ def load_base_model(model_dir, keyboard_dim: int | None = None, device="cpu",
     device = torch.device(device)
     state = {}
     for path in sorted(set(located.values())):
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if located[name] == path and name not in reinit:
                     # Move in the file's dtype, convert on the target: no float32 copy on CPU.

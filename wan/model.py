@@ -5,9 +5,10 @@ embedding modulates every block (adaLN: shift, scale, gate), CLIP tokens of the 
 frame are the cross-attention context, and each block's action module mixes in the
 keyboard/mouse inputs. Parameter names match the official checkpoint.
 
-Precision: parameters may be float32 (training, usually under bf16 autocast) or bf16.
-The time embedding and the adaLN modulation run in the parameters' dtype with autocast
-off, and the residual stream stays in that dtype, as Wan2.1 trains it.
+Precision, as Wan2.1 runs it: the time embedding, the adaLN modulation, the residual
+stream and the output head are float32 whatever the parameters' dtype (bf16 weights are
+upcast for those few matmuls), while the attention and MLP matmuls run in bf16 under
+autocast. Only a model with bf16 parameters and autocast off runs everything in bf16.
 """
 
 import math
@@ -19,13 +20,15 @@ from torch.utils.checkpoint import checkpoint
 
 from wan.action import (ActionModule, RMSNormIgnoringWeight, action_tables, check_action_inputs,
                         rms_normalize)
+from wan.clip import CLIPVisionConfig
+from wan.conditioning import cond_concat_from_latent
 from wan.config import WanConfig
 from wan.rope import apply_rope, video_rope_table
-from wan.shapes import (COND_CHANNELS, COND_MASK_CHANNELS, LATENT_CHANNELS, PATCH_SIZE,
+from wan.shapes import (COND_CHANNELS, LATENT_CHANNELS, PATCH_SIZE,
                         video_frame_count)
 
 STRATEGIES = ("action_only", "last_layers", "full")
-CONTEXT_TOKENS = 257  # CLIP ViT-H/14 at 224 px: class token + 16*16 patches
+CONTEXT_TOKENS = CLIPVisionConfig().num_tokens  # 257: the CLIP tokens of the first frame
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -34,6 +37,12 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     angles = t.to(torch.float64)[:, None] * freqs
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def linear_float32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer in float32 even when its weights are bf16 (call with autocast off)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
 
 
 def init_linear_weight_(weight: torch.Tensor) -> torch.Tensor:
@@ -49,6 +58,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_normalize(x, self.eps).type_as(x) * self.weight
+
+
+class LayerNormFloat32(nn.LayerNorm):
+    """LayerNorm computed in float32 with the weights upcast (they may be bf16 while the
+    residual stream is float32), returned in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).type_as(x)
 
 
 class SelfAttention(nn.Module):
@@ -94,7 +112,7 @@ class WanBlock(nn.Module):
         self.action_model = ActionModule(config.action_config)
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, config.num_heads, eps)
-        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.norm3 = LayerNormFloat32(dim, eps=eps)
         self.cross_attn = CrossAttention(dim, config.num_heads, eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
@@ -105,7 +123,7 @@ class WanBlock(nn.Module):
                 keyboard_cond=None):
         """x [B, L, C]; e0 [B, 6, C] time projection; context [B, Lc, C]."""
         with torch.autocast(x.device.type, enabled=False):
-            mod = (self.modulation + e0).unsqueeze(2)  # [B, 6, 1, C]
+            mod = (self.modulation.to(e0.dtype) + e0).unsqueeze(2)  # [B, 6, 1, C]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
         y = self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope_cos, rope_sin)
         x = x + gate1 * y
@@ -125,8 +143,8 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         with torch.autocast(x.device.type, enabled=False):
-            shift, scale = (self.modulation + e[:, None]).unsqueeze(2).unbind(1)
-        return self.head(self.norm(x) * (1 + scale) + shift)
+            shift, scale = (self.modulation.float() + e[:, None].float()).unsqueeze(2).unbind(1)
+            return linear_float32(self.head, self.norm(x.float()) * (1 + scale) + shift)
 
 
 class MLPProj(nn.Module):
@@ -220,13 +238,16 @@ class WanModel(nn.Module):
         """
         self.check_inputs(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond)
         dtype = self.patch_embedding.weight.dtype
+        # float32 unless the whole model is bf16 and runs without autocast (see the docstring)
+        stream = torch.float32 if torch.is_autocast_enabled(x.device.type) else dtype
         tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1).to(dtype))
         B, C, f, h, w = tokens.shape
-        tokens = tokens.flatten(2).transpose(1, 2).to(dtype)  # [B, L, C], frame-major
+        tokens = tokens.flatten(2).transpose(1, 2).to(stream)  # [B, L, C], frame-major
 
         with torch.autocast(x.device.type, enabled=False):
-            e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(dtype))
-            e0 = self.time_projection(e).unflatten(1, (6, C))
+            sinusoid = sinusoidal_embedding(t, self.config.freq_dim)
+            e = linear_float32(self.time_embedding[2], F.silu(linear_float32(self.time_embedding[0], sinusoid)))
+            e0 = linear_float32(self.time_projection[1], F.silu(e)).unflatten(1, (6, C)).to(stream)
         context = self.img_emb(visual_context.to(dtype))
         rope_cos, rope_sin = video_rope_table(f, h, w, self.config.head_dim, x.device)
         tables = action_tables(self.config.action_config, f, x.device)
@@ -291,8 +312,6 @@ def random_inputs(config: WanConfig, batch: int, latent_frames: int, latent_heig
     timesteps, CLIP-width context, cond_concat with the first-frame mask, actions."""
     g = torch.Generator().manual_seed(seed)
     shape = (batch, LATENT_CHANNELS, latent_frames, latent_height, latent_width)
-    mask = torch.zeros(batch, COND_MASK_CHANNELS, *shape[2:])
-    mask[:, :, 0] = 1
     raw_frames = video_frame_count(latent_frames)
     action = config.action_config
     keyboard = (torch.rand(batch, raw_frames, action.keyboard_dim_in, generator=g) < 0.3).float()
@@ -300,7 +319,7 @@ def random_inputs(config: WanConfig, batch: int, latent_frames: int, latent_heig
         x=torch.randn(shape, generator=g),
         t=torch.rand(batch, generator=g) * 1000,
         visual_context=torch.randn(batch, CONTEXT_TOKENS, config.clip_dim, generator=g),
-        cond_concat=torch.cat([mask, torch.randn(shape, generator=g)], dim=1),
+        cond_concat=cond_concat_from_latent(torch.randn(shape, generator=g)),
         keyboard_cond=keyboard if action.enable_keyboard else None,
         mouse_cond=torch.randn(batch, raw_frames, action.mouse_dim_in, generator=g) * 0.1
         if action.enable_mouse else None,

@@ -562,7 +562,11 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}\n  {VAE_DOWNLOAD_HINT}")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(f"could not read the VAE checkpoint {path} ({error}); the file may be incomplete "
+                         f"or corrupt. {VAE_DOWNLOAD_HINT}") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} is not a plain state dict of tensors (got {type(state_dict).__name__}); "
                          f"{VAE_DOWNLOAD_HINT}")
