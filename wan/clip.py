@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wan.files import torch_save_atomic
+from wan.files import load_torch_checkpoint, torch_save_atomic
 
 CLIP_FILE_NAME = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 DEFAULT_CLIP_PATH = Path("models") / CLIP_FILE_NAME
@@ -249,15 +249,7 @@ def load_clip(path, device="cpu", dtype: torch.dtype = torch.float32, *,
     given. Returns the tower in eval mode without gradients, on device in dtype.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CLIP image encoder weights not found at {path}. {CLIP_DOWNLOAD_HINT}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise ValueError(f"could not read the CLIP checkpoint {path} ({error}); the file may be "
-                         f"incomplete or corrupt. {CLIP_DOWNLOAD_HINT}") from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a state dict")
+    checkpoint = load_torch_checkpoint(path, "CLIP image encoder", CLIP_DOWNLOAD_HINT)
     found = {k[len(STATE_DICT_PREFIX):]: v for k, v in checkpoint.items()
              if isinstance(k, str) and k.startswith(STATE_DICT_PREFIX)}
     if not found:

@@ -74,3 +74,19 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -
     tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
     metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_torch_checkpoint(path, what: str, hint: str) -> dict:
+    """A .pth state dict, memory-mapped and tensors only (weights_only), or an error naming
+    the file: missing, unreadable (a partial download), or not a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}. {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(f"could not read the {what} checkpoint {path} ({error}); the file may be incomplete "
+                         f"or corrupt. {hint}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict. {hint}")
+    return state

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wan.files import torch_save_atomic
+from wan.files import load_torch_checkpoint, torch_save_atomic
 from wan.shapes import LATENT_CHANNELS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, check_frame_count
 
 DEFAULT_VAE_PATH = Path("models") / "Wan2.1_VAE.pth"
@@ -560,14 +560,8 @@ class WanVAE(nn.Module):
 def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
     """Load Wan2.1_VAE.pth (or a file written by save_vae) strictly; the size is read off the shapes."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VAE checkpoint not found: {path}\n  {VAE_DOWNLOAD_HINT}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise ValueError(f"could not read the VAE checkpoint {path} ({error}); the file may be incomplete "
-                         f"or corrupt. {VAE_DOWNLOAD_HINT}") from error
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    state_dict = load_torch_checkpoint(path, "VAE", VAE_DOWNLOAD_HINT)
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} is not a plain state dict of tensors (got {type(state_dict).__name__}); "
                          f"{VAE_DOWNLOAD_HINT}")
     config = VAEConfig.from_state_dict(state_dict, source=str(path))
