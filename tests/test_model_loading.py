@@ -40,7 +40,9 @@ def test_save_load_round_trip(saved):
     assert all(p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
     inputs = random_inputs(model.config, 1, 2, 4, 4)
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs), model(**inputs))
+        # Equal weights, but separately allocated models: MKL may pick other kernels for other
+        # memory alignments (seen on AVX-512 CPUs), so outputs agree to rounding, not bitwise.
+        torch.testing.assert_close(loaded(**inputs), model(**inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_load_converts_to_the_requested_dtype(saved):

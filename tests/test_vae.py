@@ -295,7 +295,7 @@ def test_save_load_round_trip(vae, tmp_path):
     for key, value in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     x = video(frames=5)
-    assert torch.equal(loaded.encode(x), vae.encode(x))
+    torch.testing.assert_close(loaded.encode(x), vae.encode(x), rtol=1e-5, atol=1e-6)  # separately allocated
     assert load_vae(path, dtype=torch.bfloat16).dtype == torch.bfloat16
     # the file is a plain state dict, as Wan2.1_VAE.pth is
     raw = torch.load(path, weights_only=True)
