@@ -3,8 +3,8 @@ vs encoding every clip on the fly; prints seconds per epoch and clips/s for both
 
     python bench/bench_cache.py            # the --demo settings (tiny model, VAE, CLIP), CPU
 
-Both epochs do the same training steps (prepare_trainable + flow_matching_step + AdamW from
-finetune_base_model.py) on the same clips; the on-the-fly epoch first decodes the clip's
+Both epochs do the same training steps (prepare_trainable + flow_matching_step + AdamW, as
+finetune_base_model.py runs them) on the same clips; the on-the-fly epoch first decodes the clip's
 PNGs and runs the VAE and CLIP on them, as a pipeline without a cache would every epoch.
 With the demo's tiny encoders this understates the gap: the real VAE takes seconds per
 352x640 frame on a CPU (bench/bench_vae.py).
@@ -24,7 +24,14 @@ sys.path.insert(0, str(ROOT))
 
 import convert_unreal_data as data  # noqa: E402
 import finetune_base_model as fb  # noqa: E402
-import latent_cache  # noqa: E402
+from demo_world.setup import TRAINING_DEMO_SETTINGS, demo_paths_under, prepare_demo  # noqa: E402
+from latents.cache import build_latent_cache  # noqa: E402
+from latents.dataset import CachedClipDataset  # noqa: E402
+from latents.encoders import encode_clip_batch, load_encoders  # noqa: E402
+from recordings.clips import RecordingClipDataset  # noqa: E402
+from recordings.report import check_data  # noqa: E402
+from training.flow_matching import flow_matching_step, prepare_trainable  # noqa: E402
+from wan import flow  # noqa: E402
 from wan.conditioning import cond_concat_from_latent  # noqa: E402
 from wan.loading import load_base_model  # noqa: E402
 
@@ -35,9 +42,9 @@ def epoch(model, trainable, batches, prepare) -> float:
     start = time.perf_counter()
     for batch in batches:
         inputs = prepare(batch)
-        sigma = fb.flow.sample_sigmas(inputs["latents"].shape[0], generator=g)
+        sigma = flow.sample_sigmas(inputs["latents"].shape[0], generator=g)
         noise = torch.randn(inputs["latents"].shape, generator=g)
-        fb.flow_matching_step(model, inputs, sigma, noise, nullcontext()).mean().backward()
+        flow_matching_step(model, inputs, sigma, noise, nullcontext()).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -45,34 +52,29 @@ def epoch(model, trainable, batches, prepare) -> float:
 
 def main():
     root = Path(tempfile.mkdtemp(prefix="bench_cache_"))
-    s = dict(fb.DEMO_SETTINGS)
-    for name, value in s.items():
-        if isinstance(value, str) and value.startswith(fb.DEMO_DIR + "/"):
-            s[name] = str(root / value.removeprefix(fb.DEMO_DIR + "/"))
-    s = {**{n: getattr(fb, n) for n in fb.SETTING_NAMES}, **s}
-    fb.prepare_demo(s)
-    report = data.check_data(s["DATA_DIR"], sequence_length=s["SEQUENCE_LENGTH"], clip_stride=s["CLIP_STRIDE"],
-                             height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"])
+    s = {**fb.SETTINGS.defaults, **TRAINING_DEMO_SETTINGS, **demo_paths_under(root)}
+    prepare_demo(s)
+    report = check_data(s["DATA_DIR"], data.data_settings(s))
     clips = report.split.train
     height, width = s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; demo recording: {len(clips)} training "
           f"clips of {s['SEQUENCE_LENGTH']} frames at {height}x{width}, batch {s['BATCH_SIZE']}")
 
-    built = latent_cache.build_latent_cache(clips, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
+    built = build_latent_cache(clips, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
                                             dtype=s["CACHE_DTYPE"], num_workers=0, device="cpu", progress=False)
     print(f"building the cache once: {built.seconds:.1f} s ({built.encoded / built.seconds:.2f} clips/s)")
 
     model, _ = load_base_model(s["BASE_MODEL_DIR"])
-    trainable = fb.prepare_trainable(model, s["TRAINING_STRATEGY"], s["LAST_LAYERS"])
-    cached = DataLoader(latent_cache.CachedClipDataset(clips, s["CACHE_DIR"], built.settings),
+    trainable = prepare_trainable(model, s["TRAINING_STRATEGY"], s["LAST_LAYERS"])
+    cached = DataLoader(CachedClipDataset(clips, s["CACHE_DIR"], built.settings),
                         batch_size=s["BATCH_SIZE"])
     with_cache = epoch(model, trainable, cached, lambda b: b)
 
-    vae, clip_model = latent_cache.load_encoders(s["VAE_PATH"], s["CLIP_PATH"], torch.device("cpu"))
-    raw = DataLoader(data.RecordingClipDataset(clips, height, width), batch_size=s["BATCH_SIZE"])
+    vae, clip_model = load_encoders(s["VAE_PATH"], s["CLIP_PATH"], torch.device("cpu"))
+    raw = DataLoader(RecordingClipDataset(clips, height, width), batch_size=s["BATCH_SIZE"])
 
     def encode(batch):
-        encoded = latent_cache.encode_clip_batch(vae, clip_model, batch["video"], torch.float32)
+        encoded = encode_clip_batch(vae, clip_model, batch["video"], torch.float32)
         return {"latents": torch.stack([e["latents"] for e in encoded]),
                 "cond_concat": cond_concat_from_latent(torch.stack([e["first_frame_latent"] for e in encoded])),
                 "visual_context": torch.stack([e["visual_context"] for e in encoded]),

@@ -21,6 +21,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convert_unreal_data as data  # noqa: E402
+from demo_world.recording import write_demo_recording  # noqa: E402
+from recordings.clips import RecordingClipDataset  # noqa: E402
+from recordings.frames import _resize_rgb, open_frame, to_model_range  # noqa: E402
+from recordings.report import check_data  # noqa: E402
 from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH  # noqa: E402
 
 
@@ -44,14 +48,14 @@ def one_clip_breakdown(clip, height: int, width: int) -> dict:
     frames = np.empty((clip.num_frames, height, width, 3), np.uint8)
     for t, path in enumerate(clip.frame_paths):
         t0 = time.perf_counter()
-        image = data.open_frame(path)
+        image = open_frame(path)
         t1 = time.perf_counter()
-        frames[t] = data._resize_rgb(image, height, width)
+        frames[t] = _resize_rgb(image, height, width)
         t2 = time.perf_counter()
         image.close()
         decode, resize = decode + t1 - t0, resize + t2 - t1
     t0 = time.perf_counter()
-    data._to_model_range(torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous())
+    to_model_range(torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous())
     convert = time.perf_counter() - t0
     n = clip.num_frames
     return {"decode": 1000 * decode / n, "crop/resize": 1000 * resize / n, "to float": 1000 * convert / n}
@@ -68,10 +72,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "demo"
         start = time.perf_counter()
-        data.write_demo_recording(folder, num_frames=args.frames, height=height, width=width)
+        write_demo_recording(folder, num_frames=args.frames, height=height, width=width)
         print(f"demo recording: {args.frames} frames {width}x{height} written in {time.perf_counter() - start:.1f} s")
-        report = data.check_data(folder, sequence_length=length, clip_stride=4, val_fraction=0,
-                                 height=height, width=width)
+        report = check_data(folder, data.data_settings({}).replace(sequence_length=length, clip_stride=4, val_fraction=0, video_height=height, video_width=width))
         report.raise_for_problems()
         clips = report.clips
         count = min(args.clips, len(clips) - 1)
@@ -83,7 +86,7 @@ def main() -> None:
         steps = one_clip_breakdown(clips[0], height, width)
         print("one clip, per frame: " + ", ".join(f"{k} {v:.2f} ms" for k, v in steps.items()))
 
-        dataset = data.RecordingClipDataset(clips, height, width)
+        dataset = RecordingClipDataset(clips, height, width)
         print(f"{'workers':>7}  {'first clip s':>12}  {'clips/s':>7}  {'PNG MB/s':>8}  {'tensor MB/s':>11}")
         for workers in (int(w) for w in args.workers.split(",")):
             first, seconds = time_loader(dataset, workers, count)

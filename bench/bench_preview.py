@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import generate_preview as gp  # noqa: E402
+from generation.bidirectional import decode_frames, sample_latents  # noqa: E402
+from generation.previews import write_preview  # noqa: E402
 from bench_model import build_model, synchronize  # noqa: E402
 from wan.clip import CLIPVisionConfig, CLIPVisionTower  # noqa: E402
 from wan.conditioning import build_cond_concat, build_visual_context  # noqa: E402
@@ -92,7 +93,7 @@ def bench(name: str, real: bool, frames: int, height: int, width: int, device: t
     seconds_conditioning, (cond_concat, visual_context) = timed(conditioning, device)
 
     def sample(steps):
-        return gp.sample_latents(model, cond_concat, visual_context, keyboard, mouse, steps, 5.0,
+        return sample_latents(model, cond_concat, visual_context, keyboard, mouse, steps, 5.0,
                                  torch.Generator().manual_seed(0), autocast)
 
     sample(1)
@@ -100,12 +101,12 @@ def bench(name: str, real: bool, frames: int, height: int, width: int, device: t
     seconds_per_step = seconds / measured_steps
 
     if warm_up:
-        gp.decode_frames(vae, latents[:, :, :1])
-    seconds_decode, video = timed(lambda: gp.decode_frames(vae, latents), device)
+        decode_frames(vae, latents[:, :, :1])
+    seconds_decode, video = timed(lambda: decode_frames(vae, latents), device)
 
     panels = {"fine-tuned": video, "ground truth": video.flip(-1)}
     with tempfile.TemporaryDirectory() as folder:
-        seconds_write, _ = timed(lambda: gp.write_preview(Path(folder) / "bench.mp4", panels, keyboard, mouse, KEYS, {}),
+        seconds_write, _ = timed(lambda: write_preview(Path(folder) / "bench.mp4", panels, keyboard, mouse, KEYS, {}),
                                  torch.device("cpu"))
     total = seconds_conditioning + PREVIEW_STEPS * seconds_per_step + seconds_decode + seconds_write
     print(f"  conditioning (VAE encode of the first-frame video, CLIP): {seconds_conditioning:8.2f} s\n"

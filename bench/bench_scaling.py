@@ -19,12 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import finetune_base_model as fb  # noqa: E402
-
-
-def demo_paths(root: Path) -> dict:
-    return {n: str(root / v.removeprefix(fb.DEMO_DIR + "/")) for n, v in fb.DEMO_SETTINGS.items()
-            if isinstance(v, str) and v.startswith(fb.DEMO_DIR + "/")}
+from demo_world.setup import demo_paths_under as demo_paths  # noqa: E402
+from runs.folder import METRICS_FILE  # noqa: E402
+from runs.metrics import METRICS_COLUMNS  # noqa: E402
 
 
 def run(ranks: int, settings: dict, demo: bool) -> float:
@@ -36,8 +33,8 @@ def run(ranks: int, settings: dict, demo: bool) -> float:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{ranks} rank(s) failed:\n{done.stderr[-3000:]}")
-    rows = (Path(settings["CHECKPOINT_DIR"]) / fb.METRICS_FILE).read_text().splitlines()[2:]
-    seconds = [float(r.split(",")[fb.METRICS_COLUMNS.index("seconds_per_step")]) for r in rows]
+    rows = (Path(settings["CHECKPOINT_DIR"]) / METRICS_FILE).read_text().splitlines()[2:]
+    seconds = [float(r.split(",")[METRICS_COLUMNS.index("seconds_per_step")]) for r in rows]
     return statistics.median(seconds)
 
 

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import finetune_base_model as fb  # noqa: E402
+from demo_world.setup import DEMO_MODEL  # noqa: E402
+from training.flow_matching import flow_matching_step, prepare_trainable  # noqa: E402
 from bench_model import bf16_peak_tflops, build_model, forward_flops, time_steps  # noqa: E402
 from wan import flow  # noqa: E402
 from wan.config import base_config, tiny_config  # noqa: E402
@@ -38,14 +39,14 @@ from wan.shapes import latent_frame_count, latent_size  # noqa: E402
 def one_case(config_name: str, strategy: str, frames: int, height: int, width: int, device_name: str,
              checkpointing: bool, steps: int) -> dict:
     device = torch.device(device_name)
-    config = base_config() if config_name == "real" else tiny_config(**fb.DEMO_MODEL, clip_dim=1280)
+    config = base_config() if config_name == "real" else tiny_config(**DEMO_MODEL, clip_dim=1280)
     use_bf16 = device.type == "cuda"
     if use_bf16:
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(config, device, compile_blocks=False)
     if use_bf16:
         model.to(torch.bfloat16)
-    trainable = fb.prepare_trainable(model, strategy, 3)
+    trainable = prepare_trainable(model, strategy, 3)
     model.set_gradient_checkpointing(checkpointing)
     model.train()
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5, fused=use_bf16)
@@ -61,7 +62,7 @@ def one_case(config_name: str, strategy: str, frames: int, height: int, width: i
     def step():
         sigma = flow.sample_sigmas(1, generator=g)
         noise = torch.randn(inputs["latents"].shape, generator=g)
-        fb.flow_matching_step(model, inputs, sigma, noise, autocast).mean().backward()
+        flow_matching_step(model, inputs, sigma, noise, autocast).mean().backward()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -21,9 +21,9 @@ def reference_dir():
 def demo_settings(root: Path, *overrides: str) -> dict:
     """The --demo settings with every path under root (and any --NAME=value overrides)."""
     import finetune_base_model as fb
+    from demo_world.setup import demo_paths_under
 
-    paths = [f"--{name}={root / value.removeprefix(fb.DEMO_DIR + '/')}" for name, value in fb.DEMO_SETTINGS.items()
-             if isinstance(value, str) and value.startswith(fb.DEMO_DIR + "/")]
+    paths = [f"--{name}={value}" for name, value in demo_paths_under(root).items()]
     settings, _ = fb.parse_settings(["--demo", *paths, *overrides])
     return settings
 
@@ -32,9 +32,16 @@ def demo_settings(root: Path, *overrides: str) -> dict:
 def tiny_assets(tmp_path_factory) -> dict:
     """A demo recording (80 frames, 32x64) and tiny random base model, VAE and CLIP files in
     the official formats, made once per test run by the demo's own set-up code."""
-    import finetune_base_model as fb
+    from demo_world.setup import prepare_demo
 
     settings = demo_settings(tmp_path_factory.mktemp("tiny_assets"), "--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64",
                              "--SEQUENCE_LENGTH=9", "--CLIP_STRIDE=4")
-    fb.prepare_demo(settings, num_frames=80)
+    prepare_demo(settings, num_frames=80)
     return settings
+
+
+def data_settings(**changes):
+    """convert_unreal_data.py's data settings, with changes by field name (sequence_length=9, ...)."""
+    import convert_unreal_data
+
+    return convert_unreal_data.data_settings({}).replace(**changes)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from action_score import action_following_score, estimate_motion, phase_correlation
+from video.action_score import action_following_score, estimate_motion, phase_correlation
 
 KEYS = ("W", "S", "A", "D")
 

@@ -11,9 +11,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import convert_unreal_data as data
-from convert_unreal_data import (ClipRef, DataError, Recording, RecordingClipDataset, Segment, check_data,
-                                 crop_box, index_clips, load_frame, parse_overrides, preprocess_image,
-                                 split_train_val)
+from cli.settings import parse_overrides
+from conftest import data_settings
+from recordings.clips import ClipRef, RecordingClipDataset, index_clips, split_train_val
+from recordings.errors import DataError
+from recordings.frames import crop_box, load_frame, preprocess_image, to_model_range
+from recordings.recording import Recording, Segment
+from recordings.report import check_data
 
 H, W = 32, 64  # tiny frames: multiples of 16
 
@@ -53,7 +57,7 @@ def fake_recording(name: str, segments, keys: int = 4) -> Recording:
 # --- clip counts -------------------------------------------------------------
 
 def test_1403_frames_give_49_clips():
-    clips = index_clips([fake_recording("r", [Segment(1, 1403)])])
+    clips = index_clips([fake_recording("r", [Segment(1, 1403)])], 57, None)
     assert len(clips) == 49
     assert [c.first_frame for c in clips[:3]] == [1, 29, 57]
     assert clips[-1].last_frame == 48 * 28 + 57 == 1401  # the 2-frame tail is dropped
@@ -71,7 +75,7 @@ def test_clip_counts(length, stride, frames, expected):
 def test_sequence_length_must_be_4k_plus_1(tmp_path):
     write_recording(tmp_path / "r", range(1, 10))
     with pytest.raises(DataError, match="4k\\+1"):
-        check_data(tmp_path, sequence_length=56)
+        check_data(tmp_path, data_settings(sequence_length=56))
 
 
 def test_clip_tensors_are_the_recordings_rows():
@@ -87,7 +91,7 @@ def test_clip_tensors_are_the_recordings_rows():
 def test_gaps_split_segments_and_clips_never_span_them(tmp_path):
     frames = [*range(1, 21), *range(23, 41), *range(45, 50)]
     folder = write_recording(tmp_path / "rec", frames, padding=6)
-    report = check_data(tmp_path, sequence_length=5, clip_stride=2, val_fraction=0)
+    report = check_data(tmp_path, data_settings(sequence_length=5, clip_stride=2, val_fraction=0))
     assert not report.problems
     (recording,) = report.recordings
     assert recording.segments == [Segment(1, 20), Segment(23, 40), Segment(45, 49)]
@@ -103,7 +107,7 @@ def test_gaps_split_segments_and_clips_never_span_them(tmp_path):
 
 def test_frames_without_rows_have_no_keys(tmp_path):
     write_recording(tmp_path / "r", range(1, 11), rows={1: "W", 2: "WA", 5: "D"})
-    report = check_data(tmp_path, sequence_length=9, clip_stride=1, val_fraction=0)
+    report = check_data(tmp_path, data_settings(sequence_length=9, clip_stride=1, val_fraction=0))
     np.testing.assert_array_equal(report.clips[0].keyboard[:5].numpy(),
                                   [[1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
     assert "Frames without a CSV row (no keys pressed): 7" in report.format()
@@ -117,14 +121,14 @@ def truncate(path: Path) -> None:
 def test_truncated_frame_is_an_error_naming_the_file(tmp_path):
     folder = write_recording(tmp_path / "r", range(1, 13))
     truncate(folder / "frame_0007.png")
-    report = check_data(tmp_path, sequence_length=5, decode_frames=True)
+    report = check_data(tmp_path, data_settings(sequence_length=5), decode_frames=True)
     assert any(str(folder / "frame_0007.png") in p and "unreadable" in p for p in report.problems)
     with pytest.raises(DataError, match="frame_0007.png"):
         report.raise_for_problems()
     with pytest.raises(DataError, match="frame_0007.png"):
         load_frame(folder / "frame_0007.png")
     # Without the full decode the check passes, but loading the clip still fails loudly.
-    quick = check_data(tmp_path, sequence_length=5, clip_stride=5, val_fraction=0)
+    quick = check_data(tmp_path, data_settings(sequence_length=5, clip_stride=5, val_fraction=0))
     assert not quick.problems
     with pytest.raises(DataError, match="frame_0007.png"):
         RecordingClipDataset(quick.clips, H, W)[1]
@@ -136,7 +140,7 @@ def test_report_of_a_mouse_recording_without_usable_frames(tmp_path):
         f"W,{(f - 1) / 25:.2f},{f},1.0,0\n" for f in range(1, 4)))
     for n in range(1, 4):
         (folder / f"frame_{n:04d}.png").write_bytes(b"not a png")
-    report = check_data(tmp_path, sequence_length=5, skip_bad_frames=True, decode_frames=True)
+    report = check_data(tmp_path, data_settings(sequence_length=5, skip_bad_frames=True), decode_frames=True)
     text = report.format()
     assert "Mouse: no usable frames in the recordings with mouse columns" in text
     assert "no clip fits" in text
@@ -146,8 +150,7 @@ def test_skip_bad_frames_turns_them_into_counted_gaps(tmp_path):
     folder = write_recording(tmp_path / "r", range(1, 13))
     truncate(folder / "frame_0007.png")
     (folder / "frame_0010.png").write_bytes(b"not a png")
-    report = check_data(tmp_path, sequence_length=5, clip_stride=1, skip_bad_frames=True, decode_frames=True,
-                        val_fraction=0)
+    report = check_data(tmp_path, data_settings(sequence_length=5, clip_stride=1, skip_bad_frames=True, val_fraction=0), decode_frames=True)
     assert not report.problems
     (recording,) = report.recordings
     assert sorted(recording.bad_frames) == [7, 10]
@@ -161,15 +164,15 @@ def test_recordings_at_any_depth_and_clips_never_cross_them(tmp_path):
     write_recording(tmp_path / "day1" / "take1", range(1, 8))
     write_recording(tmp_path / "day1" / "take2", range(1, 8))
     write_recording(tmp_path / "day2" / "a" / "b", range(1, 4))
-    report = check_data(tmp_path, sequence_length=5, clip_stride=1, val_fraction=0)
+    report = check_data(tmp_path, data_settings(sequence_length=5, clip_stride=1, val_fraction=0))
     assert [r.name for r in report.recordings] == ["day1/take1", "day1/take2", "day2/a/b"]
     assert Counter(c.recording for c in report.clips) == {"day1/take1": 3, "day1/take2": 3}
-    single = check_data(tmp_path / "day1" / "take2", sequence_length=5, clip_stride=1)
+    single = check_data(tmp_path / "day1" / "take2", data_settings(sequence_length=5, clip_stride=1))
     assert [r.name for r in single.recordings] == ["."]
     # Linked recordings are found; a link loop does not make the search go round forever.
     (tmp_path / "day2" / "linked").symlink_to(tmp_path / "day1" / "take1")
     (tmp_path / "day2" / "a" / "loop").symlink_to(tmp_path / "day2")
-    linked = check_data(tmp_path / "day2", sequence_length=5, clip_stride=1, val_fraction=0)
+    linked = check_data(tmp_path / "day2", data_settings(sequence_length=5, clip_stride=1, val_fraction=0))
     assert [r.name for r in linked.recordings] == ["a/b", "linked"] and len(linked.clips) == 3
 
 
@@ -179,17 +182,17 @@ def test_folder_problems_are_reported(tmp_path):
     frame_image(1).save(tmp_path / "no_csv" / "frame_0001.png")
     write_recording(tmp_path / "dup", [1, 2])
     frame_image(1).save(tmp_path / "dup" / "frame_1.png")
-    report = check_data(tmp_path, sequence_length=5)
+    report = check_data(tmp_path, data_settings(sequence_length=5))
     assert [r.name for r in report.recordings] == ["good"]
     assert any("no_csv: has frame_*.png files but no input.csv" in p for p in report.problems)
     assert any("frame_1.png: frame 1 again" in p for p in report.problems)
     with pytest.raises(DataError, match="no such folder"):
-        check_data(tmp_path / "missing")
+        check_data(tmp_path / "missing", data_settings())
 
 
 def test_no_clip_fits_is_a_problem(tmp_path):
     write_recording(tmp_path / "r", range(1, 6))
-    report = check_data(tmp_path, sequence_length=9)
+    report = check_data(tmp_path, data_settings(sequence_length=9))
     assert any("no clip fits" in p and "5 frames" in p for p in report.problems)
 
 
@@ -244,8 +247,8 @@ def test_load_frame_values_and_modes(tmp_path):
 @pytest.mark.parametrize("seed", range(6))
 def test_split_never_shares_a_frame(seed):
     recordings = [fake_recording("a", [Segment(1, 700), Segment(710, 1000)]), fake_recording("b", [Segment(1, 1403)])]
-    clips = index_clips(recordings)
-    split = split_train_val(clips, 0.1, seed)
+    clips = index_clips(recordings, 57, None)
+    split = split_train_val(clips, 0.1, seed, 8)
     assert len(split.val) == round(0.1 * len(clips)) and split.train
     assert len(split.train) + len(split.val) + len(split.dropped) == len(clips)
     val_frames = {(c.recording, f) for c in split.val for f in range(c.first_frame, c.last_frame + 1)}
@@ -257,16 +260,16 @@ def test_split_never_shares_a_frame(seed):
 
 
 def test_split_is_seeded_and_handles_small_data():
-    clips = index_clips([fake_recording("r", [Segment(1, 1403)])])
-    first, again, other = (split_train_val(clips, 0.1, s) for s in (0, 0, 1))
+    clips = index_clips([fake_recording("r", [Segment(1, 1403)])], 57, None)
+    first, again, other = (split_train_val(clips, 0.1, s, 8) for s in (0, 0, 1))
     assert [c.first_frame for c in first.val] == [c.first_frame for c in again.val]
     assert [c.first_frame for c in first.val] != [c.first_frame for c in other.val]
-    assert split_train_val(clips, 0.0).val == []
-    two = index_clips([fake_recording("r", [Segment(1, 85)])])
-    tiny = split_train_val(two, 0.1)
+    assert split_train_val(clips, 0.0, 0, 8).val == []
+    two = index_clips([fake_recording("r", [Segment(1, 85)])], 57, None)
+    tiny = split_train_val(two, 0.1, 0, 8)
     assert len(tiny.train) == 2 and not tiny.val and "too few clips" in tiny.note
     with pytest.raises(DataError, match="VAL_FRACTION"):
-        split_train_val(clips, 1.0)
+        split_train_val(clips, 1.0, 0, 8)
 
 
 # --- dataset -------------------------------------------------------------------
@@ -274,7 +277,7 @@ def test_split_is_seeded_and_handles_small_data():
 def test_dataset_item_and_worker_loading(tmp_path):
     folder = write_recording(tmp_path / "take", range(1, 31), rows={f: "WD" if f % 2 else "" for f in range(1, 31)},
                              size=(96, 40))
-    report = check_data(tmp_path, sequence_length=5, clip_stride=5, val_fraction=0, height=H, width=W)
+    report = check_data(tmp_path, data_settings(sequence_length=5, clip_stride=5, val_fraction=0, video_height=H, video_width=W))
     dataset = RecordingClipDataset(report.clips, H, W)
     item = dataset[2]
     assert item["video"].shape == (3, 5, H, W) and item["video"].dtype == torch.float32
@@ -301,7 +304,7 @@ def test_dataset_rejects_sizes_the_model_cannot_use():
 
 
 def test_clipref_is_self_contained():
-    clip = index_clips([fake_recording("r", [Segment(1, 9)])], 9)[0]
+    clip = index_clips([fake_recording("r", [Segment(1, 9)])], 9, None)[0]
     assert isinstance(clip, ClipRef) and isinstance(clip.frame_paths[0], str)
     copy = pickle.loads(pickle.dumps(clip))
     assert copy.clip_id == clip.clip_id and torch.equal(copy.keyboard, clip.keyboard)
@@ -314,7 +317,7 @@ def test_report_lists_everything(tmp_path):
     (folder / "input.csv").write_text("key,time,frame,mouse_x,mouse_y\n" + "".join(
         f"{'WSpace' if f == 30 else 'W'},{(f - 1) / 25:.2f},{f},{2.0 if f % 4 == 0 else 0},0\n" for f in range(1, 41)))
     frame_image(1).save(folder / "thumbnail.png")
-    text = check_data(tmp_path, sequence_length=9, clip_stride=4).format()
+    text = check_data(tmp_path, data_settings(sequence_length=9, clip_stride=4)).format()
     for expected in ["1 recording(s) usable", "r: 40 frames in 1 segment(s), 64x32, mouse columns, 8 clips",
                      "resolution(s) 64x32 (40)", "Unmapped keys", "SPACE: 1 rows, e.g. r: 'WSpace' (input.csv line 31)",
                      "Keys held (frames): W 40 (100.0%), S 0 (0.0%)", "Key combinations: W 40",
@@ -368,4 +371,4 @@ def test_parse_overrides_coerces_to_the_constants_types():
 def test_pixel_conversion_is_bit_exact_for_every_value():
     pixels = torch.arange(256, dtype=torch.uint8)
     reference = (pixels.float() / 255 - 0.5) / 0.5  # VAE_CLIP_SPEC A.7 step 2
-    assert torch.equal(data._to_model_range(pixels), reference)
+    assert torch.equal(to_model_range(pixels), reference)

@@ -5,7 +5,10 @@ import pytest
 from PIL import Image
 
 import convert_unreal_data as data
-from convert_unreal_data import DataError, KeyParser, load_recording, parse_input_csv
+from conftest import data_settings
+from recordings.errors import DataError
+from recordings.input_csv import KeyParser, parse_input_csv
+from recordings.recording import load_recording
 
 
 def write_recording(folder, csv_bytes: bytes, frames=range(1, 5), size=(32, 16)):
@@ -37,7 +40,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_csv_variants_parse_to_the_same_actions(tmp_path, variant):
-    recording = load_recording(write_recording(tmp_path / "rec", VARIANTS[variant]), tmp_path)
+    recording = load_recording(write_recording(tmp_path / "rec", VARIANTS[variant]), tmp_path, data_settings())
     assert [keys_of(recording, f) for f in (1, 2, 3, 4)] == ["W", "WA", "", "D"]
     assert recording.mouse_raw is None and not recording.mouse.any()
     assert recording.frames_without_row == 0 and not recording.unmapped_keys
@@ -45,24 +48,24 @@ def test_csv_variants_parse_to_the_same_actions(tmp_path, variant):
 
 def test_mouse_columns_become_scaled_pitch_and_yaw(tmp_path):
     text = b"key,time,frame,mouse_x,mouse_y\r\nW,0,1,2.0,-1.0\r\n=,0.04,2,0,0.5\r\n"
-    recording = load_recording(write_recording(tmp_path / "r", text, frames=(1, 2)), tmp_path, mouse_scale=0.05)
+    recording = load_recording(write_recording(tmp_path / "r", text, frames=(1, 2)), tmp_path, data_settings(mouse_scale=0.05))
     np.testing.assert_array_equal(recording.mouse_raw, [[2.0, -1.0], [0.0, 0.5]])
     # Column 0 is pitch (mouse_y, positive looks up), column 1 yaw (mouse_x, positive turns right).
     np.testing.assert_allclose(recording.mouse, [[-0.05, 0.1], [0.025, 0.0]], rtol=1e-6)
-    inverted = load_recording(tmp_path / "r", tmp_path, mouse_scale=0.05, invert_mouse_y=True)
+    inverted = load_recording(tmp_path / "r", tmp_path, data_settings(mouse_scale=0.05, invert_mouse_y=True))
     np.testing.assert_allclose(inverted.mouse[:, 0], [0.05, -0.025], rtol=1e-6)
 
 
 def test_key_order_follows_keyboard_keys(tmp_path):
     folder = write_recording(tmp_path / "r", b"SD,0,1\nWA,0.04,2\n", frames=(1, 2))
-    recording = load_recording(folder, tmp_path)
+    recording = load_recording(folder, tmp_path, data_settings())
     np.testing.assert_array_equal(recording.keyboard, [[0, 1, 0, 1], [1, 0, 1, 0]])  # W, S, A, D
-    six = load_recording(folder, tmp_path, keyboard_keys=("W", "S", "A", "D", "SPACE", "SHIFT"))
+    six = load_recording(folder, tmp_path, data_settings(keyboard_keys=("W", "S", "A", "D", "SPACE", "SHIFT")))
     assert six.keyboard.shape == (2, 6)
 
 
 def test_arrow_keys_map_case_insensitively():
-    parser = KeyParser()
+    parser = KeyParser(data.KEYBOARD_KEYS, data.KEY_MAP)
     assert parser.parse("Up")[0] == {"W"}
     assert parser.parse("up+LEFT")[0] == {"W", "A"}
     assert parser.parse("DownRight")[0] == {"S", "D"}
@@ -70,25 +73,25 @@ def test_arrow_keys_map_case_insensitively():
 
 
 def test_multi_letter_key_names_are_single_keys():
-    parser = KeyParser()
+    parser = KeyParser(data.KEYBOARD_KEYS, data.KEY_MAP)
     # 'Space' must not be read as S, P, A, C, E: two of those letters are our keys.
     assert parser.parse("WSpace") == (frozenset({"W"}), ("SPACE",))
     assert parser.parse("SpaceBarD") == (frozenset({"D"}), ("SPACEBAR",))
     assert parser.parse("leftshiftw") == (frozenset({"W"}), ("LEFTSHIFT",))
     assert parser.parse("WE") == (frozenset({"W"}), ("E",))
     assert parser.parse("=") == (frozenset(), ())
-    sprint = KeyParser(key_map={**data.KEY_MAP, "Sprint": None})
+    sprint = KeyParser(data.KEYBOARD_KEYS, {**data.KEY_MAP, "Sprint": None})
     assert sprint.parse("SprintW") == (frozenset({"W"}), ("SPRINT",))
 
 
 def test_key_map_must_target_keyboard_keys():
     with pytest.raises(DataError, match="KEY_MAP maps 'UP' to 'X'"):
-        KeyParser(key_map={"UP": "X"})
+        KeyParser(data.KEYBOARD_KEYS, {"UP": "X"})
 
 
 def test_unmapped_keys_and_frames_without_rows_are_counted(tmp_path):
     text = b"key,time,frame\nW,0,1\nWSpace,0.04,2\nE,0.08,3\nWE,0.12,4\n"
-    recording = load_recording(write_recording(tmp_path / "r", text, frames=range(1, 7)), tmp_path)
+    recording = load_recording(write_recording(tmp_path / "r", text, frames=range(1, 7)), tmp_path, data_settings())
     assert recording.unmapped_keys == {"SPACE": 1, "E": 2}
     assert "'WSpace' (input.csv line 3)" in recording.unmapped_examples["SPACE"]
     assert [keys_of(recording, f) for f in range(1, 7)] == ["W", "W", "", "W", "", ""]
@@ -97,7 +100,7 @@ def test_unmapped_keys_and_frames_without_rows_are_counted(tmp_path):
 
 def test_identical_duplicate_rows_are_counted_not_errors(tmp_path):
     text = b"W,0,1\nWA,0.04,2\nAW,0.04,2\n"
-    recording = load_recording(write_recording(tmp_path / "r", text, frames=(1, 2)), tmp_path)
+    recording = load_recording(write_recording(tmp_path / "r", text, frames=(1, 2)), tmp_path, data_settings())
     assert recording.duplicate_rows == 1 and keys_of(recording, 2) == "WA"
 
 
@@ -125,7 +128,7 @@ def test_every_csv_error_names_file_and_line(tmp_path, case):
     text, line, message = ERRORS[case]
     folder = write_recording(tmp_path / "rec", text, frames=(1, 2, 3))
     with pytest.raises(DataError) as error:
-        load_recording(folder, tmp_path)
+        load_recording(folder, tmp_path, data_settings())
     assert f"{folder / 'input.csv'}:{line}:" in str(error.value)
     assert message in str(error.value)
 
@@ -133,6 +136,6 @@ def test_every_csv_error_names_file_and_line(tmp_path, case):
 def test_all_problems_of_a_file_are_reported_together(tmp_path):
     text = b"W,0,1\nW,-1,2\nW,0.1,x\n"
     with pytest.raises(DataError) as error:
-        parse_input_csv(write_recording(tmp_path / "r", text) / "input.csv")
+        parse_input_csv(write_recording(tmp_path / "r", text) / "input.csv", KeyParser(data.KEYBOARD_KEYS, data.KEY_MAP))
     assert len(error.value.problems) == 2
     assert ":2:" in error.value.problems[0] and ":3:" in error.value.problems[1]

@@ -7,7 +7,11 @@ import pytest
 from PIL import Image
 
 import convert_unreal_data as data
-from convert_unreal_data import DataError, DemoCamera, check_data, demo_actions, render_demo_frame
+from conftest import data_settings
+from demo_world.recording import DEMO_MAX_PITCH, demo_actions, write_demo_recording
+from demo_world.world import DemoCamera, render_demo_frame
+from recordings.errors import DataError
+from recordings.report import check_data
 
 H, W = 96, 176
 
@@ -80,13 +84,13 @@ def test_script_mixes_actions_and_is_seeded():
     camera = DemoCamera()
     for action in actions:
         camera = camera.step(*action)
-        assert abs(camera.pitch) <= data.DEMO_MAX_PITCH + 1e-9
+        assert abs(camera.pitch) <= DEMO_MAX_PITCH + 1e-9
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo") / "recording"
-    actions = data.write_demo_recording(folder, num_frames=100, height=H, width=W, seed=0)
+    actions = write_demo_recording(folder, num_frames=100, height=H, width=W, seed=0)
     return folder, actions
 
 
@@ -94,7 +98,7 @@ def test_demo_recording_is_an_ordinary_folder(tmp_path):
     mask = os.umask(0o022)
     try:
         folder = tmp_path / "demo"
-        data.write_demo_recording(folder, num_frames=2, height=H, width=W)
+        write_demo_recording(folder, num_frames=2, height=H, width=W)
     finally:
         os.umask(mask)
     assert folder.stat().st_mode & 0o777 == 0o755
@@ -112,7 +116,7 @@ def test_demo_is_in_the_unreal_format(demo_dir):
 
 def test_demo_parses_to_exactly_its_actions(demo_dir):
     folder, actions = demo_dir
-    report = check_data(folder, sequence_length=17, decode_frames=True)
+    report = check_data(folder, data_settings(sequence_length=17), decode_frames=True)
     assert not report.problems and not report.recordings[0].unmapped_keys
     (recording,) = report.recordings
     expected_keys = np.array([[k in keys for k in data.KEYBOARD_KEYS] for keys, _, _ in actions], np.float32)
@@ -151,9 +155,9 @@ def test_demo_refuses_a_folder_in_use(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not an empty folder"):
-        data.write_demo_recording(tmp_path / "taken", num_frames=2, height=16, width=32)
+        write_demo_recording(tmp_path / "taken", num_frames=2, height=16, width=32)
     with pytest.raises(DataError, match="multiples of 16"):
-        data.write_demo_recording(tmp_path / "new", num_frames=2, height=20, width=32)
+        write_demo_recording(tmp_path / "new", num_frames=2, height=20, width=32)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()
 
 

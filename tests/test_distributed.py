@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import finetune_base_model as fb
 from conftest import REPO_ROOT
+from runs.folder import STATE_FILE
 
 SCRIPT = str(REPO_ROOT / "finetune_base_model.py")
 # 6 training clips and 2 validation clips: even, so two ranks share every micro-batch
@@ -74,7 +75,7 @@ def test_two_ranks_batch_one_equal_one_rank_batch_two(tiny_assets, tmp_path, str
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
     assert_close(a, b, 1e-5)
-    history = [torch.load(tmp_path / d / fb.STATE_FILE, weights_only=False)["history"] for d in ("two", "one")]
+    history = [torch.load(tmp_path / d / STATE_FILE, weights_only=False)["history"] for d in ("two", "one")]
     assert [h["val_loss"] for h in history[0]] == pytest.approx([h["val_loss"] for h in history[1]], rel=1e-5)
     assert [h["train_loss"] for h in history[0]] == pytest.approx([h["train_loss"] for h in history[1]], rel=1e-5)
 

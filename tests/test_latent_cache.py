@@ -7,7 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import convert_unreal_data as data
-import latent_cache
+import latents.cache as latent_cache
+from conftest import data_settings
+from latents.dataset import CachedClipDataset
+from recordings.clips import RecordingClipDataset
+from recordings.report import check_data
 from wan.clip import load_clip
 from wan.conditioning import build_cond_concat
 from wan.vae import load_vae
@@ -19,7 +23,7 @@ def setup(tiny_assets, tmp_path):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_assets["DATA_DIR"], data_dir)
     s = dict(tiny_assets, DATA_DIR=str(data_dir), CACHE_DIR=str(tmp_path / "cache"))
-    report = data.check_data(data_dir, sequence_length=9, clip_stride=8, height=32, width=64)
+    report = check_data(data_dir, data_settings(sequence_length=9, clip_stride=8, video_height=32, video_width=64))
     clips = report.clips[:4]
     return s, clips
 
@@ -30,7 +34,7 @@ def build(s, clips, **options):
 
 
 def dataset(s, clips, report):
-    return latent_cache.CachedClipDataset(clips, s["CACHE_DIR"], report.settings)
+    return CachedClipDataset(clips, s["CACHE_DIR"], report.settings)
 
 
 def test_cached_entries_are_the_real_encodings_and_are_reused(setup):
@@ -39,7 +43,7 @@ def test_cached_entries_are_the_real_encodings_and_are_reused(setup):
     assert (first.encoded, first.reused) == (4, 0)
     vae, clip_model = load_vae(s["VAE_PATH"]), load_clip(s["CLIP_PATH"])
     item = dataset(s, clips, first)[2]
-    video = data.RecordingClipDataset([clips[2]], 32, 64)[0]["video"][None]
+    video = RecordingClipDataset([clips[2]], 32, 64)[0]["video"][None]
     assert torch.equal(item["latents"], vae.encode(video)[0])
     assert torch.equal(item["cond_concat"], build_cond_concat(vae, video[:, :, 0], 9)[0])
     assert torch.equal(item["visual_context"], clip_model.encode_frames(video[:, :, 0])[0])
@@ -116,7 +120,7 @@ def test_ranks_split_the_clips_by_position_whatever_the_others_wrote(setup):
     first = build(s, clips, rank=0, world_size=2)
     assert (second.encoded, first.encoded) == (2, 2)
     cache = latent_cache.LatentCache(s["CACHE_DIR"])
-    assert len(latent_cache.CachedClipDataset(clips, s["CACHE_DIR"], first.settings, cache)) == 4
+    assert len(CachedClipDataset(clips, s["CACHE_DIR"], first.settings, cache)) == 4
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -169,7 +173,7 @@ def test_cli_check_then_cache_reuses_on_the_second_run(setup, capsys):
     assert data.main(args) == 0
     out = capsys.readouterr().out
     # what training reads: train and validation clips, not those dropped to keep validation apart
-    split = data.check_data(s["DATA_DIR"], sequence_length=17, clip_stride=16, height=32, width=64).split
+    split = check_data(s["DATA_DIR"], data_settings(sequence_length=17, clip_stride=16, video_height=32, video_width=64)).split
     used = len(split.used)
     assert split.dropped and used == len(split.train) + len(split.val) < 4
     assert "Problems: none" in out and f"{used} clips, 0 reused, {used} encoded" in out

@@ -16,7 +16,15 @@ from safetensors.torch import load_file
 import convert_unreal_data as data
 import finetune_base_model as fb
 import generate_preview as gp
-from latent_cache import load_encoders
+from cli.settings import SettingsError
+from demo_world.recording import write_demo_recording
+from generation import action_scripts, bidirectional, finetuned, previews
+from generation.errors import GenerationError
+from latents.encoders import load_encoders
+from recordings.frames import load_frame, preprocess_image
+from recordings.report import check_data
+from runs.folder import STATE_FILE
+from video import overlay
 from wan.files import save_safetensors_atomic
 from wan.loading import CheckpointError, load_base_model
 
@@ -26,11 +34,11 @@ KEYS = ("W", "S", "A", "D")
 # ----------------------------------------------------------------------------- action scripts
 
 def test_action_script_gives_one_row_per_frame():
-    keyboard, mouse = gp.parse_action_script("W*3 a+D  mouse( 0.1 , -0.2 )*2 W+mouse(0,0.1) idle", KEYS)
+    keyboard, mouse = action_scripts.parse_action_script("W*3 a+D  mouse( 0.1 , -0.2 )*2 W+mouse(0,0.1) idle", KEYS)
     assert keyboard.shape == (8, 4) and mouse.shape == (8, 2)
     assert keyboard.tolist() == [[1, 0, 0, 0]] * 3 + [[0, 0, 1, 1]] + [[0, 0, 0, 0]] * 2 + [[1, 0, 0, 0]] + [[0] * 4]
     assert torch.equal(mouse, torch.tensor([[0, 0]] * 4 + [[0.1, -0.2]] * 2 + [[0, 0.1]] + [[0, 0]]))
-    keyboard, _ = gp.parse_action_script("Q+space*2", ("W", "S", "A", "D", "Q", "SPACE"))
+    keyboard, _ = action_scripts.parse_action_script("Q+space*2", ("W", "S", "A", "D", "Q", "SPACE"))
     assert keyboard.tolist() == [[0, 0, 0, 0, 1, 1]] * 2
 
 
@@ -51,17 +59,17 @@ def test_action_script_gives_one_row_per_frame():
     ("W)", r"column 2: '\)' without '\('"),
 ])
 def test_bad_action_scripts_name_the_term(script, message):
-    with pytest.raises(gp.ActionScriptError, match=message):
-        gp.parse_action_script(script, KEYS)
+    with pytest.raises(action_scripts.ActionScriptError, match=message):
+        action_scripts.parse_action_script(script, KEYS)
 
 
 def test_script_length_must_match_the_frames():
-    gp.check_action_rows(57, 57)
-    with pytest.raises(gp.ActionScriptError, match="gives 44 rows but NUM_FRAMES is 57.*first frame's included "
+    action_scripts.check_action_rows(57, 57)
+    with pytest.raises(action_scripts.ActionScriptError, match="gives 44 rows but NUM_FRAMES is 57.*first frame's included "
                                                    r"\(add 13 rows"):
-        gp.check_action_rows(44, 57)
-    with pytest.raises(gp.ActionScriptError, match=r"remove 3 rows"):
-        gp.check_action_rows(60, 57)
+        action_scripts.check_action_rows(44, 57)
+    with pytest.raises(action_scripts.ActionScriptError, match=r"remove 3 rows"):
+        action_scripts.check_action_rows(60, 57)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -71,24 +79,24 @@ def test_settings_overrides_and_errors(tmp_path, monkeypatch):
     assert (s["NUM_STEPS"], s["COMPARE"], s["KEYBOARD_KEYS"], demo) == (7, True, ("W", "S", "A", "D", "Q"), False)
     with pytest.raises(ValueError, match="unknown setting --NUM_STEP;.*NUM_STEPS"):
         gp.parse_settings(["--NUM_STEP=3"])
-    with pytest.raises(gp.PreviewError, match="NUM_FRAMES has 56 frames.*4k\\+1"):
+    with pytest.raises(SettingsError, match="NUM_FRAMES has 56 frames.*4k\\+1"):
         gp.parse_settings(["--NUM_FRAMES=56"])
-    with pytest.raises(gp.PreviewError, match="OUTPUT='x.avi': must end in .mp4 or .gif"):
+    with pytest.raises(SettingsError, match="OUTPUT='x.avi': must end in .mp4 or .gif"):
         gp.parse_settings(["--OUTPUT=x.avi"])
-    with pytest.raises(gp.PreviewError, match="COMPARE needs a fine-tuned CHECKPOINT"):
+    with pytest.raises(SettingsError, match="COMPARE needs a fine-tuned CHECKPOINT"):
         gp.parse_settings(["--compare", "--CHECKPOINT="])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(gp.PreviewError, match="run the training demo first|Run the training demo first"):
+    with pytest.raises(SettingsError, match="run the training demo first|Run the training demo first"):
         gp.parse_settings(["--demo"])
     assert gp.main(["--demo"]) == 1
 
 
 def test_windows_overlap_by_one_frame_and_stay_4k_plus_1():
-    assert gp.window_spans(57, 57) == [(0, 57)]
-    assert gp.window_spans(113, 57) == [(0, 57), (56, 113)]
-    assert gp.window_spans(65, 57) == [(0, 57), (56, 65)]
-    assert gp.window_spans(25, 9) == [(0, 9), (8, 17), (16, 25)]
-    for start, end in gp.window_spans(101, 17):
+    assert bidirectional.window_spans(57, 57) == [(0, 57)]
+    assert bidirectional.window_spans(113, 57) == [(0, 57), (56, 113)]
+    assert bidirectional.window_spans(65, 57) == [(0, 57), (56, 65)]
+    assert bidirectional.window_spans(25, 9) == [(0, 9), (8, 17), (16, 25)]
+    for start, end in bidirectional.window_spans(101, 17):
         assert (end - start - 1) % 4 == 0
 
 
@@ -101,17 +109,17 @@ def trained(tiny_assets, tmp_path_factory):
              BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, NUM_WORKERS=0, SAVE_EVERY_EPOCHS=1, TRAINING_STRATEGY="action_only",
              EMA_DECAY=0.5, PREVIEW_EVERY_EPOCHS=1, PREVIEW_STEPS=2)
     fb.check_settings(s)
-    real_preview, seen = gp.epoch_preview, {}
+    real_preview, seen = previews.epoch_preview, {}
 
     def preview(model, *args, **kwargs):
         seen.update({n: p.detach().clone() for n, p in model.named_parameters() if ".action_model." in n})
         return real_preview(model, *args, **kwargs)
 
-    fb.generate_preview.epoch_preview = preview
+    fb.epoch_preview = preview
     try:
         summary = fb.train(s)
     finally:
-        fb.generate_preview.epoch_preview = real_preview
+        fb.epoch_preview = real_preview
     return s, summary, seen
 
 
@@ -124,15 +132,14 @@ def test_training_writes_a_preview_of_a_validation_clip_with_the_ema_weights(tra
     assert info["panels"] == ["generated", "ground truth"] and info["frames"] == s["SEQUENCE_LENGTH"]
     assert info["epoch"] == 1 and info["num_steps"] == 2
     assert set(info["scores"]["generated"]) >= {"forward_back", "strafe", "yaw", "pitch", "overall"}
-    report = data.check_data(s["DATA_DIR"], sequence_length=s["SEQUENCE_LENGTH"], clip_stride=s["CLIP_STRIDE"],
-                             val_fraction=s["VAL_FRACTION"], height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"])
-    assert info["clip"] == report.split.val[gp.preview_clip_index(report.split.val)].clip_id
+    report = check_data(s["DATA_DIR"], data.data_settings(s))
+    assert info["clip"] == report.split.val[previews.preview_clip_index(report.split.val)].clip_id
     entry = summary["history"][0]
     assert entry["preview"].startswith("previews/epoch1.mp4: action-following")
     assert "preview previews/epoch1.mp4: action-following" in (out / fb.INFO_FILE).read_text()
     # the preview ran on the EMA weights (those of the final file), not the raw trained ones
     final = load_file(out / fb.FINAL_FILE)
-    raw = torch.load(out / fb.STATE_FILE, weights_only=False)["trainable"]
+    raw = torch.load(out / STATE_FILE, weights_only=False)["trainable"]
     assert all(torch.equal(seen[n], final[n]) for n in seen)
     assert any(not torch.equal(seen[n], raw[n]) for n in seen)
 
@@ -146,24 +153,24 @@ def test_the_preview_clip_is_the_most_active_one():
     idle = Clip([[0, 0]] * 3, [[0.0, 0.0]] * 3)
     keys_once = Clip([[1, 0], [0, 0], [0, 0]], [[0.0, 0.0]] * 3)
     keys_and_mouse = Clip([[0, 1], [0, 0], [0, 0]], [[0.0, 0.0], [0.1, 0.0], [0.0, -0.1]])
-    assert gp.preview_clip_index([idle, keys_once, keys_and_mouse]) == 2
-    assert gp.preview_clip_index([idle, keys_once, keys_once]) == 1
-    assert gp.preview_clip_index([idle]) == 0
+    assert previews.preview_clip_index([idle, keys_once, keys_and_mouse]) == 2
+    assert previews.preview_clip_index([idle, keys_once, keys_once]) == 1
+    assert previews.preview_clip_index([idle]) == 0
 
 
 def test_epoch_preview_leaves_the_random_state_alone(tiny_assets, trained, tmp_path):
-    import latent_cache
+    import latents.cache as latent_cache
+    from latents.dataset import CachedClipDataset
     s = tiny_assets
-    report = data.check_data(s["DATA_DIR"], sequence_length=s["SEQUENCE_LENGTH"], clip_stride=s["CLIP_STRIDE"],
-                             val_fraction=s["VAL_FRACTION"], height=s["VIDEO_HEIGHT"], width=s["VIDEO_WIDTH"])
+    report = check_data(s["DATA_DIR"], data.data_settings(s))
     cache = latent_cache.build_latent_cache(report.split.val[:1], s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"],
                                             s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"], dtype=s["CACHE_DTYPE"],
                                             num_workers=0, progress=False)
-    clips = latent_cache.CachedClipDataset(report.split.val[:1], s["CACHE_DIR"], cache.settings)
+    clips = CachedClipDataset(report.split.val[:1], s["CACHE_DIR"], cache.settings)
     model, _ = load_base_model(s["BASE_MODEL_DIR"])
     model.train()
     state = torch.get_rng_state()
-    result = gp.epoch_preview(model, clips, s["VAE_PATH"], s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"], tmp_path, 3, KEYS,
+    result = previews.epoch_preview(model, clips, s["VAE_PATH"], s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"], tmp_path, 3, KEYS,
                               2, 5.0, 0, nullcontext())
     assert torch.equal(torch.get_rng_state(), state) and model.training
     assert (tmp_path / "epoch3.mp4").is_file() and result["preview"].startswith(f"{tmp_path.name}/epoch3.mp4")
@@ -179,11 +186,11 @@ def test_both_checkpoint_kinds_of_a_real_run_load(trained):
     epoch = load_file(out / "base_finetuned_epoch1.safetensors")
     base, _ = load_base_model(s["BASE_MODEL_DIR"])
 
-    loaded = gp.load_model(s["BASE_MODEL_DIR"], out / fb.FINAL_FILE, KEYS, "cpu", torch.float32)
+    loaded = finetuned.load_model(s["BASE_MODEL_DIR"], out / fb.FINAL_FILE, KEYS, "cpu", torch.float32)
     assert "full state dict" in loaded.description and loaded.keyboard_keys == KEYS
     assert all(torch.equal(t, final[n]) for n, t in loaded.model.state_dict().items())
 
-    loaded = gp.load_model(s["BASE_MODEL_DIR"], out / "base_finetuned_epoch1.safetensors", KEYS, "cpu",
+    loaded = finetuned.load_model(s["BASE_MODEL_DIR"], out / "base_finetuned_epoch1.safetensors", KEYS, "cpu",
                            torch.float32)
     assert f"{len(epoch)} fine-tuned tensors" in loaded.description and "trainable tensors only" in loaded.description
     state, base_state = loaded.model.state_dict(), base.state_dict()
@@ -191,7 +198,7 @@ def test_both_checkpoint_kinds_of_a_real_run_load(trained):
     assert all(torch.equal(state[n], base_state[n]) for n in state if n not in epoch)
     assert any(not torch.equal(epoch[n], base_state[n]) for n in epoch)
 
-    loaded = gp.load_model(s["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32)
+    loaded = finetuned.load_model(s["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32)
     assert loaded.description.startswith("base model")
     assert all(torch.equal(t, base_state[n]) for n, t in loaded.model.state_dict().items())
 
@@ -204,13 +211,13 @@ def test_a_full_file_is_recognised_by_its_tensors(tiny_assets, tmp_path):
     base, _ = load_base_model(tiny_assets["BASE_MODEL_DIR"])
     full = {n: t + 0.01 for n, t in base.state_dict().items()}
     save_safetensors_atomic(full, tmp_path / "full.safetensors")  # no metadata
-    loaded = gp.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "full.safetensors", KEYS, "cpu", torch.float32)
+    loaded = finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "full.safetensors", KEYS, "cpu", torch.float32)
     assert "full state dict" in loaded.description
     assert all(torch.equal(t, full[n]) for n, t in loaded.model.state_dict().items())
     del full["head.head.bias"]
-    save_safetensors_atomic(full, tmp_path / "cut.safetensors", {"contents": gp.FULL_CONTENTS})
+    save_safetensors_atomic(full, tmp_path / "cut.safetensors", {"contents": finetuned.FULL_CONTENTS})
     with pytest.raises(CheckpointError, match="missing from this full state dict: head.head.bias"):
-        gp.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "cut.safetensors", KEYS, "cpu", torch.float32)
+        finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "cut.safetensors", KEYS, "cpu", torch.float32)
 
 
 def test_unknown_or_misshapen_tensors_are_named(tiny_assets, tmp_path):
@@ -221,9 +228,9 @@ def test_unknown_or_misshapen_tensors_are_named(tiny_assets, tmp_path):
     save_safetensors_atomic(tensors, tmp_path / "bad.safetensors", {"keyboard_keys": "W,S,A,D"})
     with pytest.raises(CheckpointError, match=r"(?s)2 problem\(s\).*not in the model: blocks.0.action_model.bogus "
                                               r"\[3\].*wrong shape: blocks.1.action_model.proj_mouse.weight: \[7\] here"):
-        gp.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "bad.safetensors", KEYS, "cpu", torch.float32)
+        finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "bad.safetensors", KEYS, "cpu", torch.float32)
     with pytest.raises(CheckpointError, match="no such file"):
-        gp.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "none.safetensors", KEYS, "cpu", torch.float32)
+        finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "none.safetensors", KEYS, "cpu", torch.float32)
 
 
 def test_the_checkpoint_keyboard_width_decides_the_model(tiny_assets, tmp_path):
@@ -232,20 +239,20 @@ def test_the_checkpoint_keyboard_width_decides_the_model(tiny_assets, tmp_path):
     assert reinitialised
     tensors = action_tensors(wide)
     save_safetensors_atomic(tensors, tmp_path / "six.safetensors", {"keyboard_keys": ",".join(six)})
-    loaded = gp.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "six.safetensors", six, "cpu", torch.float32)
+    loaded = finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "six.safetensors", six, "cpu", torch.float32)
     assert loaded.model.config.action_config.keyboard_dim_in == 6 and loaded.keyboard_keys == six
     assert all(torch.equal(loaded.model.state_dict()[n], t) for n, t in tensors.items())
-    with pytest.raises(gp.PreviewError, match="trained with KEYBOARD_KEYS=W,S,A,D,Q,E .*--KEYBOARD_KEYS=W,S,A,D,Q,E"):
-        gp.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "six.safetensors", KEYS, "cpu", torch.float32)
+    with pytest.raises(GenerationError, match="trained with KEYBOARD_KEYS=W,S,A,D,Q,E .*--KEYBOARD_KEYS=W,S,A,D,Q,E"):
+        finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "six.safetensors", KEYS, "cpu", torch.float32)
     # the base model keeps its own W, S, A, D columns, picked out of the six
-    base = gp.load_model(tiny_assets["BASE_MODEL_DIR"], "", six, "cpu", torch.float32)
+    base = finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], "", six, "cpu", torch.float32)
     assert base.keyboard_keys == KEYS
-    assert gp.select_keys(torch.eye(6), six, KEYS).tolist() == torch.eye(6)[:, :4].tolist()
+    assert finetuned.select_keys(torch.eye(6), six, KEYS).tolist() == torch.eye(6)[:, :4].tolist()
 
     without = {n: t for n, t in tensors.items() if "keyboard_embed.0" not in n}
     save_safetensors_atomic(without, tmp_path / "partial.safetensors", {"keyboard_keys": ",".join(six)})
     with pytest.raises(CheckpointError, match="re-initialised, but .* lacks 3 of them: blocks.0.action_model.keyboard_embed.0.weight"):
-        gp.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "partial.safetensors", six, "cpu", torch.float32)
+        finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], tmp_path / "partial.safetensors", six, "cpu", torch.float32)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -256,15 +263,15 @@ def encoders(tiny_assets):
 
 
 def first_frame(s) -> torch.Tensor:
-    return data.load_frame(Path(s["DATA_DIR"]) / "frame_0001.png", s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"])
+    return load_frame(Path(s["DATA_DIR"]) / "frame_0001.png", s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"])
 
 
 def test_sampling_is_seeded(tiny_assets, encoders):
-    model = gp.load_model(tiny_assets["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32).model
-    keyboard, mouse = gp.parse_action_script("W*3 D+mouse(0,0.1)*2", KEYS)
+    model = finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32).model
+    keyboard, mouse = action_scripts.parse_action_script("W*3 D+mouse(0,0.1)*2", KEYS)
 
     def run(seed):
-        return gp.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 5, 3, 5.0, seed,
+        return bidirectional.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 5, 3, 5.0, seed,
                                   nullcontext())
 
     a = run(1)
@@ -275,15 +282,15 @@ def test_sampling_is_seeded(tiny_assets, encoders):
 
 
 def test_long_clips_chain_windows_on_the_last_frame(tiny_assets, encoders, monkeypatch):
-    model = gp.load_model(tiny_assets["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32).model
-    keyboard, mouse = gp.parse_action_script("W*5 A*4", KEYS)
-    firsts, real = [], gp.build_cond_concat
-    monkeypatch.setattr(gp, "build_cond_concat", lambda vae, image, n: firsts.append((image, n)) or real(vae, image, n))
-    frames = gp.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 5, 2, 5.0, 0,
+    model = finetuned.load_model(tiny_assets["BASE_MODEL_DIR"], "", KEYS, "cpu", torch.float32).model
+    keyboard, mouse = action_scripts.parse_action_script("W*5 A*4", KEYS)
+    firsts, real = [], bidirectional.build_cond_concat
+    monkeypatch.setattr(bidirectional, "build_cond_concat", lambda vae, image, n: firsts.append((image, n)) or real(vae, image, n))
+    frames = bidirectional.generate_frames(model, *encoders, first_frame(tiny_assets), keyboard, mouse, 5, 2, 5.0, 0,
                                 nullcontext())
     assert frames.shape[0] == 9 and [n for _, n in firsts] == [5, 5]
     assert torch.equal(firsts[0][0][0], first_frame(tiny_assets))
-    last_of_first_window = data.preprocess_image(Image.fromarray(gp.to_uint8(frames[4:5])[0]),
+    last_of_first_window = preprocess_image(Image.fromarray(overlay.to_uint8(frames[4:5])[0]),
                                                  *frames.shape[-2:])
     assert torch.equal(firsts[1][0][0], last_of_first_window)
 
@@ -291,7 +298,7 @@ def test_long_clips_chain_windows_on_the_last_frame(tiny_assets, encoders, monke
 # ----------------------------------------------------------------------------- the files
 
 def preview_settings(tiny_assets, tmp_path, checkpoint, **changes) -> dict:
-    s = {name: getattr(gp, name) for name in gp.SETTING_NAMES}
+    s = {name: getattr(gp, name) for name in gp.SETTINGS.names}
     s.update(BASE_MODEL_DIR=tiny_assets["BASE_MODEL_DIR"], CHECKPOINT=str(checkpoint), VAE_PATH=tiny_assets["VAE_PATH"],
              CLIP_PATH=tiny_assets["CLIP_PATH"], RECORDING=tiny_assets["DATA_DIR"], START_FRAME=5, NUM_FRAMES=9,
              WINDOW_FRAMES=9, NUM_STEPS=2, VIDEO_HEIGHT=tiny_assets["VIDEO_HEIGHT"],
@@ -315,7 +322,7 @@ def test_compare_writes_base_finetuned_and_truth_side_by_side(tiny_assets, train
     result = gp.generate(s)
     frames = read_mp4(result["video"])
     height, width = s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"]
-    assert len(frames) == 9 and frames[0].shape == (height + gp.strip_height(height), 3 * width, 3)
+    assert len(frames) == 9 and frames[0].shape == (height + overlay.strip_height(height), 3 * width, 3)
     # the ground-truth panel shows the recording's frame (up to the codec's loss at this tiny size)
     truth = np.asarray(Image.open(Path(s["RECORDING"]) / "frame_0007.png").convert("RGB"), dtype=np.float32)
     panels = [frames[2][12:height, i * width:(i + 1) * width].astype(np.float32) for i in range(3)]
@@ -334,7 +341,7 @@ def test_gif_fallback_without_pyav_and_a_script_without_truth(tiny_assets, tmp_p
     assert result["video"] == tmp_path / "preview.gif" and not (tmp_path / "preview.mp4").exists()
     with Image.open(result["video"]) as gif:
         assert gif.n_frames == 9
-        assert gif.size == (s["VIDEO_WIDTH"], s["VIDEO_HEIGHT"] + gp.strip_height(s["VIDEO_HEIGHT"]))
+        assert gif.size == (s["VIDEO_WIDTH"], s["VIDEO_HEIGHT"] + overlay.strip_height(s["VIDEO_HEIGHT"]))
     assert json.loads(result["json"].read_text())["panels"] == ["base"]
 
 
@@ -350,18 +357,18 @@ def test_chained_preview_warns_and_keeps_every_frame(tiny_assets, tmp_path, caps
 
 def test_bad_inputs_are_clear(tiny_assets, tmp_path):
     s = preview_settings(tiny_assets, tmp_path, "", START_FRAME=75)
-    with pytest.raises(gp.PreviewError, match=r"START_FRAME=75 needs frames 75-83 without a gap \(NUM_FRAMES=9\), "
+    with pytest.raises(GenerationError, match=r"START_FRAME=75 needs frames 75-83 without a gap \(NUM_FRAMES=9\), "
                                               "but its runs of consecutive frames are 1-80"):
         gp.load_inputs(s)
     scripted = gp.load_inputs(dict(s, ACTIONS="W*9"))  # a script needs only the first frame
     assert scripted.truth is None and scripted.keyboard.shape == (9, 4)
-    with pytest.raises(gp.PreviewError, match="START_FRAME=81 needs frame 81, but"):
+    with pytest.raises(GenerationError, match="START_FRAME=81 needs frame 81, but"):
         gp.load_inputs(dict(s, ACTIONS="W*9", START_FRAME=81))
-    with pytest.raises(gp.PreviewError, match="is not a recording"):
+    with pytest.raises(GenerationError, match="is not a recording"):
         gp.load_inputs(dict(s, RECORDING=str(tmp_path)))
-    with pytest.raises(gp.PreviewError, match="a picture, which has no recorded actions"):
+    with pytest.raises(GenerationError, match="a picture, which has no recorded actions"):
         gp.load_inputs(dict(s, FIRST_FRAME=str(Path(s["RECORDING"]) / "frame_0001.png")))
-    with pytest.raises(gp.ActionScriptError, match="gives 5 rows but NUM_FRAMES is 9"):
+    with pytest.raises(action_scripts.ActionScriptError, match="gives 5 rows but NUM_FRAMES is 9"):
         gp.load_inputs(dict(s, ACTIONS="W*5"))
 
 
@@ -372,22 +379,22 @@ def test_overlay_highlights_the_held_keys_and_points_the_mouse():
     keyboard = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
     mouse = torch.tensor([[0.0, 0.2], [0.0, -0.2], [0.2, 0.0]])
     panels = {"x": np.full((3, height, width, 3), 10, np.uint8), "y": np.full((3, height, width, 3), 200, np.uint8)}
-    video = gp.compose_frames(panels, keyboard, mouse, KEYS)
-    strip = gp.strip_height(height)
+    video = overlay.compose_frames(panels, keyboard, mouse, KEYS)
+    strip = overlay.strip_height(height)
     assert video.shape == (3, height + strip, 2 * width, 3)
     assert (video[:, 16:height, :width] == 10).all() and (video[:, 16:height, width:] == 200).all()
-    boxes = gp.key_boxes(KEYS, strip)
+    boxes = overlay.key_boxes(KEYS, strip)
 
     def colour(t, key):
         x0, y0, _, _ = boxes[key]
         return tuple(video[t, height + y0 + 1, x0 + 1])
 
-    assert colour(0, "W") == gp.KEY_HELD and colour(0, "D") == gp.KEY_IDLE
-    assert colour(1, "W") == gp.KEY_IDLE and colour(1, "D") == gp.KEY_HELD
-    assert all(colour(2, k) == gp.KEY_IDLE for k in KEYS)
+    assert colour(0, "W") == overlay.KEY_HELD and colour(0, "D") == overlay.KEY_IDLE
+    assert colour(1, "W") == overlay.KEY_IDLE and colour(1, "D") == overlay.KEY_HELD
+    assert all(colour(2, k) == overlay.KEY_IDLE for k in KEYS)
     # the arrow: yaw right, yaw left, pitch up
     right_of_keys = max(x1 for _, _, x1, _ in boxes.values())
-    arrow = np.all(video[:, height:, right_of_keys:] == gp.MOUSE_ARROW, axis=-1)
+    arrow = np.all(video[:, height:, right_of_keys:] == overlay.MOUSE_ARROW, axis=-1)
     columns = [np.nonzero(arrow[t].any(0))[0] for t in range(3)]
     rows = [np.nonzero(arrow[t].any(1))[0] for t in range(3)]
     centre_x, centre_y = (columns[0].min() + columns[1].max()) / 2, strip // 2
@@ -398,13 +405,13 @@ def test_overlay_highlights_the_held_keys_and_points_the_mouse():
 # ----------------------------------------------------------------------------- the score on real motion
 
 def test_demo_recording_scores_above_its_shuffled_actions(tmp_path):
-    data.write_demo_recording(tmp_path / "rec", 120, 64, 112)
-    s = {name: getattr(gp, name) for name in gp.SETTING_NAMES}
+    write_demo_recording(tmp_path / "rec", 120, 64, 112)
+    s = {name: getattr(gp, name) for name in gp.SETTINGS.names}
     s.update(RECORDING=str(tmp_path / "rec"), START_FRAME=1, NUM_FRAMES=117, VIDEO_HEIGHT=64, VIDEO_WIDTH=112)
     inputs = gp.load_inputs(s)
-    truth = gp.score_panels({"truth": inputs.truth}, inputs.keyboard, inputs.mouse, KEYS)["truth"]["overall"]
+    truth = previews.score_panels({"truth": inputs.truth}, inputs.keyboard, inputs.mouse, KEYS)["truth"]["overall"]
     blocks = torch.arange(117).split(8)
     for seed in range(3):
         order = torch.cat([blocks[i] for i in torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))])
-        shuffled = gp.score_panels({"x": inputs.truth}, inputs.keyboard[order], inputs.mouse[order], KEYS)["x"]
+        shuffled = previews.score_panels({"x": inputs.truth}, inputs.keyboard[order], inputs.mouse[order], KEYS)["x"]
         assert shuffled["overall"] < truth - 0.3, (seed, truth, shuffled["overall"])

@@ -8,8 +8,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from contextlib import nullcontext
+
 import finetune_base_model as fb
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, data_settings
+from demo_world.setup import DEMO_DIR, TRAINING_DEMO_SETTINGS, prepare_demo
+from runs.errors import TrainingError
+from runs.folder import METRICS_FILE, STATE_FILE
+from runs.metrics import METRICS_COLUMNS
+from training.epochs import epoch_order, plan_epoch, sample_noise
+from training.flow_matching import flow_matching_step, prepare_trainable, validate
+from training.schedule import lr_factor
 from wan import flow
 from wan.config import WanConfig
 from wan.loading import load_base_model
@@ -22,7 +31,7 @@ def run_settings(tiny_assets, tmp_path, *overrides):
               "PREVIEW_EVERY_EPOCHS": 0})
     for item in overrides:
         name, value = item.split("=", 1)
-        s[name] = type(fb.DEMO_SETTINGS.get(name, getattr(fb, name)))(value) if not isinstance(
+        s[name] = type(TRAINING_DEMO_SETTINGS.get(name, getattr(fb, name)))(value) if not isinstance(
             getattr(fb, name), bool) else value.lower() == "true"
     fb.check_settings(s)
     return s
@@ -46,7 +55,7 @@ def test_overrides_are_typed_and_unknown_names_list_the_valid_ones():
 
 def test_demo_settings_apply_and_overrides_win():
     s, demo = fb.parse_settings(["--demo", "--NUM_EPOCHS=1"])
-    assert demo and s["NUM_EPOCHS"] == 1 and s["DATA_DIR"] == fb.DEMO_SETTINGS["DATA_DIR"]
+    assert demo and s["NUM_EPOCHS"] == 1 and s["DATA_DIR"] == TRAINING_DEMO_SETTINGS["DATA_DIR"]
 
 
 @pytest.mark.parametrize("override,message", [
@@ -63,40 +72,40 @@ def test_bad_settings_are_named(override, message):
 
 
 def test_learning_rate_schedule_by_hand():
-    assert fb.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert fb.lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert fb.lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert fb.lr_factor(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine half-way
-    assert fb.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
-    assert fb.lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine half-way
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
 
 
 def test_epoch_order_is_seeded_and_differs_per_epoch():
-    order = fb.epoch_order(10, seed=1, epoch=3)
-    assert sorted(order) == list(range(10)) and order == fb.epoch_order(10, seed=1, epoch=3)
-    assert order != fb.epoch_order(10, seed=1, epoch=4)
+    order = epoch_order(10, seed=1, epoch=3)
+    assert sorted(order) == list(range(10)) and order == epoch_order(10, seed=1, epoch=3)
+    assert order != epoch_order(10, seed=1, epoch=4)
 
 
 def test_epoch_plan_by_hand():
-    steps, dropped = fb.plan_epoch(0, 7, batch_size=2, accum=2, world=1)
+    steps, dropped = plan_epoch(0, 7, batch_size=2, accum=2, world=1)
     assert steps == [[[[0, 1]], [[2, 3]]], [[[4, 5]], [[6]]]] and dropped == 0
     # two ranks with one clip each see the same clips per micro-batch as one rank with two
-    steps2, dropped2 = fb.plan_epoch(0, 7, batch_size=1, accum=2, world=2)
+    steps2, dropped2 = plan_epoch(0, 7, batch_size=1, accum=2, world=2)
     assert steps2 == [[[[0], [1]], [[2], [3]]], [[[4], [5]]]] and dropped2 == 1
     # a short last micro-batch is split as evenly as possible
-    assert fb.plan_epoch(0, 7, batch_size=2, accum=1, world=2)[0][-1] == [[[4, 5], [6]]]
+    assert plan_epoch(0, 7, batch_size=2, accum=1, world=2)[0][-1] == [[[4, 5], [6]]]
     # resuming at a step boundary continues the same plan
-    assert fb.plan_epoch(4, 7, batch_size=2, accum=2, world=1)[0] == steps[1:]
+    assert plan_epoch(4, 7, batch_size=2, accum=2, world=1)[0] == steps[1:]
     # fewer clips than ranks: no step at all (the training script refuses to start)
-    assert fb.plan_epoch(0, 1, batch_size=1, accum=4, world=2) == ([], 1)
+    assert plan_epoch(0, 1, batch_size=1, accum=4, world=2) == ([], 1)
 
 
 def test_noise_per_sample_does_not_depend_on_batching():
     sampling = dict(mode="uniform", shift=5.0, min_sigma=0.0, max_sigma=1.0)
-    a = fb.sample_noise(1, 2, 3, (4, 5), sampling)
-    b = fb.sample_noise(1, 2, 3, (4, 5), sampling)
+    a = sample_noise(1, 2, 3, (4, 5), sampling)
+    b = sample_noise(1, 2, 3, (4, 5), sampling)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    c = fb.sample_noise(1, 2, 4, (4, 5), sampling)
+    c = sample_noise(1, 2, 4, (4, 5), sampling)
     assert not torch.equal(a[1], c[1])
 
 
@@ -117,7 +126,7 @@ def test_flow_matching_step_is_the_velocity_mse(tiny_assets):
     model, _ = load_base_model(tiny_assets["BASE_MODEL_DIR"])
     batch = tiny_batch(model)
     sigma, noise = torch.tensor([0.3, 0.9]), torch.randn(2, 16, 3, 4, 6)
-    losses = fb.flow_matching_step(model, batch, sigma, noise, fb.nullcontext())
+    losses = flow_matching_step(model, batch, sigma, noise, nullcontext())
     x0 = batch["latents"]
     x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
     prediction = model(x_t, sigma * 1000, batch["visual_context"], batch["cond_concat"], batch["keyboard"],
@@ -133,21 +142,21 @@ def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch(tiny_assets, strate
     with torch.no_grad():  # a trained-looking model: no zero projections hiding the actions
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    trainable = fb.prepare_trainable(model, strategy, 1)
+    trainable = prepare_trainable(model, strategy, 1)
     batch, sigma, noise = tiny_batch(model), torch.tensor([0.5, 0.8]), torch.randn(2, 16, 3, 4, 6)
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
-    before = fb.flow_matching_step(model, batch, sigma, noise, fb.nullcontext()).mean()
+    before = flow_matching_step(model, batch, sigma, noise, nullcontext()).mean()
     before.backward()
     optimizer.step()
-    after = fb.flow_matching_step(model, batch, sigma, noise, fb.nullcontext()).mean()
+    after = flow_matching_step(model, batch, sigma, noise, nullcontext()).mean()
     assert after < before
 
 
 def test_bf16_autocast_with_float32_masters_trains_only_the_strategy(tiny_assets):
     model, _ = load_base_model(tiny_assets["BASE_MODEL_DIR"], dtype=torch.bfloat16)
-    trainable = fb.prepare_trainable(model, "action_only", 0)
+    trainable = prepare_trainable(model, "action_only", 0)
     batch = tiny_batch(model)
-    loss = fb.flow_matching_step(model, batch, torch.tensor([0.5, 0.7]), torch.randn(2, 16, 3, 4, 6),
+    loss = flow_matching_step(model, batch, torch.tensor([0.5, 0.7]), torch.randn(2, 16, 3, 4, 6),
                                  torch.autocast("cpu", dtype=torch.bfloat16)).mean()
     assert torch.isfinite(loss)
     loss.backward()
@@ -185,7 +194,7 @@ def test_run_writes_every_output_and_freezes_by_strategy(tiny_assets, tmp_path):
     assert meta["strategy"] == "action_only" and meta["keyboard_keys"] == "W,S,A,D" and meta["epoch"] == "2"
 
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",") == list(fb.METRICS_COLUMNS) and len(rows) == 1 + summary["steps"]
+    assert rows[0].split(",") == list(METRICS_COLUMNS) and len(rows) == 1 + summary["steps"]
     info = (out / "training_info.txt").read_text()
     for field in ("code commit:", "device: cpu", "strategy action_only", "trainable", "frozen",
                   "epoch 2: train loss", "action gain", "s per optimizer step", "Data report:",
@@ -197,14 +206,14 @@ def test_run_writes_every_output_and_freezes_by_strategy(tiny_assets, tmp_path):
 def test_existing_run_is_not_overwritten_without_resume(tiny_assets, tmp_path):
     s = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=1")
     fb.train(s)
-    with pytest.raises(fb.TrainingError, match="already holds a run.*RESUME"):
+    with pytest.raises(TrainingError, match="already holds a run.*RESUME"):
         fb.train(s)
 
 
 def test_resume_refuses_changed_settings(tiny_assets, tmp_path):
     s = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=1")
     fb.train(s)
-    with pytest.raises(fb.TrainingError, match=f"LEARNING_RATE: {s['LEARNING_RATE']!r} -> 0.001"):
+    with pytest.raises(TrainingError, match=f"LEARNING_RATE: {s['LEARNING_RATE']!r} -> 0.001"):
         fb.train(dict(s, RESUME=True, LEARNING_RATE=1e-3, NUM_EPOCHS=2))
 
 
@@ -212,7 +221,7 @@ def test_resume_refuses_changed_actions(tiny_assets, tmp_path, monkeypatch):
     s = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=1")
     fb.train(s)
     monkeypatch.setattr(fb.data, "INVERT_MOUSE_Y", True)  # edited in convert_unreal_data.py, not a setting here
-    with pytest.raises(fb.TrainingError, match="keyboard or mouse rows differ.*INVERT_MOUSE_Y"):
+    with pytest.raises(TrainingError, match="keyboard or mouse rows differ.*INVERT_MOUSE_Y"):
         fb.train(dict(s, RESUME=True, NUM_EPOCHS=2))
 
 
@@ -220,7 +229,7 @@ def test_demo_never_clears_a_checkpoint_dir_given_on_the_command_line(tiny_asset
     mine = tmp_path / "my_run"
     mine.mkdir()
     (mine / "keep.txt").write_text("a real run")
-    fb.prepare_demo(dict(tiny_assets, CHECKPOINT_DIR=str(mine)), num_frames=80)
+    prepare_demo(dict(tiny_assets, CHECKPOINT_DIR=str(mine)), num_frames=80)
     assert (mine / "keep.txt").read_text() == "a real run"
 
 
@@ -234,9 +243,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save(tiny_assets
         return losses * float("nan") if len(calls) == 5 else losses
 
     monkeypatch.setattr(fb, "flow_matching_step", poisoned)
-    with pytest.raises(fb.TrainingError, match="loss became nan at optimizer step 3 .*remain valid"):
+    with pytest.raises(TrainingError, match="loss became nan at optimizer step 3 .*remain valid"):
         fb.train(s)
-    state = torch.load(Path(s["CHECKPOINT_DIR"]) / fb.STATE_FILE, weights_only=False)
+    state = torch.load(Path(s["CHECKPOINT_DIR"]) / STATE_FILE, weights_only=False)
     assert state["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
     assert not (Path(s["CHECKPOINT_DIR"]) / fb.FINAL_FILE).exists()
@@ -246,7 +255,7 @@ def test_ema_weights_go_to_validation_and_the_final_file(tiny_assets, tmp_path):
     s = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=1", "EMA_DECAY=0.5", "TRAINING_STRATEGY=full")
     fb.train(s)
     out = Path(s["CHECKPOINT_DIR"])
-    state = torch.load(out / fb.STATE_FILE, weights_only=False)
+    state = torch.load(out / STATE_FILE, weights_only=False)
     final = load_file(out / fb.FINAL_FILE)
     assert all(torch.equal(final[n], t) for n, t in state["ema"].items())
     assert any(not torch.equal(final[n], t) for n, t in state["trainable"].items())
@@ -256,28 +265,29 @@ def test_ema_weights_go_to_validation_and_the_final_file(tiny_assets, tmp_path):
 
 def test_validation_is_repeatable_and_the_action_gain_measures_action_use(tiny_assets, tmp_path):
     s = run_settings(tiny_assets, tmp_path)
-    import convert_unreal_data as data
-    import latent_cache
-    report = data.check_data(s["DATA_DIR"], sequence_length=9, clip_stride=4, height=32, width=64)
+    import latents.cache as latent_cache
+    from latents.dataset import CachedClipDataset
+    from recordings.report import check_data
+    report = check_data(s["DATA_DIR"], data_settings(sequence_length=9, clip_stride=4, video_height=32, video_width=64))
     clips = report.clips[::4]  # spread over the recording: different actions
     assert len({tuple(c.keyboard.sum(0).tolist()) for c in clips}) > 1
     cache = latent_cache.build_latent_cache(clips, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], 32, 64,
                                             dtype=s["CACHE_DTYPE"], num_workers=0, progress=False)
-    val_set = latent_cache.CachedClipDataset(clips, s["CACHE_DIR"], cache.settings)
+    val_set = CachedClipDataset(clips, s["CACHE_DIR"], cache.settings)
     model, _ = load_base_model(s["BASE_MODEL_DIR"])
     sigmas = flow.validation_sigmas(3)
     cpu = torch.device("cpu")
-    a = fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext())
-    assert a == fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext()) and len(a["val_loss_per_sigma"]) == 3
+    a = validate(model, val_set, sigmas, 0, cpu, nullcontext())
+    assert a == validate(model, val_set, sigmas, 0, cpu, nullcontext()) and len(a["val_loss_per_sigma"]) == 3
     with torch.no_grad():  # a model whose action outputs are zero cannot use actions: gain exactly 1
         for block in model.blocks:
             block.action_model.proj_keyboard.weight.zero_()
             block.action_model.proj_mouse.weight.zero_()
-    assert fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext())["action_gain"] == pytest.approx(1, abs=1e-6)
+    assert validate(model, val_set, sigmas, 0, cpu, nullcontext())["action_gain"] == pytest.approx(1, abs=1e-6)
     with torch.no_grad():
         for block in model.blocks:
             block.action_model.proj_keyboard.weight.normal_(0, 1.0)
-    using = fb.validate(model, val_set, sigmas, 0, cpu, fb.nullcontext())
+    using = validate(model, val_set, sigmas, 0, cpu, nullcontext())
     assert using["action_gain"] != pytest.approx(1.0, abs=1e-4)
 
 
@@ -298,8 +308,9 @@ if mode == "step":  # die in the middle of an optimizer step
         return real(*a, **k)
     fb.flow_matching_step = step
 else:  # die while training_state.pt is being written, after part of it is on disk
+    import runs.folder
     import wan.files
-    real = fb.torch_save_atomic
+    real = runs.folder.torch_save_atomic
     def save(obj, path):
         count[0] += 1
         if count[0] == at:
@@ -308,7 +319,7 @@ else:  # die while training_state.pt is being written, after part of it is on di
                 os.kill(os.getpid(), signal.SIGKILL)
             wan.files.write_atomic(path, half)
         return real(obj, path)
-    fb.torch_save_atomic = save
+    runs.folder.torch_save_atomic = save
 sys.exit(fb.main(sys.argv[3:]))
 """
 
@@ -343,8 +354,8 @@ def test_killed_run_resumes_to_bit_identical_weights(tiny_assets, tmp_path, mode
     a = load_file(tmp_path / "straight" / fb.FINAL_FILE)
     b = load_file(tmp_path / "killed" / fb.FINAL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    metrics_a = (tmp_path / "straight" / fb.METRICS_FILE).read_text().splitlines()
-    metrics_b = (tmp_path / "killed" / fb.METRICS_FILE).read_text().splitlines()
+    metrics_a = (tmp_path / "straight" / METRICS_FILE).read_text().splitlines()
+    metrics_b = (tmp_path / "killed" / METRICS_FILE).read_text().splitlines()
     assert [r.split(",")[:5] for r in metrics_a] == [r.split(",")[:5] for r in metrics_b]
 
 
@@ -355,11 +366,11 @@ def test_demo_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "finetune_base_model.py"), "--demo", "--NUM_EPOCHS=8"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / fb.DEMO_DIR / "checkpoints"
-    for name in ("base_finetuned_epoch5.safetensors", fb.FINAL_FILE, fb.METRICS_FILE, fb.INFO_FILE, fb.STATE_FILE):
+    out = tmp_path / DEMO_DIR / "checkpoints"
+    for name in ("base_finetuned_epoch5.safetensors", fb.FINAL_FILE, METRICS_FILE, fb.INFO_FILE, STATE_FILE):
         assert (out / name).is_file(), name
     assert list((out / fb.PREVIEW_DIR).glob("epoch8.*"))  # the demo previews its last epoch
-    history = torch.load(out / fb.STATE_FILE, weights_only=False)["history"]
+    history = torch.load(out / STATE_FILE, weights_only=False)["history"]
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
     assert history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
     info = (out / fb.INFO_FILE).read_text()

@@ -1,0 +1,1 @@
+"""What the scripts share on the command line: the settings block, --NAME=value overrides, --help."""

@@ -1,0 +1,213 @@
+"""The scripts' settings: the block at the top of each script, `--NAME=value` overrides,
+and `--help`, which lists every setting with its value and its comment.
+
+A script's settings are the upper-case names assigned between its two marker lines
+
+    # -----------------------------------------------------------------------------
+    # Settings: edit them here, or override any of them with --NAME=value.
+    ...
+    # -----------------------------------------------------------------------------
+
+Each one's description is the comment at the end of its line, or else the comment lines
+right above it; a comment line above a setting that has its own comment heads a group.
+"""
+
+import ast
+import io
+import re
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCK_START = "# Settings: edit them here"
+BLOCK_END = "# ---"
+HELP_FLAGS = ("--help", "-h")
+
+
+class SettingsError(ValueError):
+    """A bad command line or setting; the message names the setting and what was expected."""
+
+
+class ShowHelp(Exception):
+    """--help was given: the message is the help text (print it and exit with 0)."""
+
+
+def parse_overrides(argv, namespace_dict) -> tuple[dict, list[str]]:
+    """Split `--NAME=value` overrides of upper-case constants from the other arguments.
+
+    Each value is coerced to the type of the constant's current value in namespace_dict:
+    int, float, bool (true/false/1/0/yes/no), str, tuple (comma-separated), or None-able
+    (a None default takes None/none, else an int, a float or a string). Returns
+    (overrides, other_args); namespace_dict is not changed. Raises ValueError for an
+    unknown name (listing the valid ones) or a value of the wrong type.
+    """
+    valid = sorted(n for n, v in namespace_dict.items() if n.isupper() and _overridable(v))
+    overrides, rest = {}, []
+    for arg in argv:
+        match = re.fullmatch(r"--([A-Z][A-Z0-9_]*)(=(.*))?", arg, re.DOTALL)
+        if not match:
+            rest.append(arg)
+            continue
+        name, value = match.group(1), match.group(3)
+        if name not in valid:
+            known = "" if name not in namespace_dict else f" ({name} cannot be set from the command line)"
+            raise SettingsError(f"unknown setting --{name}{known}; valid names: {', '.join(valid)}")
+        if value is None:
+            raise SettingsError(f"--{name} needs a value: --{name}=VALUE")
+        overrides[name] = _coerce(name, value, namespace_dict[name])
+    return overrides, rest
+
+
+def _overridable(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, tuple))
+
+
+def _coerce(name: str, text: str, default):
+    def bad(kind: str):
+        return SettingsError(f"--{name}={text}: {name} is {kind} (now {default!r})")
+
+    text = text.strip()
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise bad("a bool: true/false, 1/0, yes/no")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise bad("an int") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("a float") from None
+    if isinstance(default, str):
+        return text
+    if isinstance(default, tuple):
+        items = tuple(item.strip() for item in text.split(",") if item.strip())
+        element = type(default[0]) if default else str
+        if element in (int, float):
+            try:
+                return tuple(element(item) for item in items)
+            except ValueError:
+                raise bad(f"a comma-separated list of {element.__name__}s") from None
+        return items
+    if text.lower() in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class ScriptSettings:
+    """A script's settings block: names in order, default values, descriptions, group headings."""
+
+    script: Path
+    names: tuple
+    descriptions: dict           # name -> one line
+    headings: dict               # name -> the group heading shown above it
+    module_globals: dict         # the script's namespace, where the current values live
+
+    @classmethod
+    def of(cls, script_globals: dict) -> "ScriptSettings":
+        """Read the settings block of the script whose module globals these are."""
+        script = Path(script_globals["__file__"])
+        names, descriptions, headings = read_settings_block(script.read_text(encoding="utf-8"), script.name)
+        return cls(script, tuple(names), descriptions, headings, script_globals)
+
+    @property
+    def defaults(self) -> dict:
+        """NAME -> the value in the script now (the block's value unless something changed it)."""
+        return {name: self.module_globals[name] for name in self.names}
+
+    def parse(self, argv, flags: dict[str, str] | None = None, presets: dict[str, dict] | None = None,
+              usage: str = "", other_arguments: bool = False) -> tuple[dict, set[str], list[str]]:
+        """argv -> (settings, flags given, other arguments).
+
+        settings = defaults, then the preset of every flag given that has one (e.g. --demo),
+        then --NAME=value overrides. flags maps each accepted --flag to its help line;
+        other arguments are an error unless positional. --help/-h raises ShowHelp.
+        """
+        flags, presets = dict(flags or {}), dict(presets or {})
+        argv = list(argv)
+        given = {a for a in argv if a in flags}
+        defaults = self.defaults
+        overrides, rest = parse_overrides([a for a in argv if a not in flags and a not in HELP_FLAGS], defaults)
+        settings = dict(defaults)
+        for flag in given:
+            settings.update(presets.get(flag, {}))
+        settings.update(overrides)
+        if any(a in HELP_FLAGS for a in argv):
+            raise ShowHelp(self.help_text(settings, flags, usage))
+        if rest and not other_arguments:
+            raise SettingsError(f"unexpected argument(s) {' '.join(rest)}; use --NAME=value with one of the "
+                                f"settings (--help lists them)"
+                                + (f", or {', '.join(flags)}" if flags else ""))
+        return settings, given, rest
+
+    def help_text(self, values: dict, flags: dict[str, str], usage: str = "") -> str:
+        name = self.script.name
+        lines = [f"usage: python {name} " + (usage or "[--NAME=value ...]")
+                 + "".join(f" [{flag}]" for flag in flags) + " [--help]"]
+        if flags:
+            lines += ["", "options:"] + [f"  {flag:<12} {text}" for flag, text in flags.items()]
+        lines += ["", f"settings (edit them at the top of {name}, or override any with --NAME=value; "
+                      "values shown as this command line sets them):"]
+        for setting in self.names:
+            if setting in self.headings:
+                lines.append(f"  # {self.headings[setting]}")
+            lines.append(f"  {setting} = {values[setting]!r}")
+            lines.append(f"      {self.descriptions.get(setting, '')}")
+        return "\n".join(lines)
+
+
+def read_settings_block(source: str, where: str = "script") -> tuple[list[str], dict, dict]:
+    """(names, descriptions, group headings) of the settings block in a script's source."""
+    lines = source.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith(BLOCK_START))
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(BLOCK_END))
+    except StopIteration:
+        raise ValueError(f"{where}: no settings block (a line starting {BLOCK_START!r} and a closing "
+                         f"{BLOCK_END!r} line)") from None
+    comments = {}  # 1-based line -> comment text, for comments after code on that line
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and token.line.strip() != token.string:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    names, descriptions, headings = [], {}, {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and start < node.lineno - 1 < end):
+            continue
+        for target in node.targets:
+            for name in _assigned_names(target):
+                names.append(name)
+                above = _comment_lines_above(lines, node.lineno - 1, start)
+                if node.lineno in comments:
+                    descriptions[name] = comments[node.lineno]
+                    if above:
+                        headings[name] = " ".join(above)
+                else:
+                    descriptions[name] = " ".join(above)
+    return names, descriptions, headings
+
+
+def _assigned_names(target) -> list[str]:
+    elements = target.elts if isinstance(target, ast.Tuple) else [target]
+    return [e.id for e in elements if isinstance(e, ast.Name) and e.id.isupper()]
+
+
+def _comment_lines_above(lines: list[str], index: int, stop: int) -> list[str]:
+    """The whole-line comments right above lines[index] (not past the block's first line)."""
+    found = []
+    i = index - 1
+    while i > stop and lines[i].lstrip().startswith("#"):
+        found.insert(0, lines[i].lstrip().lstrip("#").strip())
+        i -= 1
+    return found

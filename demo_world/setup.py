@@ -1,0 +1,66 @@
+"""What --demo means: the demo run's folder, its settings, and the set-up that writes the
+demo recording and tiny random weights in the official file formats.
+
+The training demo and the preview demo share these, so `generate_preview.py --demo`
+finds what `finetune_base_model.py --demo` wrote.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from demo_world.recording import write_demo_recording
+from recordings.input_csv import CSV_NAME
+from wan.clip import CLIPVisionConfig, CLIPVisionTower, save_clip
+from wan.config import tiny_config
+from wan.loading import CONFIG_NAME, save_base_model
+from wan.model import WanModel
+from wan.vae import VAEConfig, WanVAE, save_vae
+
+DEMO_DIR = "demo_run"
+# The training demo: the real pipeline on a generated recording with tiny random weights, on CPU.
+TRAINING_DEMO_SETTINGS = dict(
+    BASE_MODEL_DIR=f"{DEMO_DIR}/models/base_model", VAE_PATH=f"{DEMO_DIR}/models/tiny_vae.pth",
+    CLIP_PATH=f"{DEMO_DIR}/models/tiny_clip.pth", DATA_DIR=f"{DEMO_DIR}/data",
+    CACHE_DIR=f"{DEMO_DIR}/latent_cache", CHECKPOINT_DIR=f"{DEMO_DIR}/checkpoints", CACHE_DTYPE="fp32",
+    VIDEO_HEIGHT=64, VIDEO_WIDTH=112, SEQUENCE_LENGTH=17, CLIP_STRIDE=8, VAL_FRACTION=0.15,
+    TRAINING_STRATEGY="full",
+    BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, NUM_EPOCHS=15, LEARNING_RATE=2e-3, WARMUP_STEPS=10,
+    GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
+    SAVE_EVERY_EPOCHS=5, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=15,
+)
+DEMO_RECORDING_FRAMES = 900              # 36 s of play: enough variety that validation means something
+DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
+
+
+def prepare_demo(settings: dict, num_frames: int = DEMO_RECORDING_FRAMES) -> None:
+    """Write the demo recording and tiny random weights in the real file formats (once;
+    later demo runs reuse them and their latent cache), and clear demo_run/checkpoints (a
+    CHECKPOINT_DIR given on the command line is never cleared)."""
+    data_dir = Path(settings["DATA_DIR"])
+    if not (data_dir / CSV_NAME).is_file():
+        print(f"demo: rendering {num_frames} frames of the synthetic recording into {data_dir}")
+        write_demo_recording(data_dir, num_frames, settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"])
+    torch.manual_seed(0)
+    if not Path(settings["VAE_PATH"]).is_file():
+        save_vae(WanVAE(VAEConfig.tiny()), settings["VAE_PATH"])
+    clip_config = CLIPVisionConfig.tiny()
+    if not Path(settings["CLIP_PATH"]).is_file():
+        save_clip(CLIPVisionTower(clip_config), settings["CLIP_PATH"])
+    model_dir = Path(settings["BASE_MODEL_DIR"])
+    if not (model_dir / CONFIG_NAME).is_file():  # written last: its absence means an unfinished set-up
+        config = tiny_config(keyboard_dim=len(settings["KEYBOARD_KEYS"]), clip_dim=clip_config.width, **DEMO_MODEL)
+        model = WanModel(config)
+        with torch.no_grad():  # like a pretrained model, no zero output layers (any strategy can learn)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        save_base_model(model, model_dir)
+    if not settings["RESUME"] and settings["CHECKPOINT_DIR"] == TRAINING_DEMO_SETTINGS["CHECKPOINT_DIR"]:
+        shutil.rmtree(settings["CHECKPOINT_DIR"], ignore_errors=True)  # only the demo's own folder
+
+
+def demo_paths_under(root, settings: dict = TRAINING_DEMO_SETTINGS) -> dict:
+    """The demo's path settings moved from demo_run/ to root/ (tests and benchmarks)."""
+    return {name: str(Path(root) / value.removeprefix(DEMO_DIR + "/")) for name, value in settings.items()
+            if isinstance(value, str) and value.startswith(DEMO_DIR + "/")}

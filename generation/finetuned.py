@@ -1,0 +1,113 @@
+"""Fine-tuned checkpoints: the files the training script writes, and the model a preview
+(or any generation) runs - the base model with such a file applied - with the names of
+its keyboard columns."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from generation.errors import GenerationError
+from wan.config import WanConfig
+from wan.loading import CheckpointError, checkpoint_keyboard_dim, find_config_file, load_base_model
+from wan.model import WanModel
+
+BASE_MODEL_KEYS = ("W", "S", "A", "D")   # the official base checkpoint's keyboard columns
+FINAL_FILE = "base_finetuned_final.safetensors"  # the training script's last file: every tensor
+FULL_CONTENTS = "full state dict"        # the "contents" metadata of such a file
+
+
+@dataclass
+class LoadedModel:
+    model: WanModel
+    keyboard_keys: tuple             # the model's keyboard columns
+    description: str
+
+
+def model_keys(width: int, keyboard_keys, where: str) -> tuple:
+    """The names of a model's keyboard columns: KEYBOARD_KEYS when the widths agree, or the
+    base model's W, S, A, D picked out of a longer KEYBOARD_KEYS."""
+    keys = tuple(str(k).upper() for k in keyboard_keys)
+    if width == len(keys):
+        return keys
+    if width == len(BASE_MODEL_KEYS) and set(BASE_MODEL_KEYS) <= set(keys):
+        return BASE_MODEL_KEYS
+    raise GenerationError(f"{where} has a keyboard of {width} columns but KEYBOARD_KEYS has {len(keys)} "
+                       f"({', '.join(keys)}); set --KEYBOARD_KEYS to the keys it was trained with")
+
+
+def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.dtype) -> LoadedModel:
+    """The base model, with a fine-tuned checkpoint (empty: none) applied.
+
+    A full file (the training script's final file: every tensor of the model) is loaded
+    strictly on a model built from BASE_MODEL_DIR's config; a trainable-only file (its
+    epoch files) is applied over the base model, and every tensor in it must be one of the
+    model's with the same shape. The checkpoint's keyboard width decides the model's.
+    """
+    base_dir = Path(base_model_dir)
+    if not checkpoint:
+        model, _ = load_base_model(base_dir, device=device, dtype=dtype)  # with the file's own keyboard width
+        keys = model_keys(model.config.action_config.keyboard_dim_in, keyboard_keys, f"the base model in {base_dir}")
+        return LoadedModel(model.eval().requires_grad_(False), keys,
+                           f"base model {base_dir} (keyboard {', '.join(keys)})")
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"CHECKPOINT={path}: no such file (the training script writes "
+                              "base_finetuned_epoch<N>.safetensors and base_finetuned_final.safetensors)")
+    with safe_open(path, framework="pt") as f:
+        shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+        metadata = f.metadata() or {}
+    width = checkpoint_keyboard_dim(shapes, path) or len(keyboard_keys)
+    keys = tuple(str(k).upper() for k in keyboard_keys)
+    trained_keys = tuple(k for k in metadata.get("keyboard_keys", "").split(",") if k)
+    if trained_keys and trained_keys != keys:
+        raise GenerationError(f"{path} was trained with KEYBOARD_KEYS={','.join(trained_keys)} (its metadata), but "
+                           f"KEYBOARD_KEYS is {','.join(keys)}: pass --KEYBOARD_KEYS={','.join(trained_keys)}")
+    if width != len(keys):
+        raise GenerationError(f"{path} has a keyboard of {width} columns but KEYBOARD_KEYS has {len(keys)} "
+                           f"({', '.join(keys)}); set --KEYBOARD_KEYS to the keys it was trained with")
+
+    config = WanConfig.from_json(find_config_file(base_dir)).with_keyboard_dim(width)
+    with torch.device("meta"):
+        model = WanModel(config)
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    unknown = [f"{n} {s}" for n, s in shapes.items() if n not in expected]
+    wrong = [f"{n}: {s} here, {expected[n]} in the model" for n, s in shapes.items()
+             if n in expected and s != expected[n]]
+    full = metadata.get("contents") == FULL_CONTENTS or set(shapes) == set(expected)
+    missing = [n for n in expected if n not in shapes] if full else []
+    if unknown or wrong or missing:
+        lines = ([f"not in the model: {x}" for x in unknown] + [f"wrong shape: {x}" for x in wrong]
+                 + [f"missing from this full state dict: {x}" for x in missing])
+        raise CheckpointError(f"{path} does not fit the model of {base_dir} with a keyboard of {width} "
+                              f"({len(lines)} problem(s)):\n  " + "\n  ".join(lines[:20])
+                              + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))
+
+    with safe_open(path, framework="pt") as f:
+        state = {name: f.get_tensor(name).to(device).to(dtype) for name in shapes}
+    details = ", ".join(f"{k} {metadata[k]}" for k in ("strategy", "epoch", "weights") if k in metadata)
+    if full:
+        model.load_state_dict(state, strict=True, assign=True)
+        description = f"{path} (full state dict{', ' + details if details else ''}; config from {base_dir})"
+    else:
+        model, reinitialised = load_base_model(base_dir, keyboard_dim=width, device=device, dtype=dtype)
+        untrained = [n for n in reinitialised if n not in state]
+        if untrained:
+            raise CheckpointError(f"the base model's keyboard width differs from {path}'s ({width}), so its "
+                                  f"keyboard tensors were re-initialised, but {path} lacks "
+                                  f"{len(untrained)} of them: {', '.join(untrained[:5])}")
+        with torch.no_grad():
+            params = model.state_dict()
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+        description = (f"{base_dir} + {len(state)} fine-tuned tensors from {path} (trainable tensors only"
+                       + (f", {details}" if details else "") + ")")
+    return LoadedModel(model.eval().requires_grad_(False), keys, description + f"; keyboard {', '.join(keys)}")
+
+
+def select_keys(keyboard: torch.Tensor, keys, wanted) -> torch.Tensor:
+    """The columns of keyboard [T, len(keys)] named by wanted, in wanted's order."""
+    keys = [str(k).upper() for k in keys]
+    return keyboard[:, [keys.index(k) for k in wanted]]

@@ -1,0 +1,1 @@
+"""The latent cache: every clip's VAE latents, first-frame conditioning and CLIP tokens, encoded once."""

@@ -1,0 +1,201 @@
+"""input.csv: one row per frame - the keys held, the time, the frame number, optionally the
+mouse - in every variant Unreal exporters write (header or none, any case, CRLF, BOM,
+quotes, '=' or empty for no key, WA / AW / W+A)."""
+
+import csv
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from recordings.errors import DataError
+
+CSV_NAME = "input.csv"
+MAX_PROBLEMS_PER_FILE = 20  # a CSV's check stops after this many problems
+
+# Unreal's names for keys that are not one character, so that 'Space' is one key and not
+# S, P, A, C, E (two of which are ours). Matched case-insensitively, longest name first.
+UNREAL_KEY_NAMES = (
+    "SpaceBar", "Space", "LeftShift", "RightShift", "Shift", "LeftControl", "RightControl",
+    "Control", "LeftCtrl", "RightCtrl", "Ctrl", "LeftAlt", "RightAlt", "Alt", "LeftCommand",
+    "RightCommand", "Tab", "Enter", "Return", "Escape", "Esc", "BackSpace", "CapsLock",
+    "Delete", "Insert", "Home", "End", "PageUp", "PageDown", "Up", "Down", "Left", "Right",
+    "LeftMouseButton", "RightMouseButton", "MiddleMouseButton", "ThumbMouseButton",
+    "ThumbMouseButton2", "MouseScrollUp", "MouseScrollDown", "MouseWheelUp", "MouseWheelDown",
+    "Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine",
+    *(f"F{n}" for n in range(1, 13)),
+)
+NO_KEYS = ("", "=")
+KEY_SEPARATORS = re.compile(r"[\s+|;,/]+")
+
+
+class KeyParser:
+    """Turns a CSV key string ('WA', 'aw', 'W+Up', 'WSpaceBar', '=') into key names."""
+
+    def __init__(self, keyboard_keys, key_map: dict):
+        self.keyboard_keys = tuple(str(key).upper() for key in keyboard_keys)
+        if not self.keyboard_keys or len(set(self.keyboard_keys)) != len(self.keyboard_keys):
+            raise DataError(f"KEYBOARD_KEYS must be distinct key names, got {tuple(keyboard_keys)}")
+        self.mapping = {}
+        for name, target in key_map.items():
+            if target is not None and str(target).upper() not in self.keyboard_keys:
+                raise DataError(f"KEY_MAP maps {name!r} to {target!r}, which is not one of "
+                                f"KEYBOARD_KEYS {self.keyboard_keys} (or None)")
+            self.mapping[str(name).upper()] = None if target is None else str(target).upper()
+        names = {*self.keyboard_keys, *self.mapping, *(n.upper() for n in UNREAL_KEY_NAMES)}
+        self.names = sorted((n for n in names if len(n) > 1), key=len, reverse=True)
+        self._cache = {}
+
+    def tokens(self, text: str) -> tuple[str, ...]:
+        """The key names in a key string, in upper case, before KEY_MAP."""
+        text = text.strip()
+        if text in NO_KEYS:
+            return ()
+        found = []
+        for part in KEY_SEPARATORS.split(text.upper()):
+            i = 0
+            while i < len(part):
+                name = next((n for n in self.names if part.startswith(n, i)), part[i])
+                found.append(name)
+                i += len(name)
+        return tuple(found)
+
+    def parse(self, text: str) -> tuple[frozenset, tuple[str, ...]]:
+        """(our keys held, unmapped key names) for a key string."""
+        if text not in self._cache:
+            held, unmapped = set(), []
+            for token in self.tokens(text):
+                key = self.mapping.get(token, token)
+                if key in self.keyboard_keys:
+                    held.add(key)
+                else:
+                    unmapped.append(token)
+            self._cache[text] = (frozenset(held), tuple(unmapped))
+        return self._cache[text]
+
+
+@dataclass
+class CsvRow:
+    line: int
+    time: float
+    keys: frozenset          # our keys (after KEY_MAP)
+    unmapped: tuple          # other key names on this row
+    mouse: tuple | None      # (mouse_x, mouse_y) as written, None without mouse columns
+
+
+@dataclass
+class InputCsv:
+    path: Path
+    rows: dict               # frame number -> CsvRow
+    has_mouse: bool
+    duplicate_rows: int      # rows repeating an earlier row of the same frame exactly
+    unmapped_keys: Counter   # key name -> rows holding it
+    unmapped_examples: dict  # key name -> "'WSpace' (line 40)"
+
+
+def parse_input_csv(path, key_parser: KeyParser) -> InputCsv:
+    """Read an input.csv in any of its variants; every problem raises DataError naming file:line."""
+    path = Path(path)
+    records, end = [], 0  # (file line where the record starts, stripped cells)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                cells = [cell.strip() for cell in row]
+                if any(cells):
+                    records.append((start, cells))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}:{end + 1}: cannot read ({error})") from None
+
+    problems = []
+    columns = ["key", "time", "frame"]
+    if records and any(c.lower() in ("key", "frame") for c in records[0][1]):
+        line, header = records.pop(0)
+        header = [c.lower() for c in header]
+        allowed = ("key", "time", "frame", "mouse_x", "mouse_y")
+        unknown = [c for c in header if c not in allowed]
+        missing = [c for c in ("key", "time", "frame") if c not in header]
+        if unknown or missing or len(set(header)) != len(header) or (
+                ("mouse_x" in header) != ("mouse_y" in header)):
+            raise DataError(f"{path}:{line}: header {','.join(header)!r} is not usable: expected "
+                            "the columns key,time,frame and optionally mouse_x,mouse_y")
+        columns = header
+    if not records:
+        raise DataError(f"{path}:1: no rows (expected one row per frame: key,time,frame)")
+    has_mouse = "mouse_x" in columns
+
+    rows, unmapped_keys, examples, duplicates = {}, Counter(), {}, 0
+    previous_time = None
+    for line, cells in records:
+        if len(problems) >= MAX_PROBLEMS_PER_FILE:
+            problems.append(f"{path}:{line}: stopped checking after {MAX_PROBLEMS_PER_FILE} problems")
+            break
+        where = f"{path}:{line}"
+        if len(cells) != len(columns):
+            hint = "" if has_mouse or len(cells) != 5 else " (mouse columns need a header line)"
+            problems.append(f"{where}: {len(cells)} fields, expected {len(columns)} "
+                            f"({','.join(columns)}){hint}")
+            continue
+        value = dict(zip(columns, cells))
+        frame = _parse_frame_number(value["frame"])
+        if frame is None:
+            problems.append(f"{where}: frame number {value['frame']!r} is not a positive integer")
+            continue
+        try:
+            time = float(value["time"])
+        except ValueError:
+            time = math.nan
+        if not math.isfinite(time):
+            problems.append(f"{where}: time {value['time']!r} is not a number")
+            continue
+        if time < 0:
+            problems.append(f"{where}: negative time {time}")
+            continue
+        if previous_time is not None and time < previous_time:
+            problems.append(f"{where}: time goes backwards ({time} after {previous_time})")
+        previous_time = time
+        mouse = None
+        if has_mouse:
+            try:
+                mouse = (float(value["mouse_x"]), float(value["mouse_y"]))
+            except ValueError:
+                mouse = (math.nan, math.nan)
+            if not all(math.isfinite(m) for m in mouse):
+                problems.append(f"{where}: mouse_x,mouse_y {value['mouse_x']!r},{value['mouse_y']!r} "
+                                "are not numbers")
+                continue
+        keys, unmapped = key_parser.parse(value["key"])
+        row = CsvRow(line, time, keys, unmapped, mouse)
+        earlier = rows.get(frame)
+        if earlier is not None:
+            if (earlier.keys, sorted(earlier.unmapped), earlier.mouse) != (keys, sorted(unmapped), mouse):
+                problems.append(f"{where}: frame {frame} already has a row at line {earlier.line} "
+                                f"that disagrees ({_describe(earlier)} there, {_describe(row)} here)")
+            else:
+                duplicates += 1
+            continue
+        rows[frame] = row
+        for name in unmapped:
+            unmapped_keys[name] += 1
+            examples.setdefault(name, f"{value['key']!r} ({CSV_NAME} line {line})")
+    if problems:
+        raise DataError(problems)
+    return InputCsv(path, rows, has_mouse, duplicates, unmapped_keys, examples)
+
+
+def _parse_frame_number(text: str) -> int | None:
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not number.is_integer() or number < 1:
+        return None
+    return int(number)
+
+
+def _describe(row: CsvRow) -> str:
+    keys = "".join(sorted(row.keys)) + "".join(f"+{k}" for k in sorted(row.unmapped))
+    text = f"keys {keys or 'none'}"
+    return text if row.mouse is None else f"{text}, mouse {row.mouse[0]:g},{row.mouse[1]:g}"

@@ -1,0 +1,1 @@
+"""The run folder every trainer shares: lock, saved state and resume checks, metrics, info file."""

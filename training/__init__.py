@@ -1,0 +1,1 @@
+"""Training methods and the machinery they share: ranks, precision, schedules, EMA, epochs."""

@@ -1,0 +1,55 @@
+"""What an epoch trains on, in which order, and with which noise: all seeded, so that a
+run gives the same steps on any number of ranks and after any interruption."""
+
+import hashlib
+
+import torch
+
+from wan import flow
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The clips of an epoch in a fresh seeded order; the same for every rank and on resume."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+
+
+def plan_epoch(start: int, total: int, batch_size: int, accum: int, world: int) -> tuple[list, int]:
+    """Cut positions [start, total) of the epoch order into optimizer steps.
+
+    Returns (steps, dropped): steps[k][m][r] lists the positions rank r trains on in
+    micro-batch m of step k. A micro-batch takes the next batch_size x world positions,
+    rank by rank; the last one may be smaller (split as evenly as possible) and the last
+    step may have fewer micro-batches. Positions that cannot give every rank one clip are
+    dropped (only possible with several ranks). Steps consume consecutive positions, so a
+    run resumed at any step boundary - on any number of ranks - continues the same order.
+    """
+    micro, position = [], start
+    while total - position >= world:
+        size = min(batch_size * world, total - position)
+        base, extra = divmod(size, world)
+        per_rank = []
+        for r in range(world):
+            n = base + (r < extra)
+            per_rank.append(list(range(position, position + n)))
+            position += n
+        micro.append(per_rank)
+    steps = [micro[i:i + accum] for i in range(0, len(micro), accum)]
+    return steps, total - position
+
+
+def sample_noise(seed: int, epoch: int, position: int, shape, sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigma and noise of one training sample, drawn from its own seeded generator:
+    the same whatever the batch size, the number of ranks or an interruption."""
+    key = hashlib.sha256(f"{seed}:{epoch}:{position}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    sigma = flow.sample_sigmas(1, generator=g, **sampling)
+    return sigma, torch.randn(shape, generator=g)
+
+
+def actions_digest(clips) -> str:
+    """A fingerprint of the clips' keyboard and mouse rows (what KEY_MAP and the CSVs decide)."""
+    digest = hashlib.sha256()
+    for clip in clips:
+        digest.update(clip.keyboard.numpy().tobytes())
+        digest.update(clip.mouse.numpy().tobytes())
+    return digest.hexdigest()
