@@ -40,7 +40,9 @@ def test_save_load_round_trip(saved):
     assert all(p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
     inputs = random_inputs(model.config, 1, 2, 4, 4)
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs), model(**inputs))
+        # separately allocated tensors may be aligned differently and take other CPU kernels:
+        # equal weights, outputs equal to rounding
+        assert torch.allclose(loaded(**inputs), model(**inputs), atol=1e-6, rtol=1e-5)
 
 
 def test_load_converts_to_the_requested_dtype(saved):
