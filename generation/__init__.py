@@ -1,0 +1,1 @@
+"""Turning a trained model into video: bidirectional windows and real-time streaming."""
