@@ -328,6 +328,32 @@ def test_static_buffers_do_not_grow_over_a_long_stream():
     assert (cache.next_frame, cache.local_end) == (36, 4)
 
 
+def test_analytic_flops_of_a_cached_call_equal_counted_flops():
+    # bench/bench_streaming.py's FLOPs per block rest on this count of one steady-state call
+    # (window full, context k/v cached); torch's counter sees every matmul the call makes.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.bench_model import forward_flops
+
+    model = tiny_causal_model(seed=33, local_attn_size=6, keyboard_dim=5, action_blocks=(1,))
+    inputs = random_inputs(model.config, 1, 9, *LATENT, seed=34)
+    t = block_timesteps(1, 3, seed=35)
+    cache = model.new_cache(1, *LATENT)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        run_stream(model, dict(inputs, x=inputs["x"][:, :, :6], cond_concat=inputs["cond_concat"][:, :, :6]),
+                   t[:, :6], cache)
+        part = slice(6, 9)
+        with counter:
+            model.forward_cached(inputs["x"][:, :, part], t[:, part], inputs["visual_context"],
+                                 inputs["cond_concat"][:, :, part], cache, 6, **block_actions(inputs, 6, tail=True))
+    first, end = block_action_rows(ACTION, 6, P)
+    expected = forward_flops(model.config, 1, P, *LATENT, key_frames=6, action_rows=end - first,
+                             context_kv=False, per_frame_t=True)
+    assert expected == counter.get_total_flops()
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_bad_streaming_calls_are_clear_errors():

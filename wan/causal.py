@@ -140,7 +140,9 @@ class CausalWanModel(WanModel):
         The call writes the block's keys/values into `cache`: the next call either goes on
         at start_frame + n or repeats start_frame (a later denoising step or the clean
         context pass, which overwrite this block's entries). With gradients on, the
-        backward of this call reaches the parameters; cached entries are detached.
+        backward of this call reaches the parameters; cached entries are detached, so no
+        gradient crosses calls. Gradient checkpointing does not apply here: one block's
+        activations are small, and a recompute would see caches that later calls changed.
         """
         if torch.is_tensor(t) and t.dim() == 1 and x.dim() == 5:
             t = t[:, None].expand(-1, x.shape[2])

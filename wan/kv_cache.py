@@ -82,8 +82,9 @@ class RollingKV:
             self.k[:, :, write] = k.detach()
             self.v[:, :, write] = v.detach()
         past = slice(plan.window_start * e, plan.write_start * e)
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            # the cached past (detached) joined to this call's own k, v with their graph
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            # the cached past (detached) joined to this call's own k, v with their graph; a
+            # copy, so that autograd never saves a view of the buffer that later calls rewrite
             keys = torch.cat([self.k[:, :, past], k.to(self.k.dtype)], dim=2)
             values = torch.cat([self.v[:, :, past], v.to(self.v.dtype)], dim=2)
         else:
@@ -142,11 +143,11 @@ class StreamCache:
         self.capacity = config.local_attn_size  # latent frames; the attention window equals it
         self.sink = config.sink_size
         action = config.action_config
+        def rolling(rows, heads, entries, head_dim, sink=0):
+            return RollingKV(rows, heads, self.capacity, entries, head_dim, sink, device, dtype)
+
         self.layers = []
         for index in range(config.num_layers):
-            def rolling(rows, heads, entries, head_dim, sink=0):
-                return RollingKV(rows, heads, self.capacity, entries, head_dim, sink, device, dtype)
-
             self_kv = rolling(batch, config.num_heads, tokens_per_frame, config.head_dim, self.sink)
             owns_action = index in action.blocks
             # The action caches never keep sink frames (the reference hard-codes 0 there).
