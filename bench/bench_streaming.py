@@ -155,6 +155,7 @@ def bench(name: str, config: WanConfig, vae_config: VAEConfig, device: torch.dev
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks after the first (median reported)")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU case (in a GPU session)")
     parser.add_argument("--cpu-size", default=f"{VIDEO_HEIGHT}x{VIDEO_WIDTH}", metavar="HxW",
                         help="video size of the CPU case (multiples of 16)")
     args = parser.parse_args(argv)
@@ -170,8 +171,9 @@ def main(argv=None):
     print_flops(universal, DENOISING_STEPS["universal"], latent_hw)
 
     tiny = tiny_config(local_attn_size=universal.local_attn_size, action_blocks=(0,))
-    bench(f"tiny student + tiny VAE, {args.cpu_size} (cpu, float32)", tiny, VAEConfig.tiny(),
-          torch.device("cpu"), torch.float32, torch.float32, cpu_hw, args.blocks)
+    if not args.no_cpu:
+        bench(f"tiny student + tiny VAE, {args.cpu_size} (cpu, float32)", tiny, VAEConfig.tiny(),
+              torch.device("cpu"), torch.float32, torch.float32, cpu_hw, args.blocks)
     if torch.cuda.is_available():
         bench(f"distilled universal, {VIDEO_HEIGHT}x{VIDEO_WIDTH} (cuda, bf16 student, fp16 VAE)", universal,
               VAEConfig(), torch.device("cuda"), torch.bfloat16, torch.float16, latent_hw, args.blocks)
