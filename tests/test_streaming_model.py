@@ -46,17 +46,22 @@ def block_actions(inputs, start, frames=P, tail=False):
 ACTION = tiny_config().action_config  # windows and ratio are the same in every tiny config
 
 
+def call_block(model, inputs, cache, start, t, x=None, tail=False):
+    """One cached call for the block of frames start..start+P-1 at timesteps t [B, P] (its
+    own latents from inputs unless x is given)."""
+    part = slice(start, start + P)
+    x = inputs["x"][:, :, part] if x is None else x
+    return model.forward_cached(x, t, inputs["visual_context"], inputs["cond_concat"][:, :, part], cache, start,
+                                **block_actions(inputs, start, tail=tail))
+
+
 def run_stream(model, inputs, t, cache=None, tail_every_other=True):
     """Feed the blocks of a sequence one call each through a fresh cache; [B, 16, F, h, w]."""
     frames = inputs["x"].shape[2]
     cache = cache or model.new_cache(inputs["x"].shape[0], *inputs["x"].shape[3:])
-    out = []
-    for start in range(0, frames, P):
-        part = slice(start, start + P)
-        out.append(model.forward_cached(
-            inputs["x"][:, :, part], t[:, part], inputs["visual_context"], inputs["cond_concat"][:, :, part],
-            cache, start, **block_actions(inputs, start, tail=tail_every_other and start // P % 2 == 1)))
-    return torch.cat(out, dim=2)
+    return torch.cat([call_block(model, inputs, cache, start, t[:, start:start + P],
+                                 tail=tail_every_other and start // P % 2 == 1)
+                      for start in range(0, frames, P)], dim=2)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -215,17 +220,12 @@ def test_repeating_a_start_overwrites_that_block():
     with torch.no_grad():
         clean = run_stream(model, inputs, t)
         cache = model.new_cache(1, *LATENT)
-        first = slice(0, P)
-        noise = torch.randn_like(inputs["x"][:, :, first])
-        for x in (noise, noise * 2, inputs["x"][:, :, first]):
-            model.forward_cached(x, torch.full((1, P), 500.0), inputs["visual_context"],
-                                 inputs["cond_concat"][:, :, first], cache, 0, **block_actions(inputs, 0))
-        model.forward_cached(inputs["x"][:, :, first], t[:, first], inputs["visual_context"],
-                             inputs["cond_concat"][:, :, first], cache, 0, **block_actions(inputs, 0))
-        second = slice(P, 2 * P)
-        out = model.forward_cached(inputs["x"][:, :, second], t[:, second], inputs["visual_context"],
-                                   inputs["cond_concat"][:, :, second], cache, P, **block_actions(inputs, P))
-    assert rel(out, clean[:, :, second]) < 1e-5
+        noise = torch.randn_like(inputs["x"][:, :, :P])
+        for x in (noise, noise * 2, inputs["x"][:, :, :P]):
+            call_block(model, inputs, cache, 0, torch.full((1, P), 500.0), x=x)
+        call_block(model, inputs, cache, 0, t[:, :P])
+        out = call_block(model, inputs, cache, P, t[:, P:])
+    assert rel(out, clean[:, :, P:]) < 1e-5
 
 
 def test_batch_of_two_equals_each_sample_alone():
@@ -274,17 +274,12 @@ def test_backward_through_one_cached_call_reaches_the_parameters():
     cache = model.new_cache(2, *LATENT)
     with torch.no_grad():  # the earlier blocks of a Self-Forcing rollout: no graph
         for start in (0, P):
-            part = slice(start, start + P)
-            model.forward_cached(inputs["x"][:, :, part], t[:, part], inputs["visual_context"],
-                                 inputs["cond_concat"][:, :, part], cache, start, **block_actions(inputs, start))
-    part = slice(2 * P, 3 * P)
-    args = (inputs["x"][:, :, part], t[:, part], inputs["visual_context"], inputs["cond_concat"][:, :, part],
-            cache, 2 * P)
-    out = model.forward_cached(*args, **block_actions(inputs, 2 * P))
+            call_block(model, inputs, cache, start, t[:, start:start + P])
+    out = call_block(model, inputs, cache, 2 * P, t[:, 2 * P:])
     # the cache holds detached copies: the next no-grad call (the context pass) rewrites
     # the same entries in place without disturbing this call's graph
     with torch.no_grad():
-        again = model.forward_cached(*args, **block_actions(inputs, 2 * P))
+        again = call_block(model, inputs, cache, 2 * P, t[:, 2 * P:])
     assert all(not c.k.requires_grad for layer in cache.layers for c in layer.rolling())
     out.square().mean().backward()
     ignored = ("attn_q_norm.weight", "attn_k_norm.weight")  # stored but never read
@@ -344,10 +339,8 @@ def test_analytic_flops_of_a_cached_call_equal_counted_flops():
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         run_stream(model, dict(inputs, x=inputs["x"][:, :, :6], cond_concat=inputs["cond_concat"][:, :, :6]),
                    t[:, :6], cache)
-        part = slice(6, 9)
         with counter:
-            model.forward_cached(inputs["x"][:, :, part], t[:, part], inputs["visual_context"],
-                                 inputs["cond_concat"][:, :, part], cache, 6, **block_actions(inputs, 6, tail=True))
+            call_block(model, inputs, cache, 6, t[:, 6:], tail=True)
     first, end = block_action_rows(ACTION, 6, P)
     expected = forward_flops(model.config, 1, P, *LATENT, key_frames=6, action_rows=end - first,
                              context_kv=False, per_frame_t=True)
