@@ -208,13 +208,14 @@ class StreamingGenerator:
         with R = rows_for_next_block, one row per frame (a scripted sequence, 6.4). A model
         without a mouse branch takes mouse=None.
         """
-        rows = {name: self._block_rows(name, cond) for name, cond in (("keyboard", keyboard), ("mouse", mouse))}
         start, P = self.next_frame, self.frames_per_block
+        rows = {name: self._block_rows(name, cond) for name, cond in (("keyboard", keyboard), ("mouse", mouse))}
+        cond_concat = self._cond_block(start)  # checked before the stream's state changes
         for name, new in rows.items():  # the history ends at the block's last raw frame
             if new is not None:
                 old = self.history[name]
                 self.history[name] = (new if old is None else torch.cat([old, new], dim=1))[:, -self.history_rows:]
-        call = dict(visual_context=self.visual_context, cond_concat=self._cond_block(start), cache=self.cache,
+        call = dict(visual_context=self.visual_context, cond_concat=cond_concat, cache=self.cache,
                     start_frame=start, keyboard_cond=self.history["keyboard"], mouse_cond=self.history["mouse"])
 
         x = self._randn()

@@ -47,12 +47,15 @@ class BlockCausalAttention:
     """The attention rules of the whole-sequence forward: F frames in blocks of P.
 
     Self-attention runs block by block, each block's queries over the keys of its visible
-    frames, with plain scaled_dot_product_attention: no mask at all, so on a GPU the fused
-    flash kernel runs, the work is exactly the block-sparse part, and memory grows with one
-    block's scores, not with the [L, L] of the sequence (13,200 tokens: a dense boolean
-    mask alone would be 174 MB, and masked SDPA falls back to slower kernels; flex_attention
-    would need torch.compile to be fast and runs unfused on the CPU). The action attentions
-    are over frames (F <= a few dozen), so a small boolean mask is enough there.
+    frames (contiguous ranges), with plain scaled_dot_product_attention and no mask: on a
+    GPU the flash kernel runs (no score matrix in memory, in the forward or the backward),
+    and everywhere the work is exactly the visible part. At 15 frames x 880 = 13,200 tokens
+    a dense [L, L] mask would take 174 MB as booleans and push SDPA off the flash kernel,
+    to the memory-efficient one or, on the CPU, to materialised float32 scores of 8.4 GB
+    per sample and layer (12 heads); here the CPU holds one block's scores at a time
+    (2,640 x 5,280 per head at L = 6). flex_attention would express the same masks but is
+    only fast when compiled (eager it is unfused on the CPU). The action attentions run
+    over frames (F is a few dozen at most), where a small boolean mask costs nothing.
     """
 
     def __init__(self, num_frames: int, frames_per_block: int, local_attn_size: int, sink_size: int,
@@ -66,6 +69,7 @@ class BlockCausalAttention:
             for first, last in visible_frames(end, local_attn_size, 0):
                 allowed[start:end, first:last] = True
         self.frame_mask = allowed.to(device)  # [query frame, key frame]
+        self.token_mask = self.frame_mask.repeat_interleave(tokens_per_frame, dim=0)  # [query token, key frame]
 
     def self_attention(self, q, k, v):
         """q, k, v [B, n, F*S, d]."""
@@ -84,14 +88,16 @@ class BlockCausalAttention:
 
     def keyboard(self, q, k, v):
         """q [B, heads, F*S, d] (frame-major), k, v [B, heads, F, d]."""
-        mask = self.frame_mask.repeat_interleave(self.tokens_per_frame, dim=0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.token_mask)
 
     def context_kv(self, compute):
         return compute()
 
 
 class CausalWanModel(WanModel):
+    """The streaming student (see the module docstring): `forward` for whole sequences,
+    `new_cache` + `forward_cached` for one block at a time."""
+
     def __init__(self, config: WanConfig, frames_per_block: int = FRAMES_PER_BLOCK):
         super().__init__(config)
         if frames_per_block < 1:
@@ -144,6 +150,8 @@ class CausalWanModel(WanModel):
         gradient crosses calls. Gradient checkpointing does not apply here: one block's
         activations are small, and a recompute would see caches that later calls changed.
         """
+        if not isinstance(start_frame, int) or start_frame < 0:
+            raise ValueError(f"start_frame must be a latent frame index >= 0, got {start_frame!r}")
         if torch.is_tensor(t) and t.dim() == 1 and x.dim() == 5:
             t = t[:, None].expand(-1, x.shape[2])
         self.check_inputs(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond,

@@ -131,7 +131,8 @@ class StreamCache:
 
     Make it with CausalWanModel.new_cache; the model's forward_cached(..., cache, start_frame)
     updates it. Calls must go in stream order: each call either continues right after the
-    previous one (the next block) or repeats its start (the same block again).
+    previous one (the next block) or repeats its start (the same block again). A call that
+    fails half-way leaves the stream unusable: reset() it.
     """
 
     def __init__(self, config: WanConfig, batch: int, tokens_per_frame: int, device, dtype):
