@@ -148,8 +148,9 @@ def bench(name: str, config: WanConfig, vae_config: VAEConfig, device: torch.dev
               if device.type == "cuda" else "")
     print(f"{name}: {total:.3f} s/block = {FRAMES_PER_BLOCK_VIDEO / total:.2f} FPS "
           f"(median of {blocks} blocks after the first{memory}); student {len(steps) + 1} passes "
-          f"{100 * in_student / total:.0f}%, VAE decode {100 * in_decode / total:.0f}%, "
-          f"rest {100 * max(0.0, total - in_student - in_decode) / total:.0f}%", flush=True)
+          f"{in_student:.3f} s ({100 * in_student / total:.0f}%), VAE decode {in_decode:.3f} s "
+          f"({100 * in_decode / total:.0f}%), rest {100 * max(0.0, total - in_student - in_decode) / total:.0f}%",
+          flush=True)
 
 
 def main(argv=None):
