@@ -18,6 +18,7 @@ attention (QK^T and AV: 4 * queries * keys * width) - per sample:
   per block:  self-attn   8 L C^2 + 4 L^2 C
               cross-attn  4 L C^2 + 4 Lc C^2 + 4 L Lc C
               ffn         4 L C Dff
+  per action module (in every block of the base model):
               mouse       2 L C Dm + 2 F (2P) Dm + 2 L Dm^2 + 6 L Dm^2 + 4 L F Dm + 2 L Dm C
               keyboard    2 N (K h + h^2) + 4 F (P h) Dk + 2 L C Dk + 4 L F Dk + 2 L Dk C
   once:       patch 2 L (36*4) C, time 2 (256 C + C^2 + 6 C^2), img_emb 2 Lc (1280^2 + 1280 C),
@@ -60,30 +61,41 @@ REAL_FRAMES = 57
 
 
 def forward_flops(config: WanConfig, batch: int, latent_frames: int, latent_height: int,
-                  latent_width: int, context_tokens: int = CONTEXT_TOKENS) -> int:
-    """Matmul FLOPs of one forward pass (see the module docstring for the formula)."""
+                  latent_width: int, context_tokens: int = CONTEXT_TOKENS, key_frames: int | None = None,
+                  action_rows: int | None = None, context_kv: bool = True, per_frame_t: bool = False) -> int:
+    """Matmul FLOPs of one forward pass (see the module docstring for the formula).
+
+    The defaults describe the base model's bidirectional pass. A streaming call of the
+    causal model (bench_streaming.py) sets key_frames (latent frames each query attends to:
+    its window), action_rows (raw rows the keyboard embedding runs over), context_kv=False
+    when the cross-attention k/v come from the stream's cache, and per_frame_t (one time
+    embedding per latent frame). Action terms count only the blocks that own a module.
+    """
     a = config.action_config
     C, Dff, Lc = config.dim, config.ffn_dim, context_tokens
     F = latent_frames
-    L = F * tokens_per_latent_frame(latent_height, latent_width)
-    N = video_frame_count(F)
+    S = tokens_per_latent_frame(latent_height, latent_width)
+    L = F * S
+    Fk = F if key_frames is None else key_frames
+    N = video_frame_count(F) if action_rows is None else action_rows
     P = a.window_frames
-    block = 8 * L * C * C + 4 * L * L * C
-    block += 4 * L * C * C + 4 * Lc * C * C + 4 * L * Lc * C
+    block = 8 * L * C * C + 4 * L * Fk * S * C
+    block += 4 * L * C * C + (4 * Lc * C * C if context_kv else 0) + 4 * L * Lc * C
     block += 4 * L * C * Dff
+    action = 0
     if a.enable_mouse:
         Dm = a.mouse_hidden_dim
-        block += (2 * L * C * Dm + 2 * F * a.mouse_dim_in * P * Dm + 2 * L * Dm * Dm
-                  + 6 * L * Dm * Dm + 4 * L * F * Dm + 2 * L * Dm * C)
+        action += (2 * L * C * Dm + 2 * F * a.mouse_dim_in * P * Dm + 2 * L * Dm * Dm
+                   + 6 * L * Dm * Dm + 4 * L * Fk * Dm + 2 * L * Dm * C)
     if a.enable_keyboard:
         Dk, h = a.keyboard_hidden_dim, a.hidden_size
-        block += (2 * N * (a.keyboard_dim_in * h + h * h) + 4 * F * P * h * Dk
-                  + 2 * L * C * Dk + 4 * L * F * Dk + 2 * L * Dk * C)
+        action += (2 * N * (a.keyboard_dim_in * h + h * h) + 4 * F * P * h * Dk
+                   + 2 * L * C * Dk + 4 * L * Fk * Dk + 2 * L * Dk * C)
     once = 2 * L * config.in_dim * math.prod(PATCH_SIZE) * C
-    once += 2 * (config.freq_dim * C + C * C + 6 * C * C)
+    once += 2 * (config.freq_dim * C + C * C + 6 * C * C) * (F if per_frame_t else 1)
     once += 2 * Lc * (config.clip_dim ** 2 + config.clip_dim * C)
     once += 2 * L * C * math.prod(PATCH_SIZE) * config.out_dim
-    return batch * (config.num_layers * block + once)
+    return batch * (config.num_layers * block + len(a.blocks) * action + once)
 
 
 def bf16_peak_tflops(device: torch.device) -> float | None:

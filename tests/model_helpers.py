@@ -20,3 +20,14 @@ def tiny_model(seed: int = 0, perturbed: bool = True, **config_overrides) -> Wan
     torch.manual_seed(seed)
     model = WanModel(tiny_config(**config_overrides))
     return perturb_(model, seed) if perturbed else model
+
+
+def tiny_causal_model(seed: int = 0, local_attn_size: int = 6, sink_size: int = 0,
+                      action_blocks=(0,), **config_overrides):
+    """A perturbed tiny streaming model: windowed attention, action modules in some blocks."""
+    from wan.causal import CausalWanModel
+
+    torch.manual_seed(seed)
+    config = tiny_config(local_attn_size=local_attn_size, sink_size=sink_size,
+                         action_blocks=action_blocks, **config_overrides)
+    return perturb_(CausalWanModel(config), seed)

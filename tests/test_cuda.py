@@ -53,3 +53,25 @@ def test_encoders_in_bf16_on_cuda_match_float32_on_cpu(tiny_assets):
         expected = run(cpu, video).float()
         got = run(gpu, video.cuda().to(torch.bfloat16)).float().cpu()
         assert (got - expected).norm() / expected.norm() < 0.05
+
+
+def test_streaming_student_in_bf16_on_cuda_matches_float32_on_cpu():
+    from generation.streaming import StreamingGenerator, block_action_chunks
+    from model_helpers import tiny_causal_model
+    from test_streaming_model import block_timesteps, run_stream
+    from wan.model import random_inputs
+    from wan.vae import StreamingDecoder, VAEConfig, WanVAE
+
+    cpu = tiny_causal_model(seed=0, local_attn_size=4).eval()
+    gpu = tiny_causal_model(seed=0, local_attn_size=4).eval().to("cuda", torch.bfloat16)
+    inputs = random_inputs(cpu.config, 2, 9, 4, 6)
+    t = block_timesteps(2, 3, seed=1)
+    with torch.no_grad():
+        expected = run_stream(cpu, inputs, t)
+        got = run_stream(gpu, {k: v.cuda() for k, v in inputs.items()}, t.cuda()).cpu()
+    assert (got - expected).norm() / expected.norm() < 0.03
+    vae = WanVAE(VAEConfig.tiny()).to("cuda", torch.float16).eval()
+    generator = StreamingGenerator(gpu, inputs["cond_concat"], inputs["visual_context"], StreamingDecoder(vae))
+    blocks = list(generator.stream(block_action_chunks(inputs["keyboard_cond"], inputs["mouse_cond"], 3)))
+    assert [b.video.shape[2] for b in blocks] == [9, 12, 12]
+    assert all(torch.isfinite(b.video).all() and b.video.device.type == "cuda" for b in blocks)

@@ -7,6 +7,10 @@ mouse window and attends over the F frames of its own spatial location; the keyb
 branch lets every token attend to the F embedded keyboard windows of its own sample.
 Both add their result to the residual stream through output projections initialised to
 zero, so a fresh module is the identity.
+
+The streaming model runs the same module on one block of latent frames at a time, at an
+absolute frame offset, with the action rows the block reads; its attention goes through
+the `attention` argument (block-causal masks or the KV cache, wan/causal.py).
 """
 
 from typing import NamedTuple
@@ -34,47 +38,90 @@ def action_window_rows(f: int, ratio: int, window_size: int) -> list[int]:
     return [max(ratio * f - window + j, 0) for j in range(window)]
 
 
-def action_window_index(num_latent_frames: int, ratio: int, window_size: int) -> torch.Tensor:
-    """[F, P] raw row indices, row f = action_window_rows(f): one gather for all frames."""
-    return torch.tensor([action_window_rows(f, ratio, window_size)
-                         for f in range(num_latent_frames)], dtype=torch.long)
+def action_window_index(num_latent_frames: int, ratio: int, window_size: int,
+                        first_frame: int = 0, first_row: int = 0) -> torch.Tensor:
+    """[F, P] row indices, row f = action_window_rows(first_frame + f) counted from raw row
+    first_row (the first row the caller passes): one gather for all frames."""
+    return torch.tensor([[row - first_row for row in action_window_rows(f, ratio, window_size)]
+                         for f in range(first_frame, first_frame + num_latent_frames)], dtype=torch.long)
 
 
 class ActionTables(NamedTuple):
     """What every block's action module needs for F latent frames (shared, cached)."""
 
-    window_index: torch.Tensor  # [F, P] raw action rows per latent frame
+    window_index: torch.Tensor  # [F, P] rows of the given action tensors per latent frame
     rope_cos: torch.Tensor  # [F, head_dim/2] float32
     rope_sin: torch.Tensor
 
 
 @cached_table
-def action_tables(config: ActionConfig, num_latent_frames: int, device) -> ActionTables:
+def action_tables(config: ActionConfig, num_latent_frames: int, device, first_frame: int = 0,
+                  first_row: int = 0) -> ActionTables:
+    """Tables for latent frames first_frame.. (absolute, for the RoPE) given action tensors
+    whose row 0 is raw row first_row."""
     index = action_window_index(num_latent_frames, config.vae_time_compression_ratio,
-                                config.windows_size)
-    angles = action_rope_angles(num_latent_frames, config.rope_dim_list, config.rope_theta)
+                                config.windows_size, first_frame, first_row)
+    angles = action_rope_angles(num_latent_frames, config.rope_dim_list, config.rope_theta, first_frame)
     return ActionTables(index.to(device), *cos_sin(angles, device))
+
+
+def _branch_inputs(config: ActionConfig, mouse_cond, keyboard_cond):
+    """(name, tensor, enabled, width) of the two branches, mouse first (the order they run)."""
+    return (("mouse_cond", mouse_cond, config.enable_mouse, config.mouse_dim_in),
+            ("keyboard_cond", keyboard_cond, config.enable_keyboard, config.keyboard_dim_in))
+
+
+def _check_branch_input(name: str, cond: torch.Tensor, enabled: bool, width: int | None, batch: int) -> None:
+    if not enabled:
+        raise ValueError(f"{name} was given but the action config disables that branch")
+    if cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != width:
+        raise ValueError(f"{name} must be [batch={batch}, frames, {width}], got {list(cond.shape)}")
 
 
 def check_action_inputs(config: ActionConfig, batch: int, num_latent_frames: int,
                         mouse_cond: torch.Tensor | None, keyboard_cond: torch.Tensor | None) -> None:
     """Raise a clear error unless the conditions fit the config and the latent frames."""
     expected_rows = video_frame_count(num_latent_frames)  # r = the VAE's stride (validated)
-    for name, cond, enabled, width in (
-        ("mouse_cond", mouse_cond, config.enable_mouse, config.mouse_dim_in),
-        ("keyboard_cond", keyboard_cond, config.enable_keyboard, config.keyboard_dim_in),
-    ):
+    for name, cond, enabled, width in _branch_inputs(config, mouse_cond, keyboard_cond):
         if cond is None:
             continue
-        if not enabled:
-            raise ValueError(f"{name} was given but the action config disables that branch")
-        if cond.dim() != 3 or cond.shape[0] != batch or cond.shape[2] != width:
-            raise ValueError(f"{name} must be [batch={batch}, frames, {width}], "
-                             f"got {list(cond.shape)}")
+        _check_branch_input(name, cond, enabled, width, batch)
         if cond.shape[1] != expected_rows:
             raise ValueError(
                 f"{name} has {cond.shape[1]} frames, but {num_latent_frames} latent frames "
                 f"need {VAE_TIME_STRIDE}*({num_latent_frames}-1)+1 = {expected_rows} raw action frames")
+
+
+def block_action_rows(config: ActionConfig, first_frame: int, num_frames: int) -> tuple[int, int]:
+    """Raw rows [first, end) that latent frames first_frame..first_frame+num_frames-1 need,
+    end = their last raw frame + 1 (a row the windows never read, but every action tensor
+    of a call ends there: the reference passes the whole prefix up to it)."""
+    ratio = config.vae_time_compression_ratio
+    return max(0, ratio * first_frame - config.window_frames), ratio * (first_frame + num_frames - 1) + 1
+
+
+def trim_block_actions(config: ActionConfig, batch: int, first_frame: int, num_frames: int,
+                       mouse_cond: torch.Tensor | None, keyboard_cond: torch.Tensor | None):
+    """Check the action tensors of one streaming call and cut them to the rows it reads.
+
+    Each tensor [B, N, width] ends at the block's last raw frame; it is either the whole
+    prefix from raw frame 0 or any tail that reaches back to the first row a window reads
+    (so a stream of any length needs only a bounded action history).
+    Returns (mouse, keyboard, first_row): the trimmed tensors and the raw row of their row 0.
+    """
+    first, end = block_action_rows(config, first_frame, num_frames)
+    trimmed = []
+    for name, cond, enabled, width in _branch_inputs(config, mouse_cond, keyboard_cond):
+        if cond is not None:
+            _check_branch_input(name, cond, enabled, width, batch)
+            if not end - first <= cond.shape[1] <= end:
+                raise ValueError(
+                    f"{name} has {cond.shape[1]} rows; latent frames {first_frame}..{first_frame + num_frames - 1} "
+                    f"need the raw rows up to raw frame {end - 1}: the whole prefix ({end} rows) or a tail "
+                    f"of at least {end - first} rows ending there")
+            cond = cond[:, cond.shape[1] - (end - first):]
+        trimmed.append(cond)
+    return trimmed[0], trimmed[1], first
 
 
 class RMSNormIgnoringWeight(nn.Module):
@@ -122,19 +169,21 @@ class ActionModule(nn.Module):
             self.proj_keyboard = nn.Linear(hidden, dim, bias=c.qkv_bias)
 
     def forward(self, x: torch.Tensor, tables: ActionTables, mouse_cond: torch.Tensor | None = None,
-                keyboard_cond: torch.Tensor | None = None) -> torch.Tensor:
+                keyboard_cond: torch.Tensor | None = None, attention=None) -> torch.Tensor:
         """x [B, F*S, C] frame-major tokens; tables = action_tables(config, F, device);
-        conditions [B, N, width] with N = r*(F-1)+1 (see check_action_inputs)."""
+        conditions [B, N, width] with N = r*(F-1)+1 (see check_action_inputs), or the rows
+        `tables` index (streaming). attention: None for full attention over the F frames,
+        else an object whose mouse(q, k, v) / keyboard(q, k, v) attend causally."""
         c = self.config
         num_frames = tables.window_index.shape[0]
         window_index, cos, sin = tables
         if c.enable_mouse and mouse_cond is not None:
-            x = x + self._mouse(x, num_frames, mouse_cond, window_index, cos, sin)
+            x = x + self._mouse(x, num_frames, mouse_cond, window_index, cos, sin, attention)
         if c.enable_keyboard and keyboard_cond is not None:
-            x = x + self._keyboard(x, num_frames, keyboard_cond, window_index, cos, sin)
+            x = x + self._keyboard(x, num_frames, keyboard_cond, window_index, cos, sin, attention)
         return x
 
-    def _mouse(self, x, num_frames, mouse_cond, window_index, cos, sin):
+    def _mouse(self, x, num_frames, mouse_cond, window_index, cos, sin, attention):
         B, L, C = x.shape
         S = L // num_frames
         heads, head_dim = self.config.heads_num, self.config.head_dim
@@ -152,11 +201,11 @@ class ActionModule(nn.Module):
         q, k, v = qkv.permute(3, 0, 2, 4, 1, 5).reshape(3, B * S, heads, num_frames, head_dim)
         q = apply_rope(self.img_attn_q_norm(q), cos, sin).to(v.dtype)
         k = apply_rope(self.img_attn_k_norm(k), cos, sin).to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v) if attention is None else attention.mouse(q, k, v)
         out = out.view(B, S, heads, num_frames, head_dim).permute(0, 3, 1, 2, 4)
         return self.proj_mouse(out.reshape(B, L, heads * head_dim))
 
-    def _keyboard(self, x, num_frames, keyboard_cond, window_index, cos, sin):
+    def _keyboard(self, x, num_frames, keyboard_cond, window_index, cos, sin, attention):
         B, L, _ = x.shape
         S = L // num_frames
         heads, head_dim = self.config.heads_num, self.config.head_dim
@@ -171,5 +220,5 @@ class ActionModule(nn.Module):
         # Every location of a sample attends to the same F keys of that sample, so all
         # its F*S queries share one attention call (the reference repeats k, v S times).
         q = q.to(v.dtype).permute(0, 3, 1, 2, 4).reshape(B, heads, L, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v) if attention is None else attention.keyboard(q, k, v)
         return self.proj_keyboard(out.transpose(1, 2).reshape(B, L, heads * head_dim))

@@ -10,6 +10,13 @@ import torch
 
 from wan.shapes import COND_MASK_CHANNELS, check_frame_count, latent_frame_count
 
+# The latent of "first frame, then zero frames" stops depending on the first frame, and so
+# stops changing, at latent frame 29: the reach of the Wan2.1 encoder's causal temporal
+# convs (a fact of its layer structure, not of its weights; tests/test_streaming_generation
+# checks it with random weights). So cond_concat of this many latent frames serves a stream
+# of any length: every later frame equals the last one.
+STREAM_COND_LATENT_FRAMES = 30
+
 
 def first_frame_mask(batch: int, num_latent_frames: int, latent_height: int, latent_width: int,
                      device=None, dtype=torch.float32) -> torch.Tensor:

@@ -5,6 +5,11 @@ embedding modulates every block (adaLN: shift, scale, gate), CLIP tokens of the 
 frame are the cross-attention context, and each block's action module mixes in the
 keyboard/mouse inputs. Parameter names match the official checkpoint.
 
+The streaming (causal) variant, wan/causal.py, runs these same blocks with one timestep
+per latent frame (per-frame modulation), an absolute frame offset for the RoPE, action
+modules only in the blocks its config lists, and an `attention` object that restricts or
+caches what each attention sees; with none of these the blocks compute the base model.
+
 Precision, as Wan2.1 runs it: the time embedding, the adaLN modulation, the residual
 stream and the output head are float32 whatever the parameters' dtype (bf16 weights are
 upcast for those few matmuls), while the attention and MLP matmuls run in bf16 under
@@ -69,6 +74,17 @@ class LayerNormFloat32(nn.LayerNorm):
                             self.eps).type_as(x)
 
 
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, L, C] * (1 + scale) + shift, with shift/scale [B, G, 1, C] for G equal groups of
+    consecutive tokens: G = 1 (one timestep per sample) or G = F (one per latent frame)."""
+    return (x.unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+def gated(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """y [B, L, C] * gate, gate [B, G, 1, C] as in modulate."""
+    return (y.unflatten(1, (gate.shape[1], -1)) * gate).flatten(1, 2)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -83,33 +99,43 @@ class SelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))  # [B, L, n, d]
 
-    def _attend(self, q, k, v) -> torch.Tensor:
-        """[B, L, n, d] each -> o([B, L, n*d]); q, k cast to v's dtype for the fused kernels."""
-        out = F.scaled_dot_product_attention(
-            q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2))
+    def _attend(self, q, k, v, attend=None) -> torch.Tensor:
+        """[B, L, n, d] each -> o([B, L, n*d]); q, k cast to v's dtype for the fused kernels.
+        attend(q, k, v) on [B, n, L, d] replaces full attention (causal masks, KV cache)."""
+        q, k, v = q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
 
-    def forward(self, x, rope_cos, rope_sin):
+    def forward(self, x, rope_cos, rope_sin, attention=None):
         q = apply_rope(self._heads(self.norm_q(self.q(x))), rope_cos, rope_sin)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rope_cos, rope_sin)
-        return self._attend(q, k, self._heads(self.v(x)))
+        attend = None if attention is None else attention.self_attention
+        return self._attend(q, k, self._heads(self.v(x)), attend)
 
 
 class CrossAttention(SelfAttention):
     """Tokens attend to the projected CLIP tokens: no RoPE, no mask."""
 
-    def forward(self, x, context):
+    def context_kv(self, context):
+        return self._heads(self.norm_k(self.k(context))), self._heads(self.v(context))
+
+    def forward(self, x, context, attention=None):
+        """attention.context_kv(compute) may serve k, v from a stream's cache."""
         q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(context)))
-        return self._attend(q, k, self._heads(self.v(context)))
+        if attention is None:
+            k, v = self.context_kv(context)
+        else:
+            k, v = attention.context_kv(lambda: self.context_kv(context))
+        return self._attend(q, k, v)
 
 
 class WanBlock(nn.Module):
-    def __init__(self, config: WanConfig):
+    def __init__(self, config: WanConfig, index: int):
         super().__init__()
         dim, eps = config.dim, config.eps
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
-        self.action_model = ActionModule(config.action_config)
+        has_action = index in config.action_config.blocks
+        self.action_model = ActionModule(config.action_config) if has_action else None
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, config.num_heads, eps)
         self.norm3 = LayerNormFloat32(dim, eps=eps)
@@ -120,17 +146,22 @@ class WanBlock(nn.Module):
             nn.Linear(config.ffn_dim, dim))
 
     def forward(self, x, e0, context, rope_cos, rope_sin, tables, mouse_cond=None,
-                keyboard_cond=None):
-        """x [B, L, C]; e0 [B, 6, C] time projection; context [B, Lc, C]."""
+                keyboard_cond=None, attention=None):
+        """x [B, L, C]; e0 time projection, [B, 6, C] (one timestep per sample) or
+        [B, F, 6, C] (one per latent frame); context [B, Lc, C]; attention: None (full
+        attention, the base model) or the causal rules of wan/causal.py."""
+        if e0.dim() == 3:
+            e0 = e0[:, None]
         with torch.autocast(x.device.type, enabled=False):
-            mod = (self.modulation.to(e0.dtype) + e0).unsqueeze(2)  # [B, 6, 1, C]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        y = self.self_attn(self.norm1(x) * (1 + scale1) + shift1, rope_cos, rope_sin)
-        x = x + gate1 * y
-        x = x + self.cross_attn(self.norm3(x), context)
-        x = self.action_model(x, tables, mouse_cond, keyboard_cond)
-        y = self.ffn(self.norm2(x) * (1 + scale2) + shift2)
-        return x + gate2 * y
+            mod = (self.modulation.to(e0.dtype)[:, None] + e0).unsqueeze(3)  # [B, G, 6, 1, C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
+        y = self.self_attn(modulate(self.norm1(x), shift1, scale1), rope_cos, rope_sin, attention)
+        x = x + gated(y, gate1)
+        x = x + self.cross_attn(self.norm3(x), context, attention)
+        if self.action_model is not None:
+            x = self.action_model(x, tables, mouse_cond, keyboard_cond, attention)
+        y = self.ffn(modulate(self.norm2(x), shift2, scale2))
+        return x + gated(y, gate2)
 
 
 class Head(nn.Module):
@@ -142,9 +173,13 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, math.prod(PATCH_SIZE) * config.out_dim)
 
     def forward(self, x, e):
+        """e: [B, C] (one timestep per sample) or [B, F, C] (one per latent frame)."""
+        if e.dim() == 2:
+            e = e[:, None]
         with torch.autocast(x.device.type, enabled=False):
-            shift, scale = (self.modulation.float() + e[:, None].float()).unsqueeze(2).unbind(1)
-            return linear_float32(self.head, self.norm(x.float()) * (1 + scale) + shift)
+            mod = (self.modulation.float()[:, None] + e[:, :, None].float()).unsqueeze(3)  # [B, G, 2, 1, C]
+            shift, scale = mod.unbind(2)
+            return linear_float32(self.head, modulate(self.norm(x.float()), shift, scale))
 
 
 class MLPProj(nn.Module):
@@ -170,7 +205,7 @@ class WanModel(nn.Module):
         self.time_embedding = nn.Sequential(
             nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(WanBlock(config, i) for i in range(config.num_layers))
         self.head = Head(config)
         self.img_emb = MLPProj(config.clip_dim, dim)
         self.gradient_checkpointing = False
@@ -202,7 +237,7 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
         for block in self.blocks:
             nn.init.normal_(block.modulation, std=dim**-0.5)
-            action = block.action_model
+            action = block.action_model  # None in blocks without one: getattr finds nothing
             for proj in (getattr(action, "proj_mouse", None), getattr(action, "proj_keyboard", None)):
                 if proj is not None:
                     nn.init.zeros_(proj.weight)
@@ -210,7 +245,10 @@ class WanModel(nn.Module):
                         nn.init.zeros_(proj.bias)
         nn.init.normal_(self.head.modulation, std=dim**-0.5)
 
-    def check_inputs(self, x, t, visual_context, cond_concat, keyboard_cond, mouse_cond) -> None:
+    def check_inputs(self, x, t, visual_context, cond_concat, keyboard_cond, mouse_cond,
+                     per_frame_t: bool = False, check_actions: bool = True) -> None:
+        """Raise a clear error unless the inputs fit the config and each other. per_frame_t:
+        t is [B, F] (the streaming model) instead of [B]."""
         if x.dim() != 5 or x.shape[1] != LATENT_CHANNELS:
             raise ValueError(f"x must be [B, {LATENT_CHANNELS}, F, H, W], got {list(x.shape)}")
         B, _, frames, height, width = x.shape
@@ -220,13 +258,17 @@ class WanModel(nn.Module):
         if tuple(cond_concat.shape) != (B, COND_CHANNELS, frames, height, width):
             raise ValueError(f"cond_concat must be {[B, COND_CHANNELS, frames, height, width]},"
                              f" got {list(cond_concat.shape)}")
-        if tuple(t.shape) != (B,):
+        if per_frame_t and tuple(t.shape) != (B, frames):
+            raise ValueError(f"t must be [B={B}, F={frames}] timesteps (one per latent frame), "
+                             f"got {list(t.shape)}")
+        if not per_frame_t and tuple(t.shape) != (B,):
             raise ValueError(f"t must be [B={B}] timesteps, got {list(t.shape)}")
         clip_dim = self.config.clip_dim
         if visual_context.dim() != 3 or visual_context.shape[0] != B or visual_context.shape[2] != clip_dim:
             raise ValueError(f"visual_context must be [B={B}, tokens, {clip_dim}], "
                              f"got {list(visual_context.shape)}")
-        check_action_inputs(self.config.action_config, B, frames, mouse_cond, keyboard_cond)
+        if check_actions:
+            check_action_inputs(self.config.action_config, B, frames, mouse_cond, keyboard_cond)
 
     def forward(self, x, t, visual_context, cond_concat, keyboard_cond=None, mouse_cond=None):
         """Predicted flow velocity, float32 [B, 16, F, H, W].
@@ -237,6 +279,13 @@ class WanModel(nn.Module):
         reference); one given for a branch the config disables is an error.
         """
         self.check_inputs(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond)
+        return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond)
+
+    def _run(self, x, t, visual_context, cond_concat, keyboard_cond, mouse_cond, attention=None,
+             first_frame: int = 0, tables=None, checkpointing: bool = True):
+        """The forward pass on checked inputs. t: [B] or [B, F]; attention: one object per
+        block (wan/causal.py) or None; first_frame: the RoPE position of x's first frame;
+        tables: action tables for the given action rows (default: N = 4(F-1)+1 from frame 0)."""
         dtype = self.patch_embedding.weight.dtype
         # float32 unless the whole model is bf16 and runs without autocast (see the docstring)
         stream = torch.float32 if torch.is_autocast_enabled(x.device.type) else dtype
@@ -245,16 +294,19 @@ class WanModel(nn.Module):
         tokens = tokens.flatten(2).transpose(1, 2).to(stream)  # [B, L, C], frame-major
 
         with torch.autocast(x.device.type, enabled=False):
-            sinusoid = sinusoidal_embedding(t, self.config.freq_dim)
+            sinusoid = sinusoidal_embedding(t.flatten(), self.config.freq_dim)
             e = linear_float32(self.time_embedding[2], F.silu(linear_float32(self.time_embedding[0], sinusoid)))
             e0 = linear_float32(self.time_projection[1], F.silu(e)).unflatten(1, (6, C)).to(stream)
+            e, e0 = e.unflatten(0, t.shape), e0.unflatten(0, t.shape)  # per sample or per frame
         context = self.img_emb(visual_context.to(dtype))
-        rope_cos, rope_sin = video_rope_table(f, h, w, self.config.head_dim, x.device)
-        tables = action_tables(self.config.action_config, f, x.device)
+        rope_cos, rope_sin = video_rope_table(f, h, w, self.config.head_dim, x.device, first_frame)
+        if tables is None:
+            tables = action_tables(self.config.action_config, f, x.device)
 
-        for block in self.blocks:
-            args = (tokens, e0, context, rope_cos, rope_sin, tables, mouse_cond, keyboard_cond)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            args = (tokens, e0, context, rope_cos, rope_sin, tables, mouse_cond, keyboard_cond,
+                    None if attention is None else attention[i])
+            if checkpointing and self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:
                 tokens = block(*args)

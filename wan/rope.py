@@ -3,7 +3,14 @@
 Both rotate consecutive element pairs (2k, 2k+1) of a head as complex numbers
 (a + ib) * (cos + i sin). A table holds, per position, one angle per pair; an axis with
 n pairs turns pair k at position p by p * theta^(-k/n). Tables are built in float64 and
-stored as float32 cos/sin, once per (shape, device): every block reuses them.
+stored as float32 cos/sin, once per (shape, start frame, device): every block reuses them.
+
+A streaming model rotates its frames by their absolute position in the stream
+(`first_frame`). The reference's tables end at frame 1024 (self-attention) and 7500
+(action); we compute the angles of any position in float64 instead (exact to ~1e-16
+relative, so a frame a million positions in still gets its angle to ~1e-10 rad). Since
+attention only sees the difference of two rotations, a stream of any length then
+behaves as one that starts at frame 0.
 """
 
 import functools
@@ -11,7 +18,7 @@ import functools
 import torch
 
 VIDEO_ROPE_THETA = 10000.0
-VIDEO_ROPE_MAX_POSITIONS = 1024  # the reference's table: each grid side must stay below it
+VIDEO_ROPE_MAX_POSITIONS = 1024  # the reference's table: each grid side of one call stays below it
 
 
 def axis_angles(positions: torch.Tensor, num_pairs: int, theta: float) -> torch.Tensor:
@@ -26,16 +33,17 @@ def video_rope_pairs(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
 
 
-def video_rope_angles(f: int, h: int, w: int, head_dim: int) -> torch.Tensor:
-    """[f*h*w, head_dim/2] float64 angles for frame-major tokens t*h*w + i*w + j."""
+def video_rope_angles(f: int, h: int, w: int, head_dim: int, first_frame: int = 0) -> torch.Tensor:
+    """[f*h*w, head_dim/2] float64 angles for frame-major tokens t*h*w + i*w + j, frame t at
+    position first_frame + t."""
     for name, size in (("frames", f), ("rows", h), ("columns", w)):
         if size > VIDEO_ROPE_MAX_POSITIONS:
             raise ValueError(f"token grid has {size} {name}; the model's RoPE covers "
                              f"{VIDEO_ROPE_MAX_POSITIONS} positions per axis")
     n_t, n_h, n_w = video_rope_pairs(head_dim)
     per_axis = [
-        axis_angles(torch.arange(size), n, VIDEO_ROPE_THETA)
-        for size, n in ((f, n_t), (h, n_h), (w, n_w))
+        axis_angles(torch.arange(size) + start, n, VIDEO_ROPE_THETA)
+        for size, n, start in ((f, n_t, first_frame), (h, n_h, 0), (w, n_w, 0))
     ]
     grid = torch.cat([
         per_axis[0][:, None, None, :].expand(f, h, w, n_t),
@@ -45,13 +53,13 @@ def video_rope_angles(f: int, h: int, w: int, head_dim: int) -> torch.Tensor:
     return grid.reshape(f * h * w, head_dim // 2)
 
 
-def action_rope_angles(num_frames: int, rope_dim_list, theta: float) -> torch.Tensor:
-    """[F, head_dim/2] float64 angles of the action RoPE.
+def action_rope_angles(num_frames: int, rope_dim_list, theta: float, first_frame: int = 0) -> torch.Tensor:
+    """[F, head_dim/2] float64 angles of the action RoPE, frame f at position first_frame + f.
 
     The reference builds a (frames, 1, 1) position grid, so only the first rope_dim_list[0]
     dims turn (with the latent-frame index); the other two axes sit at position 0.
     """
-    turning = axis_angles(torch.arange(num_frames), rope_dim_list[0] // 2, theta)
+    turning = axis_angles(torch.arange(num_frames) + first_frame, rope_dim_list[0] // 2, theta)
     still = torch.zeros(num_frames, sum(rope_dim_list[1:]) // 2, dtype=torch.float64)
     return torch.cat([turning, still], dim=-1)
 
@@ -77,9 +85,10 @@ def cos_sin(angles: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @cached_table
-def video_rope_table(f: int, h: int, w: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def video_rope_table(f: int, h: int, w: int, head_dim: int, device,
+                     first_frame: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (cos, sin), each [f*h*w, 1, head_dim/2] (broadcast over heads)."""
-    cos, sin = cos_sin(video_rope_angles(f, h, w, head_dim), device)
+    cos, sin = cos_sin(video_rope_angles(f, h, w, head_dim, first_frame), device)
     return cos[:, None], sin[:, None]
 
 

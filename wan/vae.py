@@ -523,9 +523,10 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents must be [B, {self.config.z_dim}, F, h, w], got {list(latents.shape)}")
         return latents.to(device=self.device)
 
-    def _decode_chunked(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode_chunked(self, latents: torch.Tensor, state: CausalState | None = None) -> torch.Tensor:
+        """state: the slots of the frames decoded before these (a stream), or None (a new video)."""
         x = self.conv2(self.denormalize(latents))
-        state = CausalState()
+        state = CausalState() if state is None else state
         frames = []
         for i in range(x.shape[2]):
             state.next_chunk()
@@ -553,6 +554,30 @@ class WanVAE(nn.Module):
         """decode, computed over all latent frames at once (A.4 single-pass equivalent); for checks."""
         latents = self._check_latents(latents)
         return self.decoder(self.conv2(self.denormalize(latents))).clamp_(-1, 1)
+
+
+class StreamingDecoder:
+    """Decodes a stream of latent blocks as they come (STREAMING_SPEC 8).
+
+    The decoder's temporal-cache slots (32 for the Wan2.1 decoder) are kept from one call to
+    the next, so decoding blocks one after another gives exactly the whole-sequence
+    `decode` of their concatenation: 1 + 4(n-1) frames for the stream's first block of n
+    latent frames, 4n for every later one, in constant memory however long the stream.
+    """
+
+    def __init__(self, vae: WanVAE):
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video: the next block's first latent frame is the video's frame 0."""
+        self.state = CausalState()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, 16, n, h, w] of the next n latent frames -> video
+        [B, 3, T, 8h, 8w] clamped to [-1, 1], in the VAE's dtype."""
+        return self.vae._decode_chunked(self.vae._check_latents(latents), self.state).clamp_(-1, 1)
 
 
 # ----------------------------------------------------------------------------- files
