@@ -3,6 +3,7 @@ mouse - in every variant Unreal exporters write (header or none, any case, CRLF,
 quotes, '=' or empty for no key, WA / AW / W+A)."""
 
 import csv
+import io
 import math
 import re
 from collections import Counter
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recordings.errors import DataError
+from recordings.frames import MAX_FRAME_NUMBER
 
 CSV_NAME = "input.csv"
 MAX_PROBLEMS_PER_FILE = 20  # a CSV's check stops after this many problems
@@ -99,14 +101,29 @@ def parse_input_csv(path, key_parser: KeyParser) -> InputCsv:
     path = Path(path)
     records, end = [], 0  # (file line where the record starts, stripped cells)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+    if b"\x00" in raw:
+        encoding = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[1:2] == b"\x00" or raw[:1] == b"\x00" \
+            else "binary"
+        raise DataError(f"{path}: not UTF-8 text - it holds NUL bytes ({encoding}?). Save it as UTF-8 (or ASCII) "
+                        "CSV: one row per frame, key,time,frame[,mouse_x,mouse_y]")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}); "
+                        "save the file as UTF-8") from None
+    try:
+        with io.StringIO(text, newline="") as f:
             reader = csv.reader(f, skipinitialspace=True)
             for row in reader:
                 start, end = end + 1, reader.line_num
                 cells = [cell.strip() for cell in row]
                 if any(cells):
                     records.append((start, cells))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except csv.Error as error:
         raise DataError(f"{path}:{end + 1}: cannot read ({error})") from None
 
     problems = []
@@ -141,7 +158,8 @@ def parse_input_csv(path, key_parser: KeyParser) -> InputCsv:
         value = dict(zip(columns, cells))
         frame = _parse_frame_number(value["frame"])
         if frame is None:
-            problems.append(f"{where}: frame number {value['frame']!r} is not a positive integer")
+            problems.append(f"{where}: frame number {value['frame'][:40]!r} is not a positive integer (1 to "
+                            f"{MAX_FRAME_NUMBER:,})")
             continue
         try:
             time = float(value["time"])
@@ -190,7 +208,7 @@ def _parse_frame_number(text: str) -> int | None:
         number = float(text)
     except ValueError:
         return None
-    if not number.is_integer() or number < 1:
+    if not number.is_integer() or not 1 <= number <= MAX_FRAME_NUMBER:
         return None
     return int(number)
 
