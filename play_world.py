@@ -149,9 +149,12 @@ def denoising_steps(s: dict) -> tuple[int, ...]:
         steps = tuple(int(step) for step in s["DENOISING_STEPS"])
     except ValueError:
         steps = ()
-    if not steps or not all(0 < step <= NUM_TRAIN_TIMESTEPS for step in steps):
-        raise SettingsError(f"DENOISING_STEPS={','.join(map(str, s['DENOISING_STEPS']))}: whole numbers in "
-                            f"1..{NUM_TRAIN_TIMESTEPS}, highest first (universal: 1000,666,333)")
+    # A block starts as pure noise, so the first step is the top of the schedule.
+    if not steps or steps[0] != NUM_TRAIN_TIMESTEPS or any(a <= b for a, b in zip(steps, steps[1:])) \
+            or steps[-1] < 1:
+        raise SettingsError(f"DENOISING_STEPS={','.join(map(str, s['DENOISING_STEPS']))}: whole numbers from "
+                            f"{NUM_TRAIN_TIMESTEPS} down, each below the one before, above 0 "
+                            f"(universal: 1000,666,333)")
     return steps
 
 
@@ -171,8 +174,9 @@ def demo_settings() -> dict:
     report = check_data(d["DATA_DIR"], data.data_settings(d))
     report.raise_for_problems()
     clips = report.split.val or report.split.train
+    first = clips[preview_clip_index(clips)].first_frame  # the clip the training previews show
     return dict(MODEL_DIR=PLAY_DEMO_MODEL_DIR, CHECKPOINT=checkpoint, MODE="universal", VAE_PATH=d["VAE_PATH"],
-                CLIP_PATH=d["CLIP_PATH"], RECORDING=d["DATA_DIR"], START_FRAME=clips[preview_clip_index(clips)].first_frame,
+                CLIP_PATH=d["CLIP_PATH"], RECORDING=d["DATA_DIR"], START_FRAME=first,
                 VIDEO_HEIGHT=d["VIDEO_HEIGHT"], VIDEO_WIDTH=d["VIDEO_WIDTH"], DEVICE="cpu", HEADLESS=True,
                 NUM_BLOCKS=DEMO_BLOCKS, OUTPUT=f"{DEMO_DIR}/play/demo_play.mp4")
 
@@ -196,8 +200,9 @@ def start_stream(s: dict, loaded: PlayModel, cond_latent_frames: int) -> Streami
     the first-image conditioning reaches (STREAM_COND_LATENT_FRAMES serves any length)."""
     device = loaded.model.patch_embedding.weight.device
     image, where = first_image(s)
-    print(f"first image: {where}")
     vae, clip = load_encoders(s["VAE_PATH"], s["CLIP_PATH"], device)
+    print(f"first image: {where}; encoding its conditioning ({video_frame_count(cond_latent_frames)} frames "
+          f"through the VAE)", flush=True)
     cond_concat, visual_context = first_frame_conditions(vae, clip, image[None].to(device, vae.dtype),
                                                          cond_latent_frames)
     del clip
@@ -359,6 +364,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:  # SettingsError, GenerationError, CheckpointError, DataError
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl+C before the page is up (a headless OUTPUT is then not written)
+        print("stopped", file=sys.stderr)
+        return 130
     return 0
 
 

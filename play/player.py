@@ -27,6 +27,11 @@ from wan.shapes import FPS, VAE_TIME_STRIDE
 
 JPEG_QUALITY = 90
 FPS_WINDOW_SECONDS = 2.0  # the shown frame rate is counted over this much recent time
+# Blocks are made only while a page watches: one asked for a frame this recently (an open
+# page always has a request waiting, see play.server.FRAME_WAIT_SECONDS). The stream waits
+# for the first page, so its first block takes the player's first keys, and a closed tab
+# stops spending the GPU.
+WATCHED_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class _Queued:
 
 class Player:
     """Runs `generator` from the actions `session` gives, in two background threads
-    (start/stop), with restart and pause; `frame_after` and `status` serve the page."""
+    (start/stop), with restart and pause, while a page watches (WATCHED_SECONDS);
+    `frame_after` and `status` serve the page."""
 
     def __init__(self, generator: StreamingGenerator, session: InputSession, keys, fps: int = FPS,
                  overlay: bool = True):
@@ -63,8 +69,9 @@ class Player:
         self.stream, self.frames_made = 0, 0
         self.error: str | None = None
         self.last_action: BlockAction | None = None
-        self.block_seconds: float | None = None  # the last block's generate + decode time
+        self.last_block: tuple[int, float] | None = None  # its frames and its generate + decode seconds
         self._shown_times: deque[float] = deque()
+        self._asked_at = -float("inf")  # when a page last asked for a frame
 
     # ------------------------------------------------------------------ control
 
@@ -101,6 +108,8 @@ class Player:
         for one; None when none came."""
         deadline = time.monotonic() + timeout
         with self._changed:
+            self._asked_at = time.monotonic()
+            self._changed.notify_all()  # a page is watching: the generating thread may go on
             while not (self._latest is not None and self._latest.index > index):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping.is_set():
@@ -114,18 +123,18 @@ class Player:
             while self._shown_times and now - self._shown_times[0] > FPS_WINDOW_SECONDS:
                 self._shown_times.popleft()
             shown_fps = len(self._shown_times) / FPS_WINDOW_SECONDS
-            seconds = self.block_seconds
             return {
                 "stream": self.stream,
                 "block": self.generator.block_index,
                 "frames_made": self.frames_made,
                 "frames_shown": -1 if self._latest is None else self._latest.index,
-                "model_fps": None if not seconds else round(self.block_frames / seconds, 2),
-                "seconds_per_block": None if seconds is None else round(seconds, 3),
+                "model_fps": None if self.last_block is None else round(self.last_block[0] / self.last_block[1], 2),
+                "seconds_per_block": None if self.last_block is None else round(self.last_block[1], 3),
                 "shown_fps": round(shown_fps, 2),
                 "last_action": None if self.last_action is None else self.last_action.describe(),
                 "held": self.session.held(),
                 "paused": self._paused,
+                "watched": self._watched(),
                 "error": self.error,
             }
 
@@ -136,7 +145,7 @@ class Player:
             while True:
                 with self._changed:
                     while not self._stopping.is_set() and not self._restart_requested and (
-                            self._paused or len(self._queue) >= self.block_frames):
+                            self._paused or not self._watched() or len(self._queue) >= self.block_frames):
                         self._changed.wait(0.5)
                     if self._stopping.is_set():
                         return
@@ -158,13 +167,16 @@ class Player:
                     for pixels in frames:
                         self._queue.append(_Queued(pixels, action, self.frames_made, stream))
                         self.frames_made += 1
-                    self.last_action, self.block_seconds = action, seconds
+                    self.last_action, self.last_block = action, (len(frames), seconds)
                     self._changed.notify_all()
         except Exception as error:  # the page shows it; the server keeps answering
             self.error = f"generation stopped: {type(error).__name__}: {error}"
             print(f"error: {self.error}", file=sys.stderr)
             with self._changed:
                 self._changed.notify_all()
+
+    def _watched(self) -> bool:
+        return time.monotonic() - self._asked_at < WATCHED_SECONDS
 
     def _show_loop(self) -> None:
         shown_at = None

@@ -33,7 +33,8 @@ class BlockAction:
     keys: tuple[str, ...]           # the columns held
 
     def describe(self) -> dict:
-        return {"keys": list(self.keys), "mouse": None if self.mouse is None else [round(v, 4) for v in self.mouse.tolist()]}
+        mouse = None if self.mouse is None else [round(v, 4) + 0.0 for v in self.mouse.tolist()]  # no -0.0
+        return {"keys": list(self.keys), "mouse": mouse}
 
 
 class InputSession:

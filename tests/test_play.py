@@ -16,7 +16,6 @@ import torch
 from safetensors import safe_open
 
 import play_world
-from cli.settings import SettingsError
 from generation.errors import GenerationError
 from play.controls import STEER_TURN, controls_for
 from play.headless import blocks_covering, blocks_within, fit_rows, stream_frames
@@ -24,9 +23,12 @@ from play.model import load_play_model
 from play.session import InputError, InputSession
 from play_helpers import KEYS, served_player, tiny_stream, wait_for
 from model_helpers import tiny_causal_model, tiny_model
+from video.overlay import compose_frames
 from video.writer import write_video_stream
+from wan.causal import CausalWanModel, causal_from
 from wan.config import tiny_config
-from wan.loading import save_base_model, save_streaming_model
+from wan.loading import load_streaming_model, save_base_model, save_streaming_model
+from wan.model import random_inputs
 
 
 def _session(mode="universal", keys=KEYS, mouse=True, **kwargs):
@@ -173,6 +175,35 @@ def test_the_stream_writer_never_holds_all_frames_and_leaves_nothing_on_failure(
         write_video_stream(tmp_path / "x.gif", frames(2))
 
 
+def test_a_piece_of_a_video_is_numbered_as_in_the_whole():
+    g = torch.Generator().manual_seed(0)
+    video = (torch.rand(6, 32, 176, 3, generator=g) * 255).to(torch.uint8).numpy()  # wide enough for the number
+    keyboard, mouse = (torch.rand(6, 4, generator=g) > 0.5).float(), torch.rand(6, 2, generator=g) * 0.2 - 0.1
+    whole = compose_frames({"generated": video}, keyboard, mouse, KEYS)
+    piece = compose_frames({"generated": video[3:]}, keyboard[3:], mouse[3:], KEYS, numbering=(3, 6))
+    assert np.array_equal(piece, whole[3:])
+    assert not np.array_equal(compose_frames({"generated": video[3:]}, keyboard[3:], mouse[3:], KEYS), whole[3:])
+    live = compose_frames({"": video[3:]}, keyboard[3:], mouse[3:], KEYS, numbering=(3, None))
+    assert np.array_equal(live[:, :32], video[3:])  # no label over the picture
+    assert not np.array_equal(live[:, 32:], piece[:, 32:])  # "3", not "3/5"
+
+
+def test_causal_from_shares_the_weights_and_sets_the_window(tmp_path):
+    base = tiny_model().eval().requires_grad_(False)
+    causal = causal_from(base, local_attn_size=4, sink_size=1)
+    assert isinstance(causal, CausalWanModel) and not causal.training
+    assert (causal.config.local_attn_size, causal.config.sink_size) == (4, 1)
+    assert base.config.local_attn_size == -1  # the bidirectional model itself is untouched
+    for (name, ours), (_, theirs) in zip(causal.named_parameters(), base.named_parameters()):
+        assert ours.data_ptr() == theirs.data_ptr() and not ours.requires_grad, name
+    folder = save_base_model(base, tmp_path / "base")
+    loaded = load_streaming_model(folder, config=base.config.with_window(4, 1))
+    inputs = random_inputs(causal.config, 1, 6, 2, 4, seed=1)
+    inputs["t"] = inputs["t"][:, None].expand(-1, 6)
+    with torch.no_grad():
+        assert torch.allclose(causal(**inputs), loaded(**inputs), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the page's endpoints
 
 def _get(url, timeout=60):
@@ -203,16 +234,16 @@ def test_the_http_endpoints(tmp_path):
         assert _post(url + "input", {"down": ["W"]}) == (200, {"ok": True})
         s = _status(server)
         assert s["held"] == ["W"] and s["keys"] == list(KEYS) and s["capture"] == list(KEYS) and s["mouse"]
-        # the next block takes W: the model's action input says so
-        s = wait_for(lambda: (lambda s: s if s["last_action"] and "W" in s["last_action"]["keys"] else None)(
-            _status(server)), "a block made with W held")
-        assert s["model_fps"] > 0 and s["frames_made"] >= 9
-
+        assert s["frames_made"] == 0 and not s["watched"]  # no block before a page asks for frames
         status, headers, jpeg = _get(url + "frame?after=-1")
         assert status == 200 and headers["Content-Type"] == "image/jpeg" and jpeg[:2] == b"\xff\xd8"
         index = int(headers["X-Frame-Index"])
         status, headers, _ = _get(url + f"frame?after={index}")
         assert status == 200 and int(headers["X-Frame-Index"]) > index
+        # the next block takes W: the model's action input says so
+        s = wait_for(lambda: (lambda s: s if s["last_action"] and "W" in s["last_action"]["keys"] else None)(
+            _status(server)), "a block made with W held")
+        assert s["model_fps"] > 0 and s["frames_made"] >= 9 and s["watched"]
 
         assert _post(url + "input", {"down": "W"})[0] == 400
         assert _post(url + "input", b"{not json")[0] == 400
@@ -231,6 +262,15 @@ def test_the_http_endpoints(tmp_path):
         _post(url + "pause", {"paused": False})
         wait_for(lambda: _status(server)["stream"] == 1, "the restarted stream")
         assert _status(server)["error"] is None
+
+
+def test_a_keyboard_only_student_plays_with_its_idle_key():
+    keys = ("Q", "W", "S", "Z", "C", "A", "D")
+    with served_player(tiny_stream(enable_mouse=False, keyboard_dim=7), keys=keys, mode="templerun") as server:
+        assert _get(server.url + "frame?after=-1")[0] == 200
+        s = _status(server)
+        assert s["last_action"] == {"keys": ["Q"], "mouse": None} and not s["mouse"]
+        assert server.player.generator.history["mouse"] is None
 
 
 # ----------------------------------------------------------------------------- the model

@@ -81,14 +81,12 @@ class WebDriver:
     def drag(self, element_id: str, dx: int, dy: int) -> None:
         """Press the mouse on the element's centre, move by (dx, dy) in a few steps, let go."""
         element = self._session_call("POST", "/element", {"using": "css selector", "value": f"#{element_id}"})
-        origin = next(iter(element.values()))
+        start = {"type": "pointerMove", "duration": 0, "origin": element, "x": 0, "y": 0}  # the element's centre
         moves = [{"type": "pointerMove", "duration": 50, "origin": "pointer", "x": dx // 4, "y": dy // 4}
                  for _ in range(4)]
-        self._session_call("POST", "/actions", {"actions": [{
-            "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
-            "actions": [{"type": "pointerMove", "duration": 0, "origin": {"element-6066-11e4-a52e-4f735466cecf": origin},
-                         "x": 0, "y": 0},
-                        {"type": "pointerDown", "button": 0}, *moves, {"type": "pointerUp", "button": 0}]}]})
+        steps = [start, {"type": "pointerDown", "button": 0}, *moves, {"type": "pointerUp", "button": 0}]
+        self._session_call("POST", "/actions", {"actions": [
+            {"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"}, "actions": steps}]})
 
     def close(self) -> None:
         if self.session is not None:
