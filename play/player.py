@@ -119,9 +119,7 @@ class Player:
 
     def status(self) -> dict:
         with self._changed:
-            now = time.monotonic()
-            while self._shown_times and now - self._shown_times[0] > FPS_WINDOW_SECONDS:
-                self._shown_times.popleft()
+            self._forget_old_shown_times(time.monotonic())
             shown_fps = len(self._shown_times) / FPS_WINDOW_SECONDS
             return {
                 "stream": self.stream,
@@ -175,6 +173,10 @@ class Player:
             with self._changed:
                 self._changed.notify_all()
 
+    def _forget_old_shown_times(self, now: float) -> None:
+        while self._shown_times and now - self._shown_times[0] > FPS_WINDOW_SECONDS:
+            self._shown_times.popleft()
+
     def _watched(self) -> bool:
         return time.monotonic() - self._asked_at < WATCHED_SECONDS
 
@@ -199,6 +201,7 @@ class Player:
                 index = 0 if self._latest is None else self._latest.index + 1
                 self._latest = Frame(index, jpeg)
                 self._shown_times.append(shown_at)
+                self._forget_old_shown_times(shown_at)
                 self._changed.notify_all()
 
     def _encode(self, item: _Queued) -> bytes:
