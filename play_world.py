@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp
+from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges
 from demo_world.setup import DEMO_DIR, PLAY_DEMO_CHECKPOINT, PLAY_DEMO_MODEL_DIR, TRAINING_DEMO_SETTINGS
 from generation.action_scripts import parse_action_script
 from generation.errors import GenerationError
@@ -58,7 +58,7 @@ from video.writer import write_video_stream
 from wan.conditioning import STREAM_COND_LATENT_FRAMES
 from wan.device import pick_device, run_dtype
 from wan.flow import NUM_TRAIN_TIMESTEPS
-from wan.shapes import FPS, check_image_size, video_frame_count
+from wan.shapes import FPS, video_frame_count
 from wan.vae import StreamingDecoder
 
 # -----------------------------------------------------------------------------
@@ -99,6 +99,7 @@ SETTINGS = ScriptSettings.of(globals())
 FLAGS = {"--demo": "play the model of `python finetune_base_model.py --demo` headless to an MP4 (CPU)",
          "--headless": "write an MP4 instead of serving the page (the same as --HEADLESS=true)"}
 DEMO_BLOCKS = 4                          # --demo's length: 45 frames
+MAX_HEADLESS_FRAMES = 3600 * FPS         # an action script longer than an hour of video is a typo
 
 
 # -----------------------------------------------------------------------------
@@ -114,30 +115,20 @@ def parse_settings(argv) -> tuple[dict, bool]:
 
 
 def check_settings(s: dict) -> None:
-    problems = []
+    """Every range (cli/settings.py's rules) and choice, before any model is loaded."""
+    problems = check_ranges(s)
     if s["MODE"] not in STUDENT_KEYBOARD_KEYS:
         problems.append(f"MODE={s['MODE']!r}: choose one of {', '.join(STUDENT_KEYBOARD_KEYS)}")
-    try:
-        check_image_size(s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"])
-    except ValueError as error:
-        problems.append(str(error))
     try:
         denoising_steps(s)
     except SettingsError as error:
         problems.append(str(error))
-    if not s["TIMESTEP_SHIFT"] > 0:
-        problems.append(f"TIMESTEP_SHIFT={s['TIMESTEP_SHIFT']}: must be positive")
-    if s["START_FRAME"] < 1:
-        problems.append(f"START_FRAME={s['START_FRAME']}: frames are numbered from 1")
-    if not 0 <= s["PORT"] <= 65535:
-        problems.append(f"PORT={s['PORT']}: a port is 0 to 65535 (0: any free one)")
-    for name in ("MOUSE_SENSITIVITY", "MOUSE_LIMIT"):
-        if not 0 < s[name] < float("inf"):
-            problems.append(f"{name}={s[name]}: must be a positive number")
-    if s["NUM_BLOCKS"] < 0:
-        problems.append(f"NUM_BLOCKS={s['NUM_BLOCKS']}: must be 0 (as long as the actions) or more")
     if s["HEADLESS"] and Path(s["OUTPUT"]).suffix.lower() != ".mp4":
         problems.append(f"OUTPUT={s['OUTPUT']!r}: must end in .mp4")
+    try:
+        pick_device(s["DEVICE"])
+    except ValueError as error:
+        problems.append(str(error))
     if problems:
         raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
 
@@ -244,7 +235,9 @@ def headless_actions(s: dict, frames_per_block: int) -> HeadlessActions:
     """The rows of every frame and the number of blocks, from ACTIONS or the recording (its
     columns named by KEYBOARD_KEYS, the model's)."""
     if s["ACTIONS"]:
-        keyboard, mouse = parse_action_script(s["ACTIONS"], keyboard_keys=s["KEYBOARD_KEYS"])
+        # a headless video has no natural length: bound the script at an hour at 25 fps
+        limit = video_frame_count(s["NUM_BLOCKS"] * frames_per_block) if s["NUM_BLOCKS"] else MAX_HEADLESS_FRAMES
+        keyboard, mouse = parse_action_script(s["ACTIONS"], keyboard_keys=s["KEYBOARD_KEYS"], max_rows=limit)
         num_blocks = s["NUM_BLOCKS"] or blocks_covering(len(keyboard), frames_per_block)
         rows = video_frame_count(num_blocks * frames_per_block)
         if rows != len(keyboard):
@@ -361,7 +354,7 @@ def main(argv=None) -> int:
     except ShowHelp as text:
         print(text)
         return 0
-    except (ValueError, FileNotFoundError) as error:  # SettingsError, GenerationError, CheckpointError, DataError
+    except (ValueError, OSError) as error:  # SettingsError, GenerationError, CheckpointError, DataError, disk full
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl+C before the page is up (a headless OUTPUT is then not written)
