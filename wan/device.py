@@ -4,6 +4,9 @@ from contextlib import nullcontext
 
 import torch
 
+# The GPU's autocast (the planner imitates it with these same settings).
+AUTOCAST_SETTINGS = dict(dtype=torch.bfloat16)
+
 
 def pick_device(name: str) -> torch.device:
     """"auto": the GPU when there is one, else the CPU; or a torch device name ("cuda:1")."""
@@ -22,4 +25,4 @@ def run_dtype(device: torch.device) -> torch.dtype:
 
 def autocast_for(device: torch.device, enabled: bool = True):
     """bf16 autocast on a GPU; nothing on the CPU (or when not enabled)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+    return torch.autocast("cuda", **AUTOCAST_SETTINGS) if enabled and device.type == "cuda" else nullcontext()
