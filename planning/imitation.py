@@ -27,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from wan.action import action_tables
 from wan.device import AUTOCAST_SETTINGS
@@ -174,6 +175,20 @@ def _autocast_kernel(name: str, policy: str):
 
 
 @contextmanager
+def cuda_autocast_without_gpu():
+    """Let torch.autocast("cuda") (so autocast_for(cuda)) work without a GPU, for fake 'cuda'
+    runs: it otherwise warns "CUDA is not available" and disables itself."""
+    common = torch.cuda.amp.common
+    saved = common.amp_definitely_not_available, torch.cuda.is_bf16_supported
+    common.amp_definitely_not_available = lambda: False
+    torch.cuda.is_bf16_supported = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        common.amp_definitely_not_available, torch.cuda.is_bf16_supported = saved
+
+
+@contextmanager
 def cuda_autocast_rules_on_cpu():
     """While active, torch.autocast("cpu") casts as torch.autocast("cuda") does.
 
@@ -221,6 +236,23 @@ class ScalarReadsAnswered(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return self.answer(func, args, kwargs or {})
+
+
+class CudaKernelsOnly(ScalarReadsAnswered):
+    """Fail any op on fake 'cuda' tensors that has no CUDA kernel (a CPU-only op would pass
+    a fake run unnoticed: fake tensors run every op's meta function, whatever the device)."""
+
+    KERNEL_KEYS = ("CUDA", "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional",
+                   "CompositeImplicitAutograd")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        if name.startswith("aten::") and any(isinstance(t, torch.Tensor) and t.device.type == "cuda"
+                                             for t in tree_leaves((args, kwargs))):
+            if not any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for key in self.KERNEL_KEYS):
+                raise RuntimeError(f"{name} has no CUDA kernel, but it was called on CUDA tensors")
+        return self.answer(func, args, kwargs)
 
 
 @contextmanager
