@@ -41,8 +41,8 @@ def main() -> int:
     grid = latent_grid(args.frames, args.height, args.width)
     print(f"config: {source}; {args.frames} frames at {args.width}x{args.height}, batch {args.batch}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"| strategy | checkpointing | peak GB (GiB) | peak, accum GB (GiB) | TFLOP per micro-batch | "
-          f"peak at | seconds |")
+    print("| strategy | checkpointing | peak GB (GiB) | peak, accum GB (GiB) | TFLOP per micro-batch | "
+          "peak at | seconds |")
     print("|---|---|---|---|---|---|---|")
     started = time.perf_counter()
     for strategy in STRATEGIES:

@@ -114,8 +114,8 @@ def _cast(value, dtype: torch.dtype):
 
 
 def _cast_arguments(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
-    """Cast every eligible argument, last to first: the order in which the C++ wrappers'
-    casts run (GCC evaluates call arguments right to left), so that traces match op for op."""
+    """Cast every eligible argument, last to first: the order in which the compiled wrappers'
+    casts run (their call arguments are evaluated right to left), so that traces match op for op."""
     kwargs = dict(reversed([(k, _cast(v, dtype)) for k, v in reversed(kwargs.items())]))
     return tuple(reversed([_cast(a, dtype) for a in reversed(args)])), kwargs
 

@@ -23,7 +23,7 @@ from wan.config import WanConfig
 from wan.device import run_dtype
 from wan.model import WanModel, random_inputs
 from wan.rope import video_rope_table
-from wan.shapes import VAE_SPACE_STRIDE, latent_frame_count, tokens_per_latent_frame
+from wan.shapes import latent_frame_count, latent_size, tokens_per_latent_frame
 from wan.vae import VAEConfig, WanVAE
 
 HOST = torch.device("meta")  # stands for host memory: fake tensors there are not counted
@@ -108,30 +108,17 @@ def measure_training(config: WanConfig, settings: dict, latent_frames: int, late
     FLOPs (with count_flops) are those of one micro-batch. with_preview: then, with the
     weights and optimizer state still resident, the epoch preview (validation runs the same
     no-grad forward): one sampling step of a clip, then the VAE loaded for its decode.
+    Returns (the step, the preview or None).
     """
     recipe = recipe or TrainingRecipe()
-    use_bf16 = settings["MIXED_PRECISION"] == "bf16"
-    batch, accumulating = settings["BATCH_SIZE"], settings["GRAD_ACCUM_STEPS"] >= 2
-    device = IMITATED_DEVICE
+    grid = (latent_frames, latent_height, latent_width)
     model = meta_module(lambda: WanModel(config))
     vae = meta_module(lambda: WanVAE(vae_config or VAEConfig())) if with_preview else None
-    preview = None
-    with fake_tensors(top_mode=MemoryTracker(device, count_flops=count_flops)) as tracker:
-        model = materialise(model, device, GPU_DTYPE if use_bf16 else torch.float32)
-        trainable = recipe.prepare(model, settings)
-        model.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
-        model.train()
-        optimizer = recipe.make_optimizer(trainable, settings, device, imitating_cuda=True)
-        ema = recipe.make_ema(trainable, settings)
-        for p in trainable.values():  # an earlier step has made the optimizer's state
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        inputs, sigma, noise = training_inputs(config, batch, latent_frames, latent_height, latent_width, device)
-        build_tables(config, latent_frames, latent_height, latent_width, device)
-        tracker.track(list(model.parameters()), memory.WEIGHTS)
-        tracker.track(recipe.optimizer_tensors(optimizer, ema), memory.OPTIMIZER_STATE)
-        if accumulating:  # what the step's earlier micro-batches leave
+    with fake_tensors(top_mode=MemoryTracker(IMITATED_DEVICE, count_flops=count_flops)) as tracker:
+        model, trainable, optimizer, ema = _training_state(model, settings, recipe, tracker)
+        inputs, sigma, noise = training_inputs(config, settings["BATCH_SIZE"], *grid, IMITATED_DEVICE)
+        build_tables(config, *grid, IMITATED_DEVICE)
+        if settings["GRAD_ACCUM_STEPS"] >= 2:  # what the step's earlier micro-batches leave
             for p in trainable.values():
                 p.grad = torch.zeros_like(p)
             tracker.track([p.grad for p in trainable.values()], memory.GRADIENTS)
@@ -144,45 +131,69 @@ def measure_training(config: WanConfig, settings: dict, latent_frames: int, late
         hooks = [p.register_post_accumulate_grad_hook(gradient_made) for p in trainable.values()]
         tracker.reset_peak()
         with tracker.phase(memory.ACTIVATIONS):
-            recipe.micro_batch(model, inputs, sigma, noise, imitated_autocast(use_bf16),
-                               1.0 / (batch * settings["GRAD_ACCUM_STEPS"]))
+            recipe.micro_batch(model, inputs, sigma, noise, imitated_autocast(settings["MIXED_PRECISION"] == "bf16"),
+                               1.0 / (settings["BATCH_SIZE"] * settings["GRAD_ACCUM_STEPS"]))
         saved = (tracker.at_backward_start or tracker.by_label)[memory.ACTIVATIONS]
-        # Parameters the backward never reaches (the action modules' unused norm weights)
-        # get no gradient in a real run, so no optimizer state either: uncount what the
-        # warm-up gave them.
+        micro_batch_flops = tracker.flops
+        # Parameters the backward never reaches (the action modules' unused norm weights) get
+        # no gradient in a real run, so no optimizer state either: uncount what the warm-up
+        # gave them (they lived through the whole step, so the peak's moment stays).
         unreached = [p for p in trainable.values() if p not in reached]
         tracker.forget([p.grad for p in unreached] + [t for p in unreached for t in optimizer.state.get(p, {}).values()])
         for p in unreached:
             p.grad = None
-        micro_batch_flops = tracker.flops
         with tracker.phase(memory.OPTIMIZER_STEP):
             recipe.optimizer_step(trainable, optimizer, ema, settings)
         for hook in hooks:
             hook.remove()
         step = StepMeasurement(
             **_measurement(tracker), strategy=settings["TRAINING_STRATEGY"],
-            checkpointing=settings["GRADIENT_CHECKPOINTING"], batch=batch, latent_frames=latent_frames,
-            tokens=batch * latent_frames * tokens_per_latent_frame(latent_height, latent_width),
-            saved_activations=saved, trainable_parameters=sum(p.numel() for p in trainable.values()),
+            checkpointing=settings["GRADIENT_CHECKPOINTING"], batch=settings["BATCH_SIZE"],
+            latent_frames=latent_frames, tokens=settings["BATCH_SIZE"] * latent_frames * tokens_per_latent_frame(
+                latent_height, latent_width), saved_activations=saved,
+            trainable_parameters=sum(p.numel() for p in trainable.values()),
             total_parameters=sum(p.numel() for p in model.parameters()))
         step.flops = micro_batch_flops
-        if with_preview:
-            tracker.reset_peak()
-            model.eval()
-            clip_inputs, _, _ = training_inputs(config, 1, latent_frames, latent_height, latent_width, device)
-            parts = {}
-            with tracker.phase(memory.ACTIVATIONS):
-                with _flops_of(tracker, parts, "sampling step"):
-                    latents = previewer().sample_latents(
-                        model, clip_inputs["cond_concat"], clip_inputs["visual_context"],
-                        clip_inputs["keyboard"][0].to(HOST), clip_inputs["mouse"][0].to(HOST), 1,
-                        settings["TIMESTEP_SHIFT"], torch.Generator().manual_seed(0), imitated_autocast(use_bf16))
-                vae = materialise(vae, device, GPU_DTYPE).requires_grad_(False).eval()
-                tracker.track(list(vae.parameters()), memory.WEIGHTS)
-                with _flops_of(tracker, parts, "decode"):
-                    previewer().decode_frames(vae, latents)
-            preview = Measurement(**_measurement(tracker), flops_by_part=parts)
+        preview = _preview_during_training(model, vae, config, settings, grid, tracker) if with_preview else None
     return step, preview
+
+
+def _training_state(model: WanModel, settings: dict, recipe: TrainingRecipe, tracker: MemoryTracker):
+    """What one rank holds between steps, made as the trainer makes it and labelled:
+    (model, trainable, optimizer, EMA or None). The optimizer has stepped once."""
+    model = materialise(model, IMITATED_DEVICE, GPU_DTYPE if settings["MIXED_PRECISION"] == "bf16" else torch.float32)
+    trainable = recipe.prepare(model, settings)
+    model.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
+    model.train()
+    optimizer = recipe.make_optimizer(trainable, settings, IMITATED_DEVICE, imitating_cuda=True)
+    ema = recipe.make_ema(trainable, settings)
+    for p in trainable.values():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tracker.track(list(model.parameters()), memory.WEIGHTS)
+    tracker.track(recipe.optimizer_tensors(optimizer, ema), memory.OPTIMIZER_STATE)
+    return model, trainable, optimizer, ema
+
+
+def _preview_during_training(model: WanModel, vae: WanVAE, config: WanConfig, settings: dict, grid: tuple,
+                             tracker: MemoryTracker) -> Measurement:
+    """epoch_preview after a step: one sampling step of a clip, then the VAE loaded and decoding."""
+    tracker.reset_peak()
+    model.eval()
+    clip, _, _ = training_inputs(config, 1, *grid, IMITATED_DEVICE)
+    parts = {}
+    with tracker.phase(memory.ACTIVATIONS):
+        with _flops_of(tracker, parts, "sampling step"):
+            latents = previewer().sample_latents(
+                model, clip["cond_concat"], clip["visual_context"], clip["keyboard"][0].to(HOST),
+                clip["mouse"][0].to(HOST), 1, settings["TIMESTEP_SHIFT"], torch.Generator().manual_seed(0),
+                imitated_autocast(settings["MIXED_PRECISION"] == "bf16"))
+        vae = materialise(vae, IMITATED_DEVICE, GPU_DTYPE).requires_grad_(False).eval()
+        tracker.track(list(vae.parameters()), memory.WEIGHTS)
+        with _flops_of(tracker, parts, "decode"):
+            previewer().decode_frames(vae, latents)
+    return Measurement(**_measurement(tracker), flops_by_part=parts)
 
 
 def measure_cache_build(settings: dict, vae_config: VAEConfig | None = None,
@@ -241,6 +252,6 @@ def measure_preview(config: WanConfig, settings: dict, vae_config: VAEConfig | N
 
 
 def latent_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Frames and pixels -> (latent frames, latent height, latent width)."""
-    return latent_frame_count(frames), height // VAE_SPACE_STRIDE, width // VAE_SPACE_STRIDE
+    """Frames and pixels -> (latent frames, latent height, latent width), checked."""
+    return latent_frame_count(frames), *latent_size(height, width)
 

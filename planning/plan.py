@@ -226,8 +226,20 @@ class TrainingPlan:
                 f"{'yes' if fit.fits else 'no':>5} "
                 + (f"{fit.longest_frames:>6} frames" if fit.longest_frames else f"{'-':>13}")
                 + (f" {fit.largest_batch:>14}" if fit.largest_batch else f" {'-':>14}"))
-        lines.append("  (* your settings; GRAD_ACCUM_STEPS as set. Longest clips are capped at "
-                     f"{video_frame_count(MAX_LATENT_FRAMES)} frames, batches at {MAX_BATCH}.)")
+        lines.append("  (* your settings; GRAD_ACCUM_STEPS as set. The longest clip and largest batch follow the "
+                     f"line through each measured peak, capped at {video_frame_count(MAX_LATENT_FRAMES)} frames and "
+                     f"{MAX_BATCH}.)")
+        mine = next((f for f in self.fits if f.line.measured is self.step), None)
+        fitting = [f"{f.line.measured.strategy} with checkpointing {'on' if f.line.measured.checkpointing else 'off'}"
+                   for f in self.fits if f.fits]
+        if mine is not None:
+            longest = max(self.fits, key=lambda f: f.longest_frames)
+            otherwise = (f"the longest clip that fits: {longest.longest_frames} frames ({longest.line.measured.strategy}"
+                         f", checkpointing {'on' if longest.line.measured.checkpointing else 'off'})"
+                         if longest.longest_frames else "no clip fits this card")
+            lines.append(f"  -> your settings {'fit' if mine.fits else 'do not fit'} a {card:g} GB card; at "
+                         f"{s['SEQUENCE_LENGTH']} frames " + (f"these fit: {', '.join(fitting)}" if fitting
+                                                              else f"nothing fits; {otherwise}"))
         if self.check is not None:
             frames, measured, predicted = self.check
             lines.append(f"  check of the line: measured {gib(measured):.2f} GiB at {frames} frames, batch 1; the line "
@@ -323,6 +335,7 @@ class PreviewPlan:
         step = m.flops_by_part.get("sampling step", 0)
         per_window = m.flops_by_part.get("conditioning", 0) + s["NUM_STEPS"] * step + m.flops_by_part.get("decode", 0)
         total = per_window * windows * models
+        fits = with_margin(m.peak) <= s["GPU_MEMORY_GB"] * GIB
         lines = [f"GPU plan for generate_preview.py (fake tensors on the CPU, nothing allocated; {self.seconds:.0f} s)",
                  f"model: {self.config_source}; bf16 weights, VAE and CLIP resident; windows of {s['WINDOW_FRAMES']} "
                  f"frames at {s['VIDEO_WIDTH']}x{s['VIDEO_HEIGHT']}",
@@ -330,6 +343,7 @@ class PreviewPlan:
                  f"  = {m.peak / 1e9:.2f} GB; with a margin of {MARGIN_FRACTION:.0%} + {MARGIN_FIXED_GIB} GiB: "
                  f"{gib(with_margin(m.peak)):.2f} GiB; {_where(m.peak_op)}",
                  *_breakdown(m.breakdown), f"  {NOT_COUNTED}",
+                 f"  {'fits' if fits else 'does not fit'} a {s['GPU_MEMORY_GB']:g} GB card (GPU_MEMORY_GB)",
                  f"FLOPs: {total / 1e12:,.1f} TFLOP for {windows} window(s) x {models} model(s): "
                  f"{step / 1e12:,.2f} per sampling step x NUM_STEPS={s['NUM_STEPS']}, "
                  f"{m.flops_by_part.get('conditioning', 0) / 1e12:,.2f} for the conditioning, "
