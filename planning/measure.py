@@ -165,8 +165,8 @@ def _training_state(model: WanModel, settings: dict, recipe: TrainingRecipe, tra
     trainable = recipe.prepare(model, settings)
     model.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
     model.train()
-    optimizer = recipe.make_optimizer(trainable, settings, IMITATED_DEVICE, imitating_cuda=True)
-    ema = recipe.make_ema(trainable, settings)
+    optimizer = recipe.make_optimizer(trainable, settings, IMITATED_DEVICE, HOST, imitating_cuda=True)
+    ema = recipe.make_ema(trainable, settings, HOST)
     for p in trainable.values():
         p.grad = torch.zeros_like(p)
     optimizer.step()

@@ -8,8 +8,9 @@ How a change plugs in:
 - another optimizer (8-bit AdamW, ...): override make_optimizer;
 - a fused backward optimizer step (optimizer.step per parameter in a post-accumulate-grad
   hook): override micro_batch and optimizer_step;
-- CPU offload: put host-side tensors on `recipe.host` - the planner passes the meta device
-  there, so that they are not counted as GPU memory - and override what moves them.
+- CPU offload: keep host-side tensors on the `host` device make_optimizer and make_ema are
+  given (the planner passes the meta device, so that they are not counted as GPU memory),
+  and override what moves them.
 
 Pass the recipe to plan_training(settings, recipe=...). The trainer should build its step
 through the same recipe, so that the plan and the run cannot drift apart.
@@ -44,19 +45,18 @@ class TrainingRecipe:
     """One rank's training step as calls: prepare, make_optimizer, make_ema, micro_batch,
     optimizer_step (see the module docstring for how to extend it)."""
 
-    host = torch.device("cpu")
-
     def prepare(self, model, settings: dict) -> dict:
         """Freeze by strategy; float32 masters of the trained tensors. Returns {name: parameter}."""
         return trainer().prepare_trainable(model, settings["TRAINING_STRATEGY"], settings["LAST_LAYERS"])
 
-    def make_optimizer(self, trainable: dict, settings: dict, device: torch.device, imitating_cuda: bool):
+    def make_optimizer(self, trainable: dict, settings: dict, device: torch.device, host: torch.device,
+                       imitating_cuda: bool = False):
         # fused on CUDA as in train(); the imitation runs the same fused kernel on the CPU
         return torch.optim.AdamW(list(trainable.values()), lr=settings["LEARNING_RATE"],
                                  weight_decay=settings["WEIGHT_DECAY"], betas=(0.9, 0.999),
                                  fused=imitating_cuda or device.type == "cuda")
 
-    def make_ema(self, trainable: dict, settings: dict):
+    def make_ema(self, trainable: dict, settings: dict, host: torch.device):
         return trainer().EMA(trainable, settings["EMA_DECAY"]) if settings["EMA_DECAY"] > 0 else None
 
     def micro_batch(self, model, inputs: dict, sigma, noise, autocast, loss_scale: float) -> torch.Tensor:

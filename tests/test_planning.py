@@ -18,6 +18,7 @@ from planning.imitation import (CUDA_AUTOCAST_POLICY, IMITATED_DEVICE, cpu_autoc
 from planning.measure import build_tables, materialise, measure_training, meta_module, training_inputs
 from planning.memory import MemoryTracker, allocated_bytes
 from planning.plan import TokenLine, plan_preview, plan_training
+from planning.recipe import TrainingRecipe
 from wan.clip import CLIPVisionConfig
 from wan.config import tiny_config
 from wan.model import STRATEGIES, WanModel, random_inputs, trainable_parameter_names
@@ -118,6 +119,18 @@ def test_weights_gradients_and_optimizer_state_are_bytes_times_counts(strategy):
     assert step.breakdown[memory.GRADIENTS] == gradients
     assert step.breakdown[memory.OPTIMIZER_STATE] == optimizer + ema
     assert step.trainable_parameters == sum(sizes[name] for name in trained)
+
+
+def test_another_optimizer_plugs_in_through_the_recipe():
+    class PlainSGD(TrainingRecipe):  # no state between steps, unlike AdamW's two moments
+        def make_optimizer(self, trainable, settings, device, host, imitating_cuda=False):
+            return torch.optim.SGD(list(trainable.values()), lr=settings["LEARNING_RATE"])
+
+    s = settings(TRAINING_STRATEGY="full", GRAD_ACCUM_STEPS=1)
+    adamw, _ = measure_training(tiny(), s, 2, 4, 8)
+    sgd, _ = measure_training(tiny(), s, 2, 4, 8, recipe=PlainSGD())
+    assert adamw.breakdown[memory.OPTIMIZER_STATE] > 0 and sgd.breakdown.get(memory.OPTIMIZER_STATE, 0) == 0
+    assert sgd.breakdown[memory.WEIGHTS] == adamw.breakdown[memory.WEIGHTS]
 
 
 @pytest.mark.parametrize("strategy", ["action_only", "full"])
