@@ -545,8 +545,33 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     return summary
 
 
+def plan_main(argv) -> int:
+    """--plan: the GPU memory and time this run needs (planning/), without a GPU. Temporary
+    hook: --GPU_MEMORY_GB and --NUM_CLIPS are the planner's own settings."""
+    from planning.plan import plan_training
+
+    planner = {"--GPU_MEMORY_GB=": float, "--NUM_CLIPS=": int}
+    try:
+        extra = {}
+        for prefix, kind in planner.items():
+            for a in argv:
+                if a.startswith(prefix):
+                    try:
+                        extra[prefix[2:-1]] = kind(a[len(prefix):])
+                    except ValueError:
+                        raise ValueError(f"{a}: expected {'a number' if kind is float else 'a whole number'}") from None
+        settings, _ = parse_settings([a for a in argv if not a.startswith(tuple(planner))])
+        print(plan_training({**settings, **extra}).format())
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--plan" in argv:
+        return plan_main([a for a in argv if a != "--plan"])
     ranks = Ranks()
     try:
         settings, demo = parse_settings(argv)
