@@ -25,13 +25,13 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -42,16 +42,17 @@ from generation.finetuned import FINAL_FILE, FULL_CONTENTS
 from generation.previews import epoch_preview
 from latents.cache import CACHE_DTYPES, CacheError, LatentCache, build_latent_cache, cache_lock
 from latents.dataset import CachedClipDataset
+from planning.plan import plan_training
+from recordings.errors import DataError
 from recordings.report import check_data
 from runs.errors import TrainingError
 from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit
-from training.ema import EMA
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
-from training.flow_matching import flow_matching_step, model_inputs, prepare_trainable, validate
+from training.flow_matching import model_inputs, validate
 from training.precision import choose_precision
 from training.ranks import Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, wrap_for_ranks
-from training.optim import build_adamw
+from training.recipe import TrainingRecipe
 from training.schedule import LRSchedule, apply_learning_rate
 from wan import flow
 from wan.device import pick_device
@@ -105,6 +106,7 @@ MIXED_PRECISION = "bf16"                 # "bf16" (CUDA) or "fp32"
 COMPILE = False                          # torch.compile each block (CUDA; slow first steps)
 NUM_WORKERS = 2                          # DataLoader workers
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
+GPU_MEMORY_GB = 24                       # --plan: the card to fit (its memory in GB)
 # saving
 SAVE_EVERY_EPOCHS = 2                    # weights file every N epochs (0: only the final file)
 SAVE_EVERY_STEPS = 0                     # 0: only at epoch ends; else also every N optimizer steps
@@ -119,12 +121,15 @@ PREVIEW_STEPS = 50                       # sampling steps per preview
 SETTINGS = ScriptSettings.of(globals())
 SETTING_NAMES = SETTINGS.names
 FLAGS = {"--demo": "the whole pipeline on a generated recording with tiny random weights, on CPU "
-                   "(writes demo_run/)"}
+                   "(writes demo_run/)",
+         "--plan": "predict this run's GPU memory and time on a GPU_MEMORY_GB card and the common ones, and what "
+                   "fits (no GPU needed; about a minute for the real model)"}
 INFO_FILE = "training_info.txt"
 PREVIEW_DIR = "previews"
 # A run can continue only with the settings that shaped its state and its data order
 # (EFFECTIVE_BATCH = BATCH_SIZE x GRAD_ACCUM_STEPS x ranks, so a run may resume on another
 # number of GPUs with the same effective batch).
+RECIPE = TrainingRecipe()                # the step's calls, shared with the planner (training/recipe.py)
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
                      "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE",
                      "TRAINING_STRATEGY", "LAST_LAYERS", "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO",
@@ -229,7 +234,7 @@ def prepare_model(s: dict, ranks: Ranks, device: torch.device, precision) -> Pre
     and wrap it for the ranks."""
     model, reinitialised = load_base_model(s["BASE_MODEL_DIR"], keyboard_dim=len(s["KEYBOARD_KEYS"]),
                                            device=device, dtype=precision.model_dtype)
-    trainable = prepare_trainable(model, s["TRAINING_STRATEGY"], s["LAST_LAYERS"])
+    trainable = RECIPE.prepare(model, s)
     model.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
     if s["COMPILE"]:
         for block in model.blocks:
@@ -377,7 +382,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         split, train_set, val_set = prepared.split, prepared.train_set, prepared.val_set
         loaded = prepare_model(s, ranks, device, precision)
         model, wrapped, trainable = loaded.model, loaded.wrapped, loaded.trainable
-        optimizer = build_adamw(trainable, s["LEARNING_RATE"], s["WEIGHT_DECAY"], device)
+        optimizer = RECIPE.make_optimizer(trainable, s, device, host=device)
         full_epoch, dropped_per_epoch = plan_epoch(0, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"],
                                                    ranks.world)
         steps_per_epoch = len(full_epoch)
@@ -386,7 +391,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                                 "clip: no optimizer step would run. Use fewer GPUs or more data.")
         total_steps = steps_per_epoch * s["NUM_EPOCHS"]
         schedule = LRSchedule(s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"])
-        ema = EMA(trainable, s["EMA_DECAY"], s["EMA_WARMUP"]) if s["EMA_DECAY"] > 0 else None
+        ema = RECIPE.make_ema(trainable, s, host=device)
         sampling = dict(mode=s["TIMESTEP_SAMPLING"], shift=s["TIMESTEP_SHIFT"], min_sigma=s["MIN_SIGMA"],
                         max_sigma=s["MAX_SIGMA"])
         val_sigmas = flow.validation_sigmas(s["VAL_SIGMAS"], **sampling)
@@ -459,8 +464,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                     sigma = torch.cat([d[0] for d in drawn])
                     noise = torch.stack([d[1] for d in drawn])
                     with gradient_sync(wrapped, model, enabled=micro_index == len(step) - 1):
-                        losses = flow_matching_step(wrapped, inputs, sigma, noise, precision.autocast)
-                        (losses.sum() * ranks.world / step_samples).backward()
+                        losses = RECIPE.micro_batch(wrapped, inputs, sigma, noise, precision.autocast,
+                                                    ranks.world / step_samples)
                     finite, loss_sum, sigma_sum = ranks.sum([float(torch.isfinite(losses).all()),
                                                              losses.sum().item(), sigma.sum().item()])
                     if finite < ranks.world:
@@ -473,17 +478,13 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                     step_loss += loss_sum
                     step_sigma += sigma_sum
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), s["MAX_GRAD_NORM"])
-                grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
+                grad_norm = RECIPE.clip_gradients(trainable, s)
                 if not math.isfinite(grad_norm):
                     raise TrainingError(f"the gradient norm became {grad_norm} at optimizer step {global_step + 1}; "
                                         f"training stopped before applying it. {run.on_disk()}. Try a lower "
                                         "LEARNING_RATE or MIXED_PRECISION=fp32.")
                 lr = apply_learning_rate(optimizer, s["LEARNING_RATE"], schedule, global_step)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(trainable, global_step)
+                RECIPE.optimizer_step(optimizer, ema, trainable, global_step)
                 global_step += 1
                 position = step[-1][-1][-1] + 1
                 loss = step_loss / step_samples
@@ -545,36 +546,25 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     return summary
 
 
-def plan_main(argv) -> int:
-    """--plan: the GPU memory and time this run needs (planning/), without a GPU. Temporary
-    hook: --GPU_MEMORY_GB and --NUM_CLIPS are the planner's own settings."""
-    from planning.plan import plan_training
-
-    planner = {"--GPU_MEMORY_GB=": float, "--NUM_CLIPS=": int}
-    try:
-        extra = {}
-        for prefix, kind in planner.items():
-            for a in argv:
-                if a.startswith(prefix):
-                    try:
-                        extra[prefix[2:-1]] = kind(a[len(prefix):])
-                    except ValueError:
-                        raise ValueError(f"{a}: expected {'a number' if kind is float else 'a whole number'}") from None
-        settings, _ = parse_settings([a for a in argv if not a.startswith(tuple(planner))])
-        print(plan_training({**settings, **extra}).format())
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+def plan(s: dict) -> str:
+    """--plan: the GPU memory and time this run needs, predicted on the CPU (planning/)."""
+    settings = dict(s)
+    if Path(s["DATA_DIR"]).is_dir():  # epoch times from your own clip count (file headers only)
+        try:
+            settings["NUM_CLIPS"] = len(check_data(s["DATA_DIR"], data.data_settings(s)).split.train) or 1
+        except DataError:
+            pass
+    return plan_training(settings, recipe=RECIPE).format()
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--plan" in argv:
-        return plan_main([a for a in argv if a != "--plan"])
     ranks = Ranks()
     try:
         settings, demo = parse_settings(argv)
+        if "--plan" in argv:
+            print(plan(settings))
+            return 0
         ranks, device = init_ranks(settings["DEVICE"])
         if demo and ranks.main:
             prepare_demo(settings)

@@ -34,6 +34,7 @@ from generation.finetuned import FINAL_FILE, load_model, select_keys
 from generation.inputs import recording_range
 from generation.previews import format_score, preview_clip_index, write_preview
 from latents.encoders import load_encoders
+from planning.plan import plan_preview
 from recordings.frames import load_frame
 from recordings.report import check_data
 from wan.device import autocast_for, pick_device, run_dtype
@@ -63,13 +64,16 @@ SEED = 0                                 # the noise seed
 VIDEO_HEIGHT = data.VIDEO_HEIGHT         # frame size, as in training
 VIDEO_WIDTH = data.VIDEO_WIDTH           # (both multiples of 16)
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
+GPU_MEMORY_GB = 24                       # --plan: the card to fit (its memory in GB)
 COMPARE = False                          # also render the base model alone, beside (or --compare)
 OUTPUT = "previews/preview.mp4"          # .mp4 or .gif; the scores go to the same name .json
 # -----------------------------------------------------------------------------
 
 SETTINGS = ScriptSettings.of(globals())
 FLAGS = {"--demo": "preview the outputs of `python finetune_base_model.py --demo`",
-         "--compare": "also render the base model alone, beside (the same as --COMPARE=true)"}
+         "--compare": "also render the base model alone, beside (the same as --COMPARE=true)",
+         "--plan": "predict this preview's GPU memory and time on a GPU_MEMORY_GB card and the common ones "
+                   "(no GPU needed)"}
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +215,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         settings, _ = parse_settings(argv)
+        if "--plan" in argv:
+            print(plan_preview(settings).format())
+            return 0
         generate(settings)
     except ShowHelp as text:
         print(text)

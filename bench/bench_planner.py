@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--plan", action="store_true", help="also run and print plan_training for these settings")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    settings = {name: getattr(fb, name) for name in fb.SETTING_NAMES}
+    settings = dict(fb.SETTINGS.defaults)
     settings.update(SEQUENCE_LENGTH=args.frames, VIDEO_HEIGHT=args.height, VIDEO_WIDTH=args.width,
                     BATCH_SIZE=args.batch)
     config, source = model_config(settings)
@@ -61,8 +61,8 @@ def main() -> int:
                   f"{time.perf_counter() - case_started:.1f} |", flush=True)
     print(f"table: {time.perf_counter() - started:.1f} s")
     if args.plan:
-        plan = plan_training(dict(SEQUENCE_LENGTH=args.frames, VIDEO_HEIGHT=args.height, VIDEO_WIDTH=args.width,
-                                  BATCH_SIZE=args.batch))
+        plan = plan_training(dict(settings, SEQUENCE_LENGTH=args.frames, VIDEO_HEIGHT=args.height,
+                                  VIDEO_WIDTH=args.width, BATCH_SIZE=args.batch))
         print()
         print(plan.format())
         print(f"plan_training: {plan.seconds:.1f} s")

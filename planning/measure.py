@@ -15,7 +15,10 @@ import torch
 from planning import memory
 from planning.imitation import IMITATED_DEVICE, fake_tensors, imitated_autocast
 from planning.memory import MemoryTracker
-from planning.recipe import TrainingRecipe, cache_builder, previewer
+from generation.bidirectional import decode_frames, sample_latents
+from latents.cache import CACHE_DTYPES
+from latents.encoders import encode_clip_batch
+from training.recipe import TrainingRecipe
 from wan.action import action_tables
 from wan.clip import CLIPVisionConfig, CLIPVisionTower
 from wan.conditioning import build_cond_concat, build_visual_context
@@ -143,7 +146,8 @@ def measure_training(config: WanConfig, settings: dict, latent_frames: int, late
         for p in unreached:
             p.grad = None
         with tracker.phase(memory.OPTIMIZER_STEP):
-            recipe.optimizer_step(trainable, optimizer, ema, settings)
+            recipe.clip_gradients(trainable, settings)
+            recipe.optimizer_step(optimizer, ema, trainable, updates_done=1)
         for hook in hooks:
             hook.remove()
         step = StepMeasurement(
@@ -185,14 +189,14 @@ def _preview_during_training(model: WanModel, vae: WanVAE, config: WanConfig, se
     parts = {}
     with tracker.phase(memory.ACTIVATIONS):
         with _flops_of(tracker, parts, "sampling step"):
-            latents = previewer().sample_latents(
+            latents = sample_latents(
                 model, clip["cond_concat"], clip["visual_context"], clip["keyboard"][0].to(HOST),
                 clip["mouse"][0].to(HOST), 1, settings["TIMESTEP_SHIFT"], torch.Generator().manual_seed(0),
                 imitated_autocast(settings["MIXED_PRECISION"] == "bf16"))
         vae = materialise(vae, IMITATED_DEVICE, GPU_DTYPE).requires_grad_(False).eval()
         tracker.track(list(vae.parameters()), memory.WEIGHTS)
         with _flops_of(tracker, parts, "decode"):
-            previewer().decode_frames(vae, latents)
+            decode_frames(vae, latents)
     return Measurement(**_measurement(tracker), flops_by_part=parts)
 
 
@@ -210,9 +214,8 @@ def measure_cache_build(settings: dict, vae_config: VAEConfig | None = None,
         tracker.reset_peak()
         video = torch.empty(1, 3, settings["SEQUENCE_LENGTH"], settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"],
                             device=HOST)
-        builder = cache_builder()
         with tracker.phase(memory.ACTIVATIONS):
-            builder.encode_clip_batch(vae, clip, video, builder.CACHE_DTYPES[settings["CACHE_DTYPE"]])
+            encode_clip_batch(vae, clip, video, CACHE_DTYPES[settings["CACHE_DTYPE"]])
         return Measurement(**_measurement(tracker))
 
 
@@ -243,11 +246,11 @@ def measure_preview(config: WanConfig, settings: dict, vae_config: VAEConfig | N
                 cond_concat = build_cond_concat(vae, image, frames).float()
                 visual_context = build_visual_context(clip, image).float()
             with _flops_of(tracker, parts, "sampling step"):
-                latents = previewer().sample_latents(model, cond_concat, visual_context, keyboard, mouse, 1,
+                latents = sample_latents(model, cond_concat, visual_context, keyboard, mouse, 1,
                                                      settings["TIMESTEP_SHIFT"], torch.Generator().manual_seed(0),
                                                      imitated_autocast(True))
             with _flops_of(tracker, parts, "decode"):
-                previewer().decode_frames(vae, latents)
+                decode_frames(vae, latents)
         return Measurement(**_measurement(tracker), flops_by_part=parts)
 
 

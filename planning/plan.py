@@ -24,7 +24,8 @@ from planning import memory
 from planning.cards import CARDS
 from planning.measure import (Measurement, StepMeasurement, latent_grid, measure_cache_build, measure_preview,
                               measure_training)
-from planning.recipe import TrainingRecipe, previewer, trainer
+from generation.bidirectional import window_spans
+from training.recipe import TrainingRecipe
 from wan.config import WanConfig, base_config
 from wan.loading import CheckpointError, find_config_file
 from wan.model import STRATEGIES
@@ -52,9 +53,9 @@ def gib(nbytes: float) -> float:
 # -----------------------------------------------------------------------------
 # Settings
 
-def resolve_settings(settings: dict, defaults: dict) -> dict:
-    """defaults, then the planner's own (GPU_MEMORY_GB, NUM_CLIPS), then settings; checked."""
-    s = {**defaults, **PLANNER_DEFAULTS, **settings}
+def resolve_settings(settings: dict) -> dict:
+    """The planner's own defaults (GPU_MEMORY_GB, NUM_CLIPS) under the script's settings; checked."""
+    s = {**PLANNER_DEFAULTS, **settings}
     problems = []
     try:
         check_image_size(s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"])
@@ -274,16 +275,15 @@ def fit_card(line: TokenLine, settings: dict, tokens_per_frame: int, latent_fram
 
 def plan_training(settings: dict, recipe: TrainingRecipe | None = None, config: WanConfig | None = None,
                   encoders: tuple | None = None, search: bool = True) -> TrainingPlan:
-    """Plan the training the settings describe (the training script's names; missing ones take
-    its defaults) on one GPU of GPU_MEMORY_GB, with NUM_CLIPS training clips.
+    """Plan the training the settings describe (all of the training script's settings) on one
+    GPU of GPU_MEMORY_GB, with NUM_CLIPS training clips.
 
-    recipe: how the step is run (planning/recipe.py; default: the trainer's). config /
+    recipe: how the step is run (training/recipe.py; default: the trainer's). config /
     encoders (a VAEConfig, CLIPVisionConfig pair): instead of BASE_MODEL_DIR's config and
     the real encoders (tests use tiny ones). search=False measures only your own settings.
     """
     started = time.perf_counter()
-    defaults = {name: getattr(trainer(), name) for name in trainer().SETTING_NAMES}
-    s = resolve_settings(settings, defaults)
+    s = resolve_settings(settings)
     notes = [f"{name} not given: {value} assumed" for name, value in PLANNER_DEFAULTS.items() if name not in settings]
     if config is None:
         config, source = model_config(s)
@@ -330,7 +330,7 @@ class PreviewPlan:
 
     def format(self) -> str:
         s, m = self.settings, self.window
-        windows = len(previewer().window_spans(s["NUM_FRAMES"], s["WINDOW_FRAMES"]))
+        windows = len(window_spans(s["NUM_FRAMES"], s["WINDOW_FRAMES"]))
         models = 2 if s.get("COMPARE") else 1
         step = m.flops_by_part.get("sampling step", 0)
         per_window = m.flops_by_part.get("conditioning", 0) + s["NUM_STEPS"] * step + m.flops_by_part.get("decode", 0)
@@ -357,10 +357,9 @@ class PreviewPlan:
 
 
 def plan_preview(settings: dict, config: WanConfig | None = None, encoders: tuple | None = None) -> PreviewPlan:
-    """Plan generate_preview.py's run (its setting names; missing ones take its defaults)."""
+    """Plan generate_preview.py's run (all of its settings)."""
     started = time.perf_counter()
-    defaults = {name: getattr(previewer(), name) for name in previewer().SETTING_NAMES}
-    s = resolve_settings(settings, defaults)
+    s = resolve_settings(settings)
     if config is None:
         config, source = model_config(s)
     else:

@@ -19,11 +19,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import finetune_base_model as fb
-import generate_preview
-import latent_cache
+from generation.bidirectional import decode_frames, sample_latents
+from latents.encoders import encode_clip_batch
 from planning.imitation import CudaKernelsOnly, cuda_autocast_without_gpu, fake_tensors
 from planning.measure import materialise, meta_module
+from training.flow_matching import flow_matching_step, model_inputs, prepare_trainable
 from wan.clip import CLIPVisionConfig, CLIPVisionTower
 from wan.config import tiny_config
 from wan.device import autocast_for, run_dtype
@@ -66,12 +66,12 @@ def cpu_batch(config, batch: int = 2) -> dict:
 def test_training_step_forward_and_optimizer_step_run_on_cuda(fake_cuda, strategy, checkpointing):
     config = tiny_config()
     model = materialise(meta_module(lambda: WanModel(config)), CUDA, run_dtype(CUDA))
-    trainable = fb.prepare_trainable(model, strategy, 1)
+    trainable = prepare_trainable(model, strategy, 1)
     model.set_gradient_checkpointing(checkpointing)
-    inputs = fb.model_inputs(cpu_batch(config), CUDA)
+    inputs = model_inputs(cpu_batch(config), CUDA)
     sigma, noise = torch.rand(2), torch.randn(inputs["latents"].shape)  # on the CPU, as sample_noise draws them
     with layer_output_dtypes(model) as dtypes:
-        losses = fb.flow_matching_step(model, inputs, sigma, noise, autocast_for(CUDA))
+        losses = flow_matching_step(model, inputs, sigma, noise, autocast_for(CUDA))
     assert losses.device.type == "cuda" and losses.dtype == torch.float32 and losses.shape == (2,)
     assert dtypes == {torch.bfloat16}
     assert {p.dtype for p in trainable.values()} == {torch.float32}
@@ -90,10 +90,10 @@ def test_a_tensor_left_on_the_cpu_fails(fake_cuda):
     config = tiny_config()
     model = materialise(meta_module(lambda: WanModel(config)), CUDA, run_dtype(CUDA))
     batch = cpu_batch(config)
-    inputs = fb.model_inputs(batch, CUDA)
+    inputs = model_inputs(batch, CUDA)
     inputs["visual_context"] = batch["visual_context"]  # forgotten
     with pytest.raises(RuntimeError, match="devices"):
-        fb.flow_matching_step(model, inputs, torch.rand(2), torch.randn(batch["latents"].shape), autocast_for(CUDA))
+        flow_matching_step(model, inputs, torch.rand(2), torch.randn(batch["latents"].shape), autocast_for(CUDA))
 
 
 def test_an_op_without_a_cuda_kernel_fails(fake_cuda):
@@ -107,7 +107,7 @@ def test_the_cache_encoding_runs_on_cuda_in_bf16(fake_cuda):
     clip = materialise(meta_module(lambda: CLIPVisionTower(CLIPVisionConfig.tiny())), CUDA, run_dtype(CUDA))
     video = torch.empty(2, 3, 9, 32, 64)  # decoded frames, on the CPU
     with layer_output_dtypes(vae, clip) as dtypes:
-        encoded = latent_cache.encode_clip_batch(vae.eval(), clip.eval(), video, torch.bfloat16)
+        encoded = encode_clip_batch(vae.eval(), clip.eval(), video, torch.bfloat16)
     assert dtypes == {torch.bfloat16}
     assert len(encoded) == 2
     for item in encoded:
@@ -122,10 +122,10 @@ def test_a_preview_sampling_step_and_its_decode_run_on_cuda(fake_cuda):
     vae = materialise(meta_module(lambda: WanVAE(VAEConfig.tiny())), CUDA, run_dtype(CUDA)).eval()
     batch = cpu_batch(config, batch=1)
     with layer_output_dtypes(model, vae) as dtypes:
-        latents = generate_preview.sample_latents(
+        latents = sample_latents(
             model, batch["cond_concat"].to(CUDA), batch["visual_context"].to(CUDA), batch["keyboard"][0],
             batch["mouse"][0], 1, 5.0, torch.Generator().manual_seed(0), autocast_for(CUDA))
-        frames = generate_preview.decode_frames(vae, latents)
+        frames = decode_frames(vae, latents)
     assert latents.device.type == "cuda" and latents.dtype == torch.float32
     assert dtypes == {torch.bfloat16}
     assert frames.device.type == "cpu" and frames.dtype == torch.float32 and frames.shape == (9, 3, 32, 48)

@@ -309,8 +309,10 @@ def test_a_killed_write_s_temp_files_are_removed_and_reported(tiny_assets, tmp_p
 
 def test_a_nan_before_any_save_says_nothing_was_saved(tiny_assets, tmp_path, monkeypatch):
     s = run_settings(tiny_assets, tmp_path)
-    real = fb.flow_matching_step
-    monkeypatch.setattr(fb, "flow_matching_step", lambda *a, **k: real(*a, **k) * float("nan"))
+    import training.recipe
+
+    real = training.recipe.flow_matching_step
+    monkeypatch.setattr(training.recipe, "flow_matching_step", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(TrainingError, match="nothing was saved yet in"):
         fb.train(s)
 

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import finetune_base_model as fb
+import generate_preview as gp
 from planning import memory
 from planning.imitation import (CUDA_AUTOCAST_POLICY, IMITATED_DEVICE, cpu_autocast_overrides,
                                 cuda_autocast_rules_on_cpu, cuda_autocast_without_gpu, fake_tensors,
@@ -18,7 +19,8 @@ from planning.imitation import (CUDA_AUTOCAST_POLICY, IMITATED_DEVICE, cpu_autoc
 from planning.measure import build_tables, materialise, measure_training, meta_module, training_inputs
 from planning.memory import MemoryTracker, allocated_bytes
 from planning.plan import TokenLine, plan_preview, plan_training
-from planning.recipe import TrainingRecipe
+from training.flow_matching import flow_matching_step, prepare_trainable
+from training.recipe import TrainingRecipe
 from wan.clip import CLIPVisionConfig
 from wan.config import tiny_config
 from wan.model import STRATEGIES, WanModel, random_inputs, trainable_parameter_names
@@ -28,7 +30,7 @@ DEVICE = IMITATED_DEVICE
 
 
 def settings(**overrides) -> dict:
-    s = {name: getattr(fb, name) for name in fb.SETTING_NAMES}
+    s = dict(fb.SETTINGS.defaults)
     s.update(LAST_LAYERS=1, VIDEO_HEIGHT=32, VIDEO_WIDTH=64, SEQUENCE_LENGTH=9)
     s.update(overrides)
     return s
@@ -93,7 +95,7 @@ def reached_parameters(config, strategy: str) -> set[str]:
     """Names of the trained parameters a real backward gives a gradient (CPU, real tensors)."""
     torch.manual_seed(0)
     model = WanModel(config)
-    trainable = fb.prepare_trainable(model, strategy, 1)
+    trainable = prepare_trainable(model, strategy, 1)
     inputs = random_inputs(config, 1, 2, 4, 8)
     model(**inputs).sum().backward()
     return {name for name, p in trainable.items() if p.grad is not None}
@@ -139,7 +141,7 @@ def test_activations_are_what_autograd_saves_for_the_backward(strategy):
     model = meta_module(lambda: WanModel(config))
     with fake_tensors(top_mode=MemoryTracker(DEVICE)) as tracker:
         model = materialise(model, DEVICE, torch.bfloat16)
-        fb.prepare_trainable(model, strategy, 1)
+        prepare_trainable(model, strategy, 1)
         inputs, sigma, noise = training_inputs(config, 2, 3, 4, 8, DEVICE)
         build_tables(config, 3, 4, 8, DEVICE)
         tracker.track(list(model.parameters()), memory.WEIGHTS)
@@ -150,7 +152,7 @@ def test_activations_are_what_autograd_saves_for_the_backward(strategy):
             return t
 
         with tracker.phase(memory.ACTIVATIONS), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            losses = fb.flow_matching_step(model, inputs, sigma, noise, imitated_autocast(True))
+            losses = flow_matching_step(model, inputs, sigma, noise, imitated_autocast(True))
         made = [t for t in saved.values() if tracker.label_of(t) in (memory.ACTIVATIONS, memory.WEIGHT_COPIES)]
         expected = sum(allocated_bytes(t.untyped_storage().nbytes()) for t in made) + allocated_bytes(losses.nbytes)
         assert tracker.by_label[memory.ACTIVATIONS] + tracker.by_label[memory.WEIGHT_COPIES] == expected
@@ -198,7 +200,7 @@ def forward_trace(device: str, strategy: str, checkpointing: bool) -> list:
     imitation = device == "cpu"
     with (nullcontext() if imitation else cuda_autocast_without_gpu()), fake_tensors(imitate_cuda=imitation):
         model = materialise(model, torch.device(device), torch.bfloat16)
-        fb.prepare_trainable(model, strategy, 1)
+        prepare_trainable(model, strategy, 1)
         model.set_gradient_checkpointing(checkpointing)
         inputs = {k: v.to(device) if v is not None else None for k, v in random_inputs(config, 2, 3, 4, 6).items()}
         autocast = imitated_autocast(True) if imitation else torch.autocast("cuda", dtype=torch.bfloat16)
@@ -265,7 +267,7 @@ def test_autocast_without_its_weight_cache_casts_no_more_often():
         model = meta_module(lambda: WanModel(config))
         with fake_tensors(top_mode=MemoryTracker(DEVICE)) as tracker:
             model = materialise(model, DEVICE, torch.bfloat16)
-            fb.prepare_trainable(model, "full", 1)
+            prepare_trainable(model, "full", 1)
             tracker.track(list(model.parameters()), memory.WEIGHTS)
             casts = []
 
@@ -310,8 +312,9 @@ def test_bad_settings_are_named_not_traced():
 def test_the_preview_plan_holds_the_model_and_both_encoders():
     encoders = TINY_ENCODERS
     config = tiny_config(keyboard_dim=4, clip_dim=encoders[1].width)
-    plan = plan_preview({"WINDOW_FRAMES": 9, "NUM_FRAMES": 17, "VIDEO_HEIGHT": 32, "VIDEO_WIDTH": 64, "NUM_STEPS": 3,
-                         "KEYBOARD_KEYS": ("W", "S", "A", "D")}, config=config, encoders=encoders)
+    plan = plan_preview({**gp.SETTINGS.defaults, "WINDOW_FRAMES": 9, "NUM_FRAMES": 17, "VIDEO_HEIGHT": 32,
+                         "VIDEO_WIDTH": 64, "NUM_STEPS": 3, "KEYBOARD_KEYS": ("W", "S", "A", "D")}, config=config,
+                        encoders=encoders)
     text = plan.format()
     assert len(re.findall(r"^predicted peak GPU memory: [0-9.]+ GiB$", text, flags=re.M)) == 1
     assert set(plan.window.flops_by_part) == {"conditioning", "sampling step", "decode"}

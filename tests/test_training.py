@@ -225,14 +225,16 @@ def test_demo_never_clears_a_checkpoint_dir_given_on_the_command_line(tiny_asset
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save(tiny_assets, tmp_path, monkeypatch):
     s = run_settings(tiny_assets, tmp_path, "SAVE_EVERY_STEPS=2")
-    real_step, calls = fb.flow_matching_step, []
+    import training.recipe
+
+    real_step, calls = training.recipe.flow_matching_step, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         losses = real_step(*args, **kwargs)
         return losses * float("nan") if len(calls) == 5 else losses
 
-    monkeypatch.setattr(fb, "flow_matching_step", poisoned)
+    monkeypatch.setattr(training.recipe, "flow_matching_step", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at optimizer step 3 .*remain valid"):
         fb.train(s)
     state = torch.load(Path(s["CHECKPOINT_DIR"]) / STATE_FILE, weights_only=False)
@@ -290,13 +292,14 @@ import finetune_base_model as fb
 mode, at = sys.argv[1], int(sys.argv[2])
 count = [0]
 if mode == "step":  # die in the middle of an optimizer step
-    real = fb.flow_matching_step
+    import training.recipe
+    real = training.recipe.flow_matching_step
     def step(*a, **k):
         count[0] += 1
         if count[0] == at:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*a, **k)
-    fb.flow_matching_step = step
+    training.recipe.flow_matching_step = step
 else:  # die while training_state.pt is being written, after part of it is on disk
     import runs.folder
     import wan.files
