@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges
+from cli.settings import ScriptSettings, ShowHelp, check_ranges, raise_for_problems
 from demo_world.setup import TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS
 from generation.previews import epoch_preview
@@ -55,7 +55,6 @@ from training.ranks import Ranks, full_tensors, gradient_sync, init_ranks, load_
 from training.recipe import TrainingRecipe
 from training.schedule import LRSchedule, apply_learning_rate
 from wan import flow
-from wan.device import pick_device
 from wan.files import check_output_folder
 from wan.clip import read_clip_file
 from wan.loading import CheckpointError, inspect_base_model, load_base_model
@@ -168,12 +167,7 @@ def check_settings(s: dict) -> None:
             check_output_folder(s[name], name)
         except FileExistsError as error:
             problems.append(str(error))
-    try:
-        pick_device(s["DEVICE"])
-    except ValueError as error:
-        problems.append(str(error))
-    if problems:
-        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
+    raise_for_problems(problems)
 
 
 # -----------------------------------------------------------------------------

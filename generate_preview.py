@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges
+from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges, raise_for_problems
 from demo_world.setup import DEMO_DIR, TRAINING_DEMO_SETTINGS
 from generation.action_scripts import check_action_rows, parse_action_script
 from generation.bidirectional import chaining_warning, generate_frames, window_spans
@@ -100,12 +100,7 @@ def check_settings(s: dict) -> None:
         problems.append("COMPARE needs a fine-tuned CHECKPOINT to compare with the base model")
     if not s["KEYBOARD_KEYS"]:
         problems.append("KEYBOARD_KEYS is empty")
-    try:
-        pick_device(s["DEVICE"])
-    except ValueError as error:
-        problems.append(str(error))
-    if problems:
-        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
+    raise_for_problems(problems)
 
 
 def demo_settings() -> dict:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges
+from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges, raise_for_problems
 from demo_world.setup import DEMO_DIR, PLAY_DEMO_CHECKPOINT, PLAY_DEMO_MODEL_DIR, TRAINING_DEMO_SETTINGS
 from generation.action_scripts import parse_action_script
 from generation.errors import GenerationError
@@ -125,12 +125,7 @@ def check_settings(s: dict) -> None:
         problems.append(str(error))
     if s["HEADLESS"] and Path(s["OUTPUT"]).suffix.lower() != ".mp4":
         problems.append(f"OUTPUT={s['OUTPUT']!r}: must end in .mp4")
-    try:
-        pick_device(s["DEVICE"])
-    except ValueError as error:
-        problems.append(str(error))
-    if problems:
-        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
+    raise_for_problems(problems)
 
 
 def denoising_steps(s: dict) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
+from wan.device import pick_device
 from wan.shapes import PIXELS_PER_TOKEN_SIDE, check_frame_count
 
 BLOCK_START = "# Settings: edit them here"
@@ -268,6 +269,13 @@ def optional(rule):
     return lambda value: None if value is None else rule(value)
 
 
+def device(value):
+    try:
+        pick_device(value)
+    except ValueError as error:
+        return str(error)  # already says DEVICE=...
+
+
 SETTING_RULES = {
     # data
     "SEQUENCE_LENGTH": frame_count, "CLIP_STRIDE": optional(at_least(1)), "MOUSE_SCALE": finite,
@@ -283,7 +291,7 @@ SETTING_RULES = {
     "SEED": at_least(0), "PREVIEW_EVERY_EPOCHS": at_least(0), "PREVIEW_STEPS": at_least(1),
     # previews and play
     "START_FRAME": at_least(1), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count, "NUM_STEPS": at_least(1),
-    "GPU_MEMORY_GB": positive, "PORT": in_range(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive, "NUM_BLOCKS": at_least(0),
+    "DEVICE": device, "GPU_MEMORY_GB": positive, "PORT": in_range(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive, "NUM_BLOCKS": at_least(0),
 }
 
 
@@ -294,5 +302,16 @@ def check_ranges(settings: dict) -> list[str]:
         rule = SETTING_RULES.get(name)
         problem = rule(value) if rule else None
         if problem:
-            problems.append(f"{name}={value!r}: {problem}" if not problem.startswith("has ") else f"{name} {problem}")
+            if problem.startswith(name):  # the rule's own words name the setting
+                problems.append(problem)
+            elif problem.startswith("has "):
+                problems.append(f"{name} {problem}")
+            else:
+                problems.append(f"{name}={value!r}: {problem}")
     return problems
+
+
+def raise_for_problems(problems: list[str]) -> None:
+    """One SettingsError listing every problem, or nothing."""
+    if problems:
+        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
