@@ -103,8 +103,10 @@ class TrainingRecipe:
         kernel_device = torch.device("cuda") if imitating_cuda else device  # fused AdamW, also on the host
         lr, groups = settings["LEARNING_RATE"], parameter_groups(trainable, settings["WEIGHT_DECAY"])
         if savers.offload_optimizer:
+            # the host's fused AdamW when training on CUDA (not on the planner's meta host)
+            host_kernel = host if host.type == "meta" else kernel_device
             return OffloadedOptimizer(groups, lambda on_host: build_optimizer(on_host, savers.optimizer, lr,
-                                                                             kernel_device),
+                                                                             host_kernel),
                                       host, pin=device.type == "cuda")
         optimizer = build_optimizer(groups, savers.optimizer, lr, kernel_device)
         if savers.in_backward:
@@ -141,13 +143,8 @@ class TrainingRecipe:
             ema.update(trainable, updates_done)
 
     def optimizer_tensors(self, optimizer, ema) -> list:
-        """The tensors the optimizer (and EMA) keep between steps (a quantised state's parts)."""
-        state = []
-        for per_param in optimizer.state.values():
-            for t in per_param.values():
-                if torch.is_tensor(t):
-                    inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
-                    state += [getattr(t, name) for name in inner] if inner else [t]
+        """The tensors the optimizer (and EMA) keep between steps."""
+        state = [t for per_param in optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
         return state + (list(ema.shadow.values()) if ema is not None else [])
 
     def optimizer_state(self, model, optimizer) -> dict:
