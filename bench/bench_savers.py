@@ -46,6 +46,7 @@ SAVERS = {
     "offload_optimizer + offload_frozen": {"OFFLOAD_OPTIMIZER": True, "OFFLOAD_FROZEN": True},
 }
 STRATEGIES = ("action_only", "last_layers", "lora", "full")
+PLAN_ORDER = ("full", "lora", "action_only", "last_layers")  # the question first: does full fit in 24 GB?
 
 
 def applies(strategy: str, savers: dict) -> bool:
@@ -62,7 +63,7 @@ def plan_table(frames: int, height: int, width: int) -> None:
     print("| strategy | savers | accum | peak GB | +margin GiB | weights | optimizer state | gradients | rest | "
           "seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for strategy in STRATEGIES:
+    for strategy in PLAN_ORDER:
         for name, savers in SAVERS.items():
             if not applies(strategy, savers):
                 continue

@@ -87,7 +87,7 @@ class TrainingRecipe:
         """Freeze by strategy (with LoRA adapters for "lora"); float32 masters of the trained
         tensors. Returns {name: parameter}."""
         return prepare_trainable(model, settings["TRAINING_STRATEGY"], settings["LAST_LAYERS"],
-                                 lora_config(settings), settings.get("LORA_HEAD", False))
+                                 lora_config(settings), settings.get("LORA_HEAD", False), settings.get("SEED", 0))
 
     def offload(self, model, settings: dict, host: torch.device) -> FrozenBlocksOffload | None:
         """OFFLOAD_FROZEN: the blocks' frozen weights to the host (after any DDP wrapping)."""

@@ -87,9 +87,13 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @torch.no_grad()
-    def reset_adapter(self) -> None:
-        """A as nn.Linear initialises its weight, B zero: the layer computes W x + b."""
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """A as nn.Linear initialises its weight, B zero: the layer computes W x + b. A is drawn
+        on the CPU from generator (so that a run's adapters depend on its seed alone, not on
+        whatever used the global random state before), then moved to A's device."""
+        down = torch.empty(self.lora_down.weight.shape)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        self.lora_down.weight.copy_(down)
         nn.init.zeros_(self.lora_up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,11 +118,12 @@ def _adapted_layers(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.
     return found
 
 
-def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+def add_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]:
     """Put adapters on the targeted layers of every block (in place; the layers' weights are
-    shared, not copied). Adapters are float32 on the layer's device, initialised so that the
-    model's output is unchanged. Returns the adapters' parameter names."""
+    shared, not copied). Adapters are float32 on the layer's device, initialised from seed so
+    that the model's output is unchanged. Returns the adapters' parameter names."""
     config.check()
+    generator = torch.Generator().manual_seed(seed)
     names = []
     for name, parent, attribute in _adapted_layers(model, config):
         layer = getattr(parent, attribute)
@@ -130,7 +135,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         device = layer.weight.device
         adapted.lora_down.weight = nn.Parameter(torch.empty(config.rank, layer.in_features, device=device))
         adapted.lora_up.weight = nn.Parameter(torch.empty(layer.out_features, config.rank, device=device))
-        adapted.reset_adapter()
+        adapted.reset_adapter(generator)
         adapted.train(layer.training)
         setattr(parent, attribute, adapted)
         names += [f"{name}.lora_down.weight", f"{name}.lora_up.weight"]
