@@ -30,15 +30,13 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, ShowHelp, check_ranges, raise_for_problems
 from demo_world.setup import TRAINING_DEMO_SETTINGS, prepare_demo
-from generation.finetuned import FINAL_FILE, FULL_CONTENTS
+from generation.finetuned import FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE, TRAINED_CONTENTS, merge_lora_file
 from generation.previews import epoch_preview
 from latents.cache import CACHE_DTYPES, CacheError, LatentCache, build_latent_cache, cache_lock
 from latents.dataset import CachedClipDataset
@@ -51,8 +49,9 @@ from runs.info import device_name, format_count, git_commit
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
 from training.flow_matching import model_inputs, validate
 from training.precision import choose_precision
-from training.ranks import Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, wrap_for_ranks
-from training.recipe import TrainingRecipe
+from training.ranks import (Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, sharded,
+                            wrap_for_ranks)
+from training.recipe import Savers, TrainingRecipe, lora_config
 from training.schedule import LRSchedule, apply_learning_rate
 from wan import flow
 from wan.files import check_output_folder
@@ -81,8 +80,14 @@ MOUSE_SCALE = data.MOUSE_SCALE           # CSV mouse (degrees per frame) -> the 
 SKIP_BAD_FRAMES = data.SKIP_BAD_FRAMES   # True: an unreadable frame becomes a gap instead of an error
 VAL_FRACTION = data.VAL_FRACTION         # share of clips held out for validation
 # optimisation
-TRAINING_STRATEGY = "action_only"        # "action_only", "last_layers" or "full"
+TRAINING_STRATEGY = "action_only"        # "action_only", "last_layers", "lora" or "full"
 LAST_LAYERS = 3                          # blocks trained by "last_layers" (with actions + head)
+# LoRA (TRAINING_STRATEGY="lora"): low-rank adapters on the blocks' linear layers, action modules trained fully
+LORA_RANK = 64                           # the adapters' rank r
+LORA_ALPHA = 64.0                        # an adapter's update is scaled by LORA_ALPHA / LORA_RANK
+LORA_TARGETS = ("self_attn", "cross_attn", "ffn")  # groups, or layers like self_attn.q, ffn.0 (wan/lora.py)
+LORA_DROPOUT = 0.0                       # dropout on the adapters' input (training only)
+LORA_HEAD = False                        # also train the output head fully
 BATCH_SIZE = 1                           # clips per micro-batch (per GPU)
 GRAD_ACCUM_STEPS = 4                     # effective batch = BATCH_SIZE x GRAD_ACCUM_STEPS
 NUM_EPOCHS = 10                          # passes over the training clips
@@ -106,6 +111,12 @@ COMPILE = False                          # torch.compile each block (CUDA; slow 
 NUM_WORKERS = 2                          # DataLoader workers
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
 GPU_MEMORY_GB = 24                       # --plan: the card to fit (its memory in GB)
+# memory savers (--plan shows what each saves; FINETUNING_GUIDE.md says which card needs which)
+OPTIMIZER = "adamw"                      # "adamw", or "adamw_8bit": torchao's, both moments in 8 bits (1/4 the state)
+OPTIMIZER_IN_BACKWARD = False            # step each tensor as its gradient is ready: no whole gradient (one GPU, GRAD_ACCUM_STEPS=1)
+OFFLOAD_OPTIMIZER = False                # optimizer state (and EMA) in CPU memory, stepped there
+OFFLOAD_FROZEN = False                   # frozen weights of the blocks in CPU memory, brought in block by block
+SHARD_MODEL = False                      # several GPUs: FSDP for every strategy, not only "full"
 # saving
 SAVE_EVERY_EPOCHS = 2                    # weights file every N epochs (0: only the final file)
 SAVE_EVERY_STEPS = 0                     # 0: only at epoch ends; else also every N optimizer steps
@@ -122,18 +133,22 @@ SETTING_NAMES = SETTINGS.names
 FLAGS = {"--demo": "the whole pipeline on a generated recording with tiny random weights, on CPU "
                    "(writes demo_run/)",
          "--plan": "predict this run's GPU memory and time on a GPU_MEMORY_GB card and the common ones, and what "
-                   "fits (no GPU needed; about a minute for the real model)"}
+                   "fits (no GPU needed; about a minute for the real model)",
+         "--merge": f"write a lora run's final file merged into the base model: CHECKPOINT_DIR/{MERGED_FILE}, a "
+                    "full state dict"}
 INFO_FILE = "training_info.txt"
 PREVIEW_DIR = "previews"
 # A run can continue only with the settings that shaped its state and its data order
 # (EFFECTIVE_BATCH = BATCH_SIZE x GRAD_ACCUM_STEPS x ranks, so a run may resume on another
-# number of GPUs with the same effective batch).
+# number of GPUs with the same effective batch; LORA and UPDATE_RULE are None unless a run
+# uses LoRA or another update than AdamW, so runs from before they existed still resume).
 RECIPE = TrainingRecipe()                # the step's calls, shared with the planner (training/recipe.py)
+HOST = torch.device("cpu")               # where OFFLOAD_OPTIMIZER and OFFLOAD_FROZEN keep their tensors
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
                      "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE",
                      "TRAINING_STRATEGY", "LAST_LAYERS", "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO",
                      "WEIGHT_DECAY", "WARMUP_STEPS", "MAX_GRAD_NORM", "EMA_DECAY", "EMA_WARMUP", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING",
-                     "MIN_SIGMA", "MAX_SIGMA", "MIXED_PRECISION", "SEED")
+                     "MIN_SIGMA", "MAX_SIGMA", "MIXED_PRECISION", "SEED", "LORA", "UPDATE_RULE")
 
 
 # -----------------------------------------------------------------------------
@@ -157,6 +172,12 @@ def check_settings(s: dict) -> None:
         problems.append(f"TIMESTEP_SAMPLING={s['TIMESTEP_SAMPLING']!r}: choose one of {', '.join(flow.SAMPLING_MODES)}")
     if s["CACHE_DTYPE"] not in CACHE_DTYPES:
         problems.append(f"CACHE_DTYPE={s['CACHE_DTYPE']!r}: choose one of {', '.join(CACHE_DTYPES)}")
+    if s["TRAINING_STRATEGY"] == "lora" and not problems:
+        try:
+            lora_config(s).check()
+        except ValueError as error:
+            problems.append(f"LORA_TARGETS / LORA_RANK: {error}")
+    problems += Savers.of(s).problems(s)
     if not problems:
         try:
             flow.bounded_training_grid(s["TIMESTEP_SHIFT"], s["MIN_SIGMA"], s["MAX_SIGMA"])
@@ -233,8 +254,10 @@ def prepare_model(s: dict, ranks: Ranks, device: torch.device, precision) -> Pre
     if s["COMPILE"]:
         for block in model.blocks:
             block.compile()
-    wrapped = wrap_for_ranks(model, s["TRAINING_STRATEGY"], ranks, device, precision.use_bf16)
+    wrapped = wrap_for_ranks(model, sharded(s["TRAINING_STRATEGY"], s["SHARD_MODEL"], ranks.world), ranks, device,
+                             precision.use_bf16)
     trainable = {n: p for n, p in model.named_parameters() if n in trainable}  # FSDP replaced them
+    RECIPE.offload(model, s, HOST)
     model.train()
     return PreparedModel(model, wrapped, trainable, reinitialised)
 
@@ -275,9 +298,7 @@ def restore(run: RunFolder, split, model, trainable: dict, optimizer, ema, sched
             raise TrainingError(f"cannot resume {run.state_path}: the {kind} clips' keyboard or mouse rows differ "
                                 "from the saved run's (did input.csv, KEY_MAP or INVERT_MOUSE_Y change?)")
     load_full_tensors(trainable, saved["trainable"])
-    # strict=False: the action modules' norm weights are never used, so never get a state
-    set_optimizer_state_dict(model, optimizer, saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    RECIPE.load_optimizer_state(model, optimizer, saved["optimizer"])
     if ema is not None:
         load_full_tensors(ema.shadow, saved["ema"])
     progress = Progress(saved["epoch"], saved["position"], saved["global_step"], saved["history"],
@@ -307,8 +328,11 @@ def run_header(s: dict, ranks: Ranks, device, precision, model, trainable: dict,
         f"parameters: total {format_count(total_params)}, trainable {format_count(trainable_count)}, "
         f"frozen {format_count(total_params - trainable_count)} (strategy {s['TRAINING_STRATEGY']}"
         + (f", last {s['LAST_LAYERS']} blocks" if s["TRAINING_STRATEGY"] == "last_layers" else "")
-        + (f"; {'FSDP' if s['TRAINING_STRATEGY'] == 'full' else 'DDP'} over {ranks.world} ranks" if ranks.world > 1
-           else "") + ")",
+        + (f"; {lora_config(s).rank}-rank LoRA on {', '.join(lora_config(s).layers())}"
+           + (" and the head" if s["LORA_HEAD"] else "") if s["TRAINING_STRATEGY"] == "lora" else "")
+        + (f"; {'FSDP' if sharded(s['TRAINING_STRATEGY'], s['SHARD_MODEL'], ranks.world) else 'DDP'} over "
+           f"{ranks.world} ranks" if ranks.world > 1 else "") + ")",
+        f"memory savers: {describe_savers(s)}",
         (f"re-initialised {len(reinitialised)} keyboard tensors because the checkpoint's keyboard width differs "
          f"from KEYBOARD_KEYS ({len(s['KEYBOARD_KEYS'])}): " + ", ".join(reinitialised)) if reinitialised
         else "keyboard embeddings: loaded from the checkpoint (its width matches KEYBOARD_KEYS)",
@@ -346,9 +370,49 @@ def info_text(header: list, status: str, history: list, metrics: list, ema, devi
 
 
 def checkpoint_metadata(s: dict, epoch: int, step: int, ema, contents: str) -> dict:
+    lora = lora_config(s)
     return {"strategy": s["TRAINING_STRATEGY"], "epoch": epoch, "step": step,
             "keyboard_keys": ",".join(s["KEYBOARD_KEYS"]), "weights": "ema" if ema else "trained",
-            "contents": contents}
+            "contents": contents, **(lora.metadata() if lora is not None else {})}
+
+
+def describe_savers(s: dict) -> str:
+    savers = Savers.of(s)
+    used = ([f"OPTIMIZER {savers.optimizer}"] if savers.optimizer != "adamw" else []) + [
+        name for name, on in (("OPTIMIZER_IN_BACKWARD (per-tensor clipping)", savers.in_backward),
+                              ("OFFLOAD_OPTIMIZER", savers.offload_optimizer),
+                              ("OFFLOAD_FROZEN", savers.offload_frozen)) if on]
+    return ", ".join(used) or "none (float32 AdamW on the GPU)"
+
+
+def run_identity(s: dict, effective_batch: int) -> dict:
+    """The settings that make a run this run (RESUME_MUST_MATCH), with the derived ones."""
+    lora = lora_config(s)
+    savers = Savers.of(s)
+    update = None if (savers.optimizer, savers.in_backward) == ("adamw", False) else \
+        f"{savers.optimizer}{', in backward' if savers.in_backward else ''}"
+    return {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch, "UPDATE_RULE": update,
+            "LORA": None if lora is None else {**lora.metadata(), "dropout": lora.dropout, "head": s["LORA_HEAD"]}}
+
+
+def final_weights(s: dict, model, weights: dict, main: bool) -> tuple[dict, str]:
+    """The final file's tensors and contents: the full state dict, loadable with
+    WanModel.load_state_dict(strict=True) - or for "lora" the small file of the adapters and
+    the fully trained tensors, like the epoch files (--merge makes the full one). Every rank
+    must call (FSDP gathers)."""
+    if s["TRAINING_STRATEGY"] == "lora":
+        return weights, LORA_CONTENTS
+    final = full_tensors(dict(model.state_dict()), main)
+    final.update(weights)
+    return final, FULL_CONTENTS
+
+
+def merge(s: dict) -> str:
+    """--merge: CHECKPOINT_DIR's final LoRA file merged into BASE_MODEL_DIR's model."""
+    folder = Path(s["CHECKPOINT_DIR"])
+    written = merge_lora_file(s["BASE_MODEL_DIR"], folder / FINAL_FILE, folder / MERGED_FILE)
+    return (f"wrote {written}: {folder / FINAL_FILE} merged into {s['BASE_MODEL_DIR']}'s model, a full state dict "
+            "(float32) that loads like the official checkpoint")
 
 
 # -----------------------------------------------------------------------------
@@ -360,11 +424,14 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     if ranks is None:
         ranks, device = init_ranks(s["DEVICE"])
     log = print if ranks.main else (lambda *a, **k: None)
+    problems = Savers.of(s).problems(s, ranks.world, sharded(s["TRAINING_STRATEGY"], s["SHARD_MODEL"], ranks.world))
+    if problems:
+        raise TrainingError("these memory savers do not fit this run:\n  " + "\n  ".join(problems))
 
     # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
     with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log) as run:
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
-        run.check_same_run(dict(s, EFFECTIVE_BATCH=effective_batch), RESUME_MUST_MATCH)
+        run.check_same_run(run_identity(s, effective_batch), RESUME_MUST_MATCH)
         check_model_files(s)
         torch.manual_seed(s["SEED"])
         precision = choose_precision(s["MIXED_PRECISION"], device)
@@ -376,7 +443,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         split, train_set, val_set = prepared.split, prepared.train_set, prepared.val_set
         loaded = prepare_model(s, ranks, device, precision)
         model, wrapped, trainable = loaded.model, loaded.wrapped, loaded.trainable
-        optimizer = RECIPE.make_optimizer(trainable, s, device, host=device)
+        optimizer = RECIPE.make_optimizer(trainable, s, device, host=HOST)
         full_epoch, dropped_per_epoch = plan_epoch(0, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"],
                                                    ranks.world)
         steps_per_epoch = len(full_epoch)
@@ -385,11 +452,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                                 "clip: no optimizer step would run. Use fewer GPUs or more data.")
         total_steps = steps_per_epoch * s["NUM_EPOCHS"]
         schedule = LRSchedule(s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"])
-        ema = RECIPE.make_ema(trainable, s, host=device)
+        ema = RECIPE.make_ema(trainable, s, host=HOST)
         sampling = dict(mode=s["TIMESTEP_SAMPLING"], shift=s["TIMESTEP_SHIFT"], min_sigma=s["MIN_SIGMA"],
                         max_sigma=s["MAX_SIGMA"])
         val_sigmas = flow.validation_sigmas(s["VAL_SIGMAS"], **sampling)
-        state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
         # --- resume: the saved tensors, optimizer, schedule and place in the data
         progress = Progress.start()
@@ -416,12 +482,12 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             """Gathered on every rank, written by the main rank: whole tensors, so that the run can
             resume on any number of ranks. Only tensors and plain data: it loads with weights_only."""
             state = {
-                "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch},
+                "settings": run_identity(s, effective_batch),
                 "trainable_names": list(trainable), "train_clips": [c.clip_id for c in split.train],
                 "train_actions": actions_digest(split.train), "val_actions": actions_digest(split.val),
                 "trainable": full_tensors(trainable, ranks.main),
                 "ema": full_tensors(ema.shadow, ranks.main) if ema is not None else None,
-                "optimizer": get_optimizer_state_dict(model, optimizer, options=state_options),
+                "optimizer": RECIPE.optimizer_state(model, optimizer),
                 "schedule": schedule.state_dict(),
                 "epoch": epoch, "position": position, "global_step": global_step,
                 "history": history, "epoch_loss": epoch_loss,
@@ -450,6 +516,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 # is the mean over all its samples, whatever the ranks and micro-batches.
                 step_samples = sum(len(per_rank) for micro in step for per_rank in micro)
                 step_loss, step_sigma = 0.0, 0.0
+                lr = apply_learning_rate(optimizer, s["LEARNING_RATE"], schedule, global_step)
                 for micro_index, micro in enumerate(step):
                     batch = next(loader)
                     inputs = model_inputs(batch, device)
@@ -472,12 +539,11 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                     step_loss += loss_sum
                     step_sigma += sigma_sum
 
-                grad_norm = RECIPE.clip_gradients(trainable, s)
+                grad_norm = RECIPE.clip_gradients(optimizer, trainable, s)
                 if not math.isfinite(grad_norm):
                     raise TrainingError(f"the gradient norm became {grad_norm} at optimizer step {global_step + 1}; "
-                                        f"training stopped before applying it. {run.on_disk()}. Try a lower "
-                                        "LEARNING_RATE or MIXED_PRECISION=fp32.")
-                lr = apply_learning_rate(optimizer, s["LEARNING_RATE"], schedule, global_step)
+                                        f"training stopped before saving anything of this step. {run.on_disk()}. "
+                                        "Try a lower LEARNING_RATE or MIXED_PRECISION=fp32.")
                 RECIPE.optimizer_step(optimizer, ema, trainable, global_step)
                 global_step += 1
                 position = step[-1][-1][-1] + 1
@@ -512,11 +578,11 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             if s["SAVE_EVERY_EPOCHS"] and epoch % s["SAVE_EVERY_EPOCHS"] == 0:
                 name = f"base_finetuned_epoch{epoch}.safetensors"
                 run.save_weights(weights_to_save(), name, checkpoint_metadata(
-                    s, epoch, global_step, ema, "trainable tensors only; load over the base model"))
+                    s, epoch, global_step, ema, LORA_CONTENTS if s["TRAINING_STRATEGY"] == "lora" else TRAINED_CONTENTS))
                 checkpoints.append(name)
-            sharded = ranks.world > 1 and s["TRAINING_STRATEGY"] == "full"  # FSDP: every rank takes part
+            fsdp = sharded(s["TRAINING_STRATEGY"], s["SHARD_MODEL"], ranks.world)  # FSDP: every rank takes part
             if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]) \
-                    and (ranks.main or sharded):
+                    and (ranks.main or fsdp):
                 with ema.weights_in(trainable) if ema is not None else nullcontext():
                     entry.update(epoch_preview(
                         model, val_set if len(val_set) else train_set, s["VAE_PATH"], prepared.height,
@@ -526,10 +592,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             save_state()
             write_info("training" if epoch < s["NUM_EPOCHS"] else "finished")
 
-        # --- the final full state dict, loadable with WanModel.load_state_dict(strict=True)
-        final = full_tensors(dict(model.state_dict()), ranks.main)
-        final.update(weights_to_save())
-        run.save_weights(final, FINAL_FILE, checkpoint_metadata(s, epoch, global_step, ema, FULL_CONTENTS))
+        # --- the final file: the full state dict (for "lora" the adapters and trained tensors)
+        final, contents = final_weights(s, model, weights_to_save(), ranks.main)
+        run.save_weights(final, FINAL_FILE, checkpoint_metadata(s, epoch, global_step, ema, contents))
         run.write_metrics(metrics)
         if FINAL_FILE not in checkpoints:
             checkpoints.append(FINAL_FILE)
@@ -558,6 +623,9 @@ def main(argv=None) -> int:
         settings, demo = parse_settings(argv)
         if "--plan" in argv:
             print(plan(settings))
+            return 0
+        if "--merge" in argv:
+            print(merge(settings))
             return 0
         ranks, device = init_ranks(settings["DEVICE"])
         if demo and ranks.main:

@@ -289,6 +289,7 @@ SETTING_RULES = {
     "MAX_SIGMA": in_range(0, 1), "VAL_SIGMAS": at_least(1), "NUM_WORKERS": at_least(0),
     "SAVE_EVERY_EPOCHS": at_least(0), "SAVE_EVERY_STEPS": at_least(0), "LOG_EVERY_STEPS": at_least(1),
     "SEED": at_least(0), "PREVIEW_EVERY_EPOCHS": at_least(0), "PREVIEW_STEPS": at_least(1),
+    "LORA_RANK": at_least(1), "LORA_ALPHA": positive, "LORA_DROPOUT": in_range(0, 1, high_included=False),
     # previews and play
     "START_FRAME": at_least(1), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count, "NUM_STEPS": at_least(1),
     "DEVICE": device, "GPU_MEMORY_GB": positive, "PORT": in_range(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive, "NUM_BLOCKS": at_least(0),

@@ -9,13 +9,19 @@ import torch
 
 from generation.errors import GenerationError
 from wan.config import WanConfig
+from wan.files import save_safetensors_atomic
 from wan.loading import (CheckpointError, checkpoint_keyboard_dim, find_config_file, load_base_model,
                          open_safetensors)
+from wan.lora import LoRAConfig, add_lora, is_adapter_name, merge_lora
 from wan.model import WanModel
 
 BASE_MODEL_KEYS = ("W", "S", "A", "D")   # the official base checkpoint's keyboard columns
-FINAL_FILE = "base_finetuned_final.safetensors"  # the training script's last file: every tensor
-FULL_CONTENTS = "full state dict"        # the "contents" metadata of such a file
+FINAL_FILE = "base_finetuned_final.safetensors"  # the training script's last file (every tensor, but for "lora")
+MERGED_FILE = "base_finetuned_merged.safetensors"  # a "lora" run's final file merged into the base model
+# The "contents" metadata of the files the training script writes
+FULL_CONTENTS = "full state dict"
+TRAINED_CONTENTS = "trainable tensors only; load over the base model"
+LORA_CONTENTS = "LoRA adapters and fully trained tensors; load over the base model or merge (--merge)"
 CHECKPOINT_HINT = ("CHECKPOINT must be a file the training script wrote (base_finetuned_epoch<N>.safetensors or "
                    f"{FINAL_FILE}); a copy interrupted part-way is truncated - copy it again")
 
@@ -45,7 +51,9 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
     A full file (the training script's final file: every tensor of the model) is loaded
     strictly on a model built from BASE_MODEL_DIR's config; a trainable-only file (its
     epoch files) is applied over the base model, and every tensor in it must be one of the
-    model's with the same shape. The checkpoint's keyboard width decides the model's.
+    model's with the same shape. A LoRA file (every file of a "lora" run) is applied the
+    same way over the base model with its adapters, which are then merged: the model
+    returned is a plain WanModel. The checkpoint's keyboard width decides the model's.
     """
     base_dir = Path(base_model_dir)
     if not checkpoint:
@@ -71,25 +79,35 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
         raise GenerationError(f"{path} has a keyboard of {width} columns but KEYBOARD_KEYS has {len(keys)} "
                            f"({', '.join(keys)}); set --KEYBOARD_KEYS to the keys it was trained with")
 
+    lora = None
+    if metadata.get("contents") == LORA_CONTENTS or any(is_adapter_name(n) for n in shapes):
+        try:
+            lora = LoRAConfig.from_metadata(metadata, str(path))
+        except ValueError as error:
+            raise CheckpointError(f"{error}; {CHECKPOINT_HINT}") from None
     config = WanConfig.from_json(find_config_file(base_dir)).with_keyboard_dim(width)
     with torch.device("meta"):
         model = WanModel(config)
+        adapters = add_lora(model, lora) if lora is not None else []
     expected = {name: list(t.shape) for name, t in model.state_dict().items()}
     unknown = [f"{n} {s}" for n, s in shapes.items() if n not in expected]
     wrong = [f"{n}: {s} here, {expected[n]} in the model" for n, s in shapes.items()
              if n in expected and s != expected[n]]
-    full = metadata.get("contents") == FULL_CONTENTS or set(shapes) == set(expected)
-    missing = [n for n in expected if n not in shapes] if full else []
+    full = lora is None and (metadata.get("contents") == FULL_CONTENTS or set(shapes) == set(expected))
+    missing = [n for n in expected if n not in shapes] if full else [n for n in adapters if n not in shapes]
     if unknown or wrong or missing:
+        what = "this full state dict" if full else f"this LoRA file (rank {lora.rank}, {','.join(lora.layers())})"
         lines = ([f"not in the model: {x}" for x in unknown] + [f"wrong shape: {x}" for x in wrong]
-                 + [f"missing from this full state dict: {x}" for x in missing])
+                 + [f"missing from {what}: {x}" for x in missing])
         raise CheckpointError(f"{path} does not fit the model of {base_dir} with a keyboard of {width} "
                               f"({len(lines)} problem(s)):\n  " + "\n  ".join(lines[:20])
                               + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))
 
     try:
         with open_safetensors(path, CHECKPOINT_HINT) as f:
-            state = {name: f.get_tensor(name).to(device).to(dtype) for name in shapes}
+            # adapters stay float32 until merged: a bf16 B A would round a small update away
+            state = {name: f.get_tensor(name).to(device).to(torch.float32 if is_adapter_name(name) else dtype)
+                     for name in shapes}
     except CheckpointError:
         raise
     except Exception as error:  # a header that promises more bytes than the file has
@@ -100,6 +118,8 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
         description = f"{path} (full state dict{', ' + details if details else ''}; config from {base_dir})"
     else:
         model, reinitialised = load_base_model(base_dir, keyboard_dim=width, device=device, dtype=dtype)
+        if lora is not None:
+            add_lora(model, lora)
         untrained = [n for n in reinitialised if n not in state]
         if untrained:
             raise CheckpointError(f"the base model's keyboard width differs from {path}'s ({width}), so its "
@@ -109,9 +129,33 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
             params = model.state_dict()
             for name, tensor in state.items():
                 params[name].copy_(tensor)
-        description = (f"{base_dir} + {len(state)} fine-tuned tensors from {path} (trainable tensors only"
-                       + (f", {details}" if details else "") + ")")
+        if lora is not None:
+            merge_lora(model, dtype)
+            description = (f"{base_dir} + LoRA rank {lora.rank} on {len(adapters) // 2} layers (merged) and "
+                           f"{len(state) - len(adapters)} fully trained tensors from {path}"
+                           + (f" ({details})" if details else ""))
+        else:
+            description = (f"{base_dir} + {len(state)} fine-tuned tensors from {path} (trainable tensors only"
+                           + (f", {details}" if details else "") + ")")
     return LoadedModel(model.eval().requires_grad_(False), keys, description + f"; keyboard {', '.join(keys)}")
+
+
+def merge_lora_file(base_model_dir, lora_file, out_path) -> Path:
+    """Write lora_file (a "lora" run's file) merged into the base model as a full state dict
+    in float32, which loads strictly like the official checkpoint (its keyboard keys from
+    the file's metadata). Returns out_path."""
+    path = Path(lora_file)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (a \"lora\" run writes {FINAL_FILE} and epoch files)")
+    with open_safetensors(path, CHECKPOINT_HINT) as f:
+        metadata = f.metadata() or {}
+    if metadata.get("contents") != LORA_CONTENTS:
+        raise CheckpointError(f"{path} is not a LoRA file (its contents: {metadata.get('contents', 'not recorded')!r}); "
+                              "only the files of a TRAINING_STRATEGY=\"lora\" run need merging")
+    keys = tuple(k for k in metadata.get("keyboard_keys", "").split(",") if k)
+    loaded = load_model(base_model_dir, path, keys, torch.device("cpu"), torch.float32)
+    return save_safetensors_atomic(loaded.model.state_dict(), out_path,
+                                   {**metadata, "contents": FULL_CONTENTS, "merged_from": path.name})
 
 
 def select_keys(keyboard: torch.Tensor, keys, wanted) -> torch.Tensor:

@@ -146,7 +146,7 @@ def measure_training(config: WanConfig, settings: dict, latent_frames: int, late
         for p in unreached:
             p.grad = None
         with tracker.phase(memory.OPTIMIZER_STEP):
-            recipe.clip_gradients(trainable, settings)
+            recipe.clip_gradients(optimizer, trainable, settings)
             recipe.optimizer_step(optimizer, ema, trainable, updates_done=1)
         for hook in hooks:
             hook.remove()
@@ -169,6 +169,7 @@ def _training_state(model: WanModel, settings: dict, recipe: TrainingRecipe, tra
     trainable = recipe.prepare(model, settings)
     model.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
     model.train()
+    recipe.offload(model, settings, HOST)
     optimizer = recipe.make_optimizer(trainable, settings, IMITATED_DEVICE, HOST, imitating_cuda=True)
     ema = recipe.make_ema(trainable, settings, HOST)
     for p in trainable.values():

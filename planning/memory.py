@@ -13,7 +13,9 @@ attention), op by op as they run: a checkpointed block's recomputation counts ag
 (FlopCounterMode itself is not used: its module tracker keeps the backward's tensors alive.)
 
 Not counted (the caller states it): the CUDA context, the caching allocator's reserve and
-fragmentation, cuBLAS/cuDNN workspaces and the scratch memory of fused kernels.
+fragmentation, cuBLAS/cuDNN workspaces and the scratch memory of fused kernels. A tensor
+subclass (torchao's 8-bit optimizer state) is counted by the parts it is made of; the
+temporaries of its own kernels run below this mode and are not seen.
 """
 
 import weakref
@@ -21,6 +23,7 @@ from collections import Counter
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -139,6 +142,10 @@ class MemoryTracker(ScalarReadsAnswered):
     # --- bookkeeping
 
     def _note(self, tensor: torch.Tensor, label: str, relabel: bool = False, op: str = "") -> None:
+        if is_traceable_wrapper_subclass(tensor):  # e.g. an 8-bit optimizer state: its parts hold the bytes
+            for name in tensor.__tensor_flatten__()[0]:
+                self._note(getattr(tensor, name), label, relabel, op)
+            return
         if tensor.device != self.device:
             return
         storage = tensor.untyped_storage()

@@ -27,6 +27,7 @@ from training.flow_matching import flow_matching_step, model_inputs, prepare_tra
 from wan.clip import CLIPVisionConfig, CLIPVisionTower
 from wan.config import tiny_config
 from wan.device import autocast_for, run_dtype
+from wan.lora import LoRAConfig
 from wan.model import STRATEGIES, WanModel, random_inputs
 from wan.vae import VAEConfig, WanVAE
 
@@ -66,7 +67,7 @@ def cpu_batch(config, batch: int = 2) -> dict:
 def test_training_step_forward_and_optimizer_step_run_on_cuda(fake_cuda, strategy, checkpointing):
     config = tiny_config()
     model = materialise(meta_module(lambda: WanModel(config)), CUDA, run_dtype(CUDA))
-    trainable = prepare_trainable(model, strategy, 1)
+    trainable = prepare_trainable(model, strategy, 1, LoRAConfig(4, 4.0, ("self_attn", "ffn")))
     model.set_gradient_checkpointing(checkpointing)
     inputs = model_inputs(cpu_batch(config), CUDA)
     sigma, noise = torch.rand(2), torch.randn(inputs["latents"].shape)  # on the CPU, as sample_noise draws them

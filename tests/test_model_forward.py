@@ -234,12 +234,14 @@ def test_strategy_groups():
     last = trainable_parameter_names(model, "last_layers", 2)
     assert set(last) == set(action) | {n for n in all_names if n.startswith(("blocks.1.", "blocks.2.", "head."))}
     assert not any(n.startswith(("blocks.0.self_attn", "patch_embedding", "img_emb")) for n in last)
-    with pytest.raises(ValueError, match="unknown training strategy 'lora'"):
+    with pytest.raises(ValueError, match="unknown training strategy 'adapters'"):
+        trainable_parameter_names(model, "adapters")
+    with pytest.raises(ValueError, match="strategy 'lora' trains adapters, but the model has none"):
         trainable_parameter_names(model, "lora")
     for bad in (0, 4, -1):
         with pytest.raises(ValueError, match="1 <= N <= 3"):
             apply_training_strategy(model, "last_layers", bad)
-    assert STRATEGIES == ("action_only", "last_layers", "full")
+    assert STRATEGIES == ("action_only", "last_layers", "lora", "full")
 
 
 def test_gradient_checkpointing_gives_the_same_output_and_gradients():

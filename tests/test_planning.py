@@ -20,9 +20,10 @@ from planning.measure import build_tables, materialise, measure_training, meta_m
 from planning.memory import MemoryTracker, allocated_bytes
 from planning.plan import TokenLine, plan_preview, plan_training
 from training.flow_matching import flow_matching_step, prepare_trainable
-from training.recipe import TrainingRecipe
+from training.recipe import TrainingRecipe, lora_config
 from wan.clip import CLIPVisionConfig
 from wan.config import tiny_config
+from wan.lora import add_lora
 from wan.model import STRATEGIES, WanModel, random_inputs, trainable_parameter_names
 from wan.vae import VAEConfig
 
@@ -31,7 +32,7 @@ DEVICE = IMITATED_DEVICE
 
 def settings(**overrides) -> dict:
     s = dict(fb.SETTINGS.defaults)
-    s.update(LAST_LAYERS=1, VIDEO_HEIGHT=32, VIDEO_WIDTH=64, SEQUENCE_LENGTH=9)
+    s.update(LAST_LAYERS=1, VIDEO_HEIGHT=32, VIDEO_WIDTH=64, SEQUENCE_LENGTH=9, LORA_RANK=4)
     s.update(overrides)
     return s
 
@@ -95,7 +96,7 @@ def reached_parameters(config, strategy: str) -> set[str]:
     """Names of the trained parameters a real backward gives a gradient (CPU, real tensors)."""
     torch.manual_seed(0)
     model = WanModel(config)
-    trainable = prepare_trainable(model, strategy, 1)
+    trainable = prepare_trainable(model, strategy, 1, lora_config(settings(TRAINING_STRATEGY=strategy)))
     inputs = random_inputs(config, 1, 2, 4, 8)
     model(**inputs).sum().backward()
     return {name for name, p in trainable.items() if p.grad is not None}
@@ -107,6 +108,8 @@ def test_weights_gradients_and_optimizer_state_are_bytes_times_counts(strategy):
     step, _ = measure_training(config, settings(TRAINING_STRATEGY=strategy, GRAD_ACCUM_STEPS=2, EMA_DECAY=0.9),
                                2, 4, 8)
     model = meta_module(lambda: WanModel(config))
+    if strategy == "lora":
+        add_lora(model, lora_config(settings(TRAINING_STRATEGY=strategy)))
     trained = set(trainable_parameter_names(model, strategy, 1))
     reached = reached_parameters(config, strategy)
     assert reached < trained  # the action modules' norm weights get no gradient

@@ -17,25 +17,26 @@ def ema_decay(decay: float, updates_done: int, warmup: bool = True) -> float:
 
 class EMA:
     """Exponential moving average of the trainable weights, in float32. It is updated once
-    per optimizer step, so the number of updates done is the optimizer step (no extra state)."""
+    per optimizer step, so the number of updates done is the optimizer step (no extra state).
+    device: where the averages live (None: beside the weights; the host saves GPU memory)."""
 
-    def __init__(self, named_params: dict, decay: float, warmup: bool = True):
-        self.decay, self.warmup = decay, warmup
-        self.shadow = {n: p.detach().float().clone() for n, p in named_params.items()}
+    def __init__(self, named_params: dict, decay: float, warmup: bool = True, device: torch.device | None = None):
+        self.decay, self.warmup, self.device = decay, warmup, device
+        self.shadow = {n: p.detach().float().to(device or p.device, copy=True) for n, p in named_params.items()}
 
     @torch.no_grad()
     def update(self, named_params: dict, updates_done: int) -> None:
         weight = 1 - ema_decay(self.decay, updates_done, self.warmup)
         for name, p in named_params.items():
-            self.shadow[name].lerp_(p.detach().float(), weight)
+            self.shadow[name].lerp_(p.detach().float().to(self.shadow[name].device), weight)
 
     @torch.no_grad()
     def swap_into(self, named_params: dict) -> None:
         """Exchange the model's weights and the averages (call twice to undo)."""
         for name, p in named_params.items():
-            current = p.detach().clone()
+            current = p.detach().float().to(self.shadow[name].device, copy=True)
             p.copy_(self.shadow[name])
-            self.shadow[name] = current.float()
+            self.shadow[name] = current
 
     @contextmanager
     def weights_in(self, named_params: dict):

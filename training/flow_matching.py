@@ -8,13 +8,20 @@ import torch.distributed as dist
 
 from runs.errors import TrainingError
 from wan import flow
+from wan.lora import LoRAConfig, add_lora
 from wan.model import WanModel, apply_training_strategy
 
 
-def prepare_trainable(model: WanModel, strategy: str, last_layers: int) -> dict:
+def prepare_trainable(model: WanModel, strategy: str, last_layers: int, lora: LoRAConfig | None = None,
+                      lora_head: bool = False, seed: int = 0) -> dict:
     """Freeze what the strategy does not train; keep float32 master copies of what it does
-    (the frozen weights stay in the loaded dtype; autocast runs the matmuls in bf16)."""
-    names = apply_training_strategy(model, strategy, last_layers)
+    (the frozen weights stay in the loaded dtype; autocast runs the matmuls in bf16).
+    "lora" first puts the adapters `lora` describes on the model (float32 already, drawn from seed)."""
+    if strategy == "lora":
+        if lora is None:
+            raise ValueError("strategy 'lora' needs its LoRAConfig (rank, alpha, targets)")
+        add_lora(model, lora, seed)
+    names = apply_training_strategy(model, strategy, last_layers, lora_head)
     params = dict(model.named_parameters())
     for name in names:
         params[name].data = params[name].data.float()

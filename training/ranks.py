@@ -61,14 +61,20 @@ def init_ranks(device_setting: str) -> tuple[Ranks, torch.device]:
     return Ranks(dist.get_rank(), world, local_rank), device
 
 
-def wrap_for_ranks(model: WanModel, strategy: str, ranks: Ranks, device: torch.device, use_bf16: bool):
+def sharded(strategy: str, shard_model: bool, world: int) -> bool:
+    """Whether several ranks train with FSDP: always for "full", for the others on request."""
+    return world > 1 and (strategy == "full" or shard_model)
+
+
+def wrap_for_ranks(model: WanModel, shard: bool, ranks: Ranks, device: torch.device, use_bf16: bool):
     """The module the training forward goes through. Partial strategies: DDP (frozen tensors
     are left out of its gradient buckets; find_unused_parameters because the action module's
-    four norm weights are never used, as in the reference). "full": FSDP shards parameters,
-    gradients and optimizer state, computing in bf16 and reducing gradients in float32."""
+    four norm weights are never used, as in the reference). shard (see sharded): FSDP shards
+    parameters, gradients and optimizer state, computing in bf16 and reducing gradients in
+    float32 (frozen tensors are sharded too, and get no gradient)."""
     if ranks.world == 1:
         return model
-    if strategy == "full":
+    if shard:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)

@@ -28,11 +28,12 @@ from wan.action import (ActionModule, RMSNormIgnoringWeight, action_tables, chec
 from wan.clip import CLIPVisionConfig
 from wan.conditioning import cond_concat_from_latent
 from wan.config import WanConfig
+from wan.lora import is_adapter_name
 from wan.rope import apply_rope, video_rope_table
 from wan.shapes import (COND_CHANNELS, LATENT_CHANNELS, PATCH_SIZE,
                         video_frame_count)
 
-STRATEGIES = ("action_only", "last_layers", "full")
+STRATEGIES = ("action_only", "last_layers", "lora", "full")
 CONTEXT_TOKENS = CLIPVisionConfig().num_tokens  # 257: the CLIP tokens of the first frame
 
 
@@ -327,11 +328,13 @@ def action_parameter_names(model: WanModel) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".action_model." in n]
 
 
-def trainable_parameter_names(model: WanModel, strategy: str, last_layers: int = 0) -> list[str]:
+def trainable_parameter_names(model: WanModel, strategy: str, last_layers: int = 0,
+                              lora_head: bool = False) -> list[str]:
     """Names of the parameters a training strategy updates, in model order.
 
     action_only: every block's action module; last_layers: those + the last N blocks +
-    the head; full: everything.
+    the head; lora: the adapters wan/lora.py's add_lora put on the model + the action
+    modules (+ the head with lora_head); full: everything.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown training strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -340,6 +343,12 @@ def trainable_parameter_names(model: WanModel, strategy: str, last_layers: int =
         return names
     if strategy == "action_only":
         return action_parameter_names(model)
+    if strategy == "lora":
+        if not any(is_adapter_name(n) for n in names):
+            raise ValueError("strategy 'lora' trains adapters, but the model has none (wan/lora.py's add_lora "
+                             "puts them on)")
+        return [n for n in names if is_adapter_name(n) or ".action_model." in n
+                or (lora_head and n.startswith("head."))]
     num_layers = len(model.blocks)
     valid = isinstance(last_layers, int) and not isinstance(last_layers, bool)
     if not valid or not 1 <= last_layers <= num_layers:
@@ -350,9 +359,10 @@ def trainable_parameter_names(model: WanModel, strategy: str, last_layers: int =
             if ".action_model." in n or n.startswith(last) or n.startswith("head.")]
 
 
-def apply_training_strategy(model: WanModel, strategy: str, last_layers: int = 0) -> list[str]:
+def apply_training_strategy(model: WanModel, strategy: str, last_layers: int = 0,
+                            lora_head: bool = False) -> list[str]:
     """Set requires_grad for the strategy's parameters only; return their names."""
-    trainable = set(trainable_parameter_names(model, strategy, last_layers))
+    trainable = set(trainable_parameter_names(model, strategy, last_layers, lora_head))
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     return [n for n, _ in model.named_parameters() if n in trainable]
