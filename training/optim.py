@@ -24,6 +24,7 @@ def parameter_groups(trainable: dict, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_adamw(trainable: dict, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(trainable, weight_decay), lr=lr, betas=BETAS,
+def build_adamw(trainable: dict, lr: float, weight_decay: float, device: torch.device,
+                betas: tuple[float, float] = BETAS) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(trainable, weight_decay), lr=lr, betas=tuple(betas),
                              fused=device.type == "cuda")
