@@ -38,14 +38,14 @@ from cli.settings import ScriptSettings, ShowHelp, check_ranges, raise_for_probl
 from demo_world.setup import TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE, TRAINED_CONTENTS, merge_lora_file
 from generation.previews import epoch_preview
-from latents.cache import CACHE_DTYPES, CacheError, LatentCache, build_latent_cache, cache_lock
-from latents.dataset import CachedClipDataset
+from latents.cache import CACHE_DTYPES, CacheError
 from planning.plan import plan_training
 from recordings.errors import DataError
 from recordings.report import check_data
 from runs.errors import TrainingError
 from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit
+from training.data import prepare_data
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
 from training.flow_matching import model_inputs, validate
 from training.precision import choose_precision
@@ -193,48 +193,6 @@ def check_settings(s: dict) -> None:
 
 # -----------------------------------------------------------------------------
 # The phases of a run
-
-@dataclass
-class PreparedData:
-    report: object               # the data check (recordings.report.DataReport)
-    split: object                # train / validation / dropped clips
-    cache_report: object         # what the latent cache build did
-    height: int
-    width: int
-    train_set: CachedClipDataset
-    val_set: CachedClipDataset
-
-
-def prepare_data(s: dict, ranks: Ranks, device: torch.device, log) -> PreparedData:
-    """Check the recordings, split them, and make sure the latent cache holds every clip.
-    Every rank encodes its share of what is missing; the main rank then merges the manifest."""
-    report = check_data(s["DATA_DIR"], data.data_settings(s), decode_frames=s["SKIP_BAD_FRAMES"], progress=ranks.main)
-    log(report.format())
-    report.raise_for_problems()
-    split = report.split
-    if not split.train:
-        raise TrainingError(f"no training clips in {s['DATA_DIR']}")
-    height, width = report.settings["VIDEO_HEIGHT"], report.settings["VIDEO_WIDTH"]
-    cache = LatentCache(s["CACHE_DIR"])
-    # one process builds alone under the cache's lock; with several ranks the main rank
-    # holds it while all of them encode
-    shared_lock = cache_lock(s["CACHE_DIR"]) if ranks.world > 1 and ranks.main else nullcontext()
-    with shared_lock:
-        ranks.barrier()
-        cache_report = build_latent_cache(
-            split.used, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
-            dtype=s["CACHE_DTYPE"], device=device, num_workers=s["NUM_WORKERS"],
-            rank=ranks.rank, world_size=ranks.world, progress=ranks.main, cache=cache)
-        ranks.barrier()
-        if ranks.world > 1:
-            cache.rescan()  # the shards the other ranks wrote (verified shards stay verified)
-            if ranks.main:
-                cache.write_manifest()
-    log(cache_report.format())
-    return PreparedData(report, split, cache_report, height, width,
-                        CachedClipDataset(split.train, s["CACHE_DIR"], cache_report.settings, cache),
-                        CachedClipDataset(split.val, s["CACHE_DIR"], cache_report.settings, cache))
-
 
 @dataclass
 class PreparedModel:
@@ -439,7 +397,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             torch.cuda.reset_peak_memory_stats(device)
 
         # --- data, model, optimizer, schedule
-        prepared = prepare_data(s, ranks, device, log)
+        prepared = prepare_data(s, data.data_settings(s), ranks, device, log)
         split, train_set, val_set = prepared.split, prepared.train_set, prepared.val_set
         loaded = prepare_model(s, ranks, device, precision)
         model, wrapped, trainable = loaded.model, loaded.wrapped, loaded.trainable

@@ -38,7 +38,8 @@ import torch
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges, raise_for_problems
-from demo_world.setup import DEMO_DIR, PLAY_DEMO_CHECKPOINT, PLAY_DEMO_MODEL_DIR, TRAINING_DEMO_SETTINGS
+from demo_world.setup import (DEMO_DIR, PLAY_DEMO_CHECKPOINT, PLAY_DEMO_FALLBACK_CHECKPOINT,
+                              PLAY_DEMO_FALLBACK_MODEL_DIR, PLAY_DEMO_MODEL_DIR, TRAINING_DEMO_SETTINGS)
 from generation.action_scripts import parse_action_script
 from generation.errors import GenerationError
 from generation.inputs import recording_range
@@ -145,23 +146,30 @@ def denoising_steps(s: dict) -> tuple[int, ...]:
 
 
 def demo_settings() -> dict:
-    """Play the demo run's model (PLAY_DEMO_MODEL_DIR, with its final checkpoint when there is
-    one) headless on CPU from the first frame of the clip the training previews show, with
-    the recording's own actions: DEMO_BLOCKS blocks beside the real frames."""
+    """Play the demo's student (PLAY_DEMO_MODEL_DIR, distilled by `distill_streaming_model.py
+    --demo`; until then the training demo's model, its final checkpoint over the base, run
+    causally) headless on CPU from the first frame of the clip the training previews show,
+    with the recording's own actions: DEMO_BLOCKS blocks beside the real frames."""
     d = TRAINING_DEMO_SETTINGS
-    needed = [Path(PLAY_DEMO_MODEL_DIR), Path(d["VAE_PATH"]), Path(d["CLIP_PATH"]), Path(d["DATA_DIR"])]
+    model_dir, checkpoint = PLAY_DEMO_MODEL_DIR, PLAY_DEMO_CHECKPOINT
+    if not Path(model_dir).is_dir():
+        model_dir, checkpoint = PLAY_DEMO_FALLBACK_MODEL_DIR, PLAY_DEMO_FALLBACK_CHECKPOINT
+        if Path(model_dir).is_dir():
+            print(f"demo: no distilled student in {PLAY_DEMO_MODEL_DIR} (`python distill_streaming_model.py --demo` "
+                  f"makes it), so the fine-tuned demo model plays, not distilled")
+    needed = [Path(model_dir), Path(d["VAE_PATH"]), Path(d["CLIP_PATH"]), Path(d["DATA_DIR"])]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise SettingsError(f"--demo plays the outputs of `python finetune_base_model.py --demo`, run from this "
                             f"folder; these are missing: {', '.join(missing)}. Run the training demo first.")
-    checkpoint = PLAY_DEMO_CHECKPOINT if PLAY_DEMO_CHECKPOINT and Path(PLAY_DEMO_CHECKPOINT).is_file() else ""
-    if PLAY_DEMO_CHECKPOINT and not checkpoint:
-        print(f"demo: no {PLAY_DEMO_CHECKPOINT} (the training demo did not finish), so the base model plays alone")
+    if checkpoint and not Path(checkpoint).is_file():
+        print(f"demo: no {checkpoint} (the training demo did not finish), so the base model plays alone")
+        checkpoint = ""
     report = check_data(d["DATA_DIR"], data.data_settings(d))
     report.raise_for_problems()
     clips = report.split.val or report.split.train
     first = clips[preview_clip_index(clips)].first_frame  # the clip the training previews show
-    return dict(MODEL_DIR=PLAY_DEMO_MODEL_DIR, CHECKPOINT=checkpoint, MODE="universal", VAE_PATH=d["VAE_PATH"],
+    return dict(MODEL_DIR=model_dir, CHECKPOINT=checkpoint, MODE="universal", VAE_PATH=d["VAE_PATH"],
                 CLIP_PATH=d["CLIP_PATH"], RECORDING=d["DATA_DIR"], START_FRAME=first,
                 VIDEO_HEIGHT=d["VIDEO_HEIGHT"], VIDEO_WIDTH=d["VIDEO_WIDTH"], DEVICE="cpu", HEADLESS=True,
                 NUM_BLOCKS=DEMO_BLOCKS, OUTPUT=f"{DEMO_DIR}/play/demo_play.mp4")

@@ -293,6 +293,14 @@ SETTING_RULES = {
     # previews and play
     "START_FRAME": at_least(1), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count, "NUM_STEPS": at_least(1),
     "DEVICE": device, "GPU_MEMORY_GB": positive, "PORT": in_range(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive, "NUM_BLOCKS": at_least(0),
+    # distillation
+    "LOCAL_ATTN_SIZE": at_least(1), "SINK_SIZE": at_least(0), "EMA_START_STEP": at_least(0),
+    "DF_STEPS": at_least(1), "DF_LEARNING_RATE": positive, "DF_SHIFT": positive, "DF_MIN_SIGMA": in_range(0, 1),
+    "DF_MAX_SIGMA": in_range(0, 1), "DMD_STEPS": at_least(1), "GENERATOR_EVERY": at_least(1), "GENERATOR_LR": positive,
+    "CRITIC_LR": positive, "SCORE_MIN_TIMESTEP": in_range(0, 1000), "SCORE_MAX_TIMESTEP": in_range(0, 1000),
+    "LONG_TUNE_STEPS": at_least(1), "LONG_TUNE_LATENT_FRAMES": at_least(1), "LONG_TUNE_OVERLAP": at_least(0),
+    "VAL_EVERY_STEPS": at_least(1), "VAL_CLIPS": at_least(1), "TEACHER_STEPS": at_least(1),
+    "EXPORT_EVERY_STEPS": at_least(0),
 }
 
 

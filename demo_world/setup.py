@@ -31,10 +31,14 @@ TRAINING_DEMO_SETTINGS = dict(
     GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
     SAVE_EVERY_EPOCHS=5, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=15,
 )
-# What `play_world.py --demo` plays: the training demo's base model with its final checkpoint
-# over it, run causally but not distilled (until a distillation demo writes a student here).
-PLAY_DEMO_MODEL_DIR = TRAINING_DEMO_SETTINGS["BASE_MODEL_DIR"]
-PLAY_DEMO_CHECKPOINT = f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}"  # "": none (a student)
+# What `play_world.py --demo` plays: the student `distill_streaming_model.py --demo` distils
+# from the training demo's model; until that has run, the training demo's base model with
+# its final checkpoint over it, run causally but not distilled.
+DISTILL_DEMO_DIR = f"{DEMO_DIR}/distill"
+PLAY_DEMO_MODEL_DIR = f"{DISTILL_DEMO_DIR}/dmd/student"
+PLAY_DEMO_CHECKPOINT = ""                # a student has no checkpoint over it
+PLAY_DEMO_FALLBACK_MODEL_DIR = TRAINING_DEMO_SETTINGS["BASE_MODEL_DIR"]
+PLAY_DEMO_FALLBACK_CHECKPOINT = f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}"
 DEMO_RECORDING_FRAMES = 900              # 36 s of play: enough variety that validation means something
 DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
 

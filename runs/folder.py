@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from runs.errors import TrainingError
-from runs.metrics import format_metrics_csv, read_metrics_csv
+from runs.metrics import METRICS_COLUMNS, format_metrics_csv, read_metrics_csv
 from wan.files import (FolderLock, check_output_folder, remove_stale_temp_files, save_safetensors_atomic,
                        torch_save_atomic, write_text_atomic)
 
@@ -56,11 +56,13 @@ def same_setting(name: str, saved, current) -> bool:
 
 class RunFolder:
     """CHECKPOINT_DIR of one run, locked by the main rank while the run lives. `resumed`
-    holds the saved state when the run continues one."""
+    holds the saved state when the run continues one. metrics_columns: the columns of the
+    trainer's metrics.csv."""
 
-    def __init__(self, path, resume: bool, main: bool = True, log=print):
+    def __init__(self, path, resume: bool, main: bool = True, log=print, metrics_columns=METRICS_COLUMNS):
         self.path = check_output_folder(path, "CHECKPOINT_DIR")
         self.main = main
+        self.metrics_columns = tuple(metrics_columns)
         self.state_path = self.path / STATE_FILE
         self.lock = FolderLock(self.path, "training run").acquire() if main else None
         if main:
@@ -110,7 +112,8 @@ class RunFolder:
 
     def saved_metrics(self, up_to_step: int) -> list:
         """The metrics rows of the resumed run up to its saved step (later ones are re-run)."""
-        return read_metrics_csv(self.path / METRICS_FILE, up_to_step) if self.resumed is not None else []
+        return (read_metrics_csv(self.path / METRICS_FILE, up_to_step, self.metrics_columns) if self.resumed is not None
+                else [])
 
     def existing(self, pattern: str) -> list[str]:
         """Names of the files a resumed run already wrote (none for a new run)."""
@@ -118,7 +121,7 @@ class RunFolder:
 
     def write_metrics(self, rows: list) -> None:
         if self.main:
-            write_text_atomic(self.path / METRICS_FILE, format_metrics_csv(rows))
+            write_text_atomic(self.path / METRICS_FILE, format_metrics_csv(rows, self.metrics_columns))
 
     def save_state(self, state: dict, metrics: list) -> None:
         """Metrics first: a kill between the two writes must not lose the saved steps' rows."""

@@ -37,11 +37,24 @@ def plan_epoch(start: int, total: int, batch_size: int, accum: int, world: int) 
     return steps, total - position
 
 
+def seeded_generator(seed: int, *keys) -> torch.Generator:
+    """A CPU generator of its own for (seed, *keys): independent streams for every sample,
+    step and purpose, each the same on any number of ranks and after any interruption."""
+    key = hashlib.sha256(":".join(str(k) for k in (seed, *keys)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+
+
+def stream_item(position: int, num_items: int, seed: int) -> tuple[int, int]:
+    """(epoch, item index) of the position-th sample of an endless stream of seeded epochs:
+    what a trainer that counts steps rather than epochs reads at that position."""
+    epoch, offset = divmod(position, num_items)
+    return epoch, epoch_order(num_items, seed, epoch)[offset]
+
+
 def sample_noise(seed: int, epoch: int, position: int, shape, sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The sigma and noise of one training sample, drawn from its own seeded generator:
     the same whatever the batch size, the number of ranks or an interruption."""
-    key = hashlib.sha256(f"{seed}:{epoch}:{position}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    g = seeded_generator(seed, epoch, position)
     sigma = flow.sample_sigmas(1, generator=g, **sampling)
     return sigma, torch.randn(shape, generator=g)
 

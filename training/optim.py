@@ -37,8 +37,9 @@ def parameter_groups(trainable: dict, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_adamw(trainable: dict, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    return build_optimizer(parameter_groups(trainable, weight_decay), "adamw", lr, device)
+def build_adamw(trainable: dict, lr: float, weight_decay: float, device: torch.device,
+                betas: tuple[float, float] = BETAS) -> torch.optim.AdamW:
+    return build_optimizer(parameter_groups(trainable, weight_decay), "adamw", lr, device, betas)
 
 
 def adamw_8bit_class():
@@ -62,13 +63,14 @@ def adamw_8bit_class():
     return AdamW8bit
 
 
-def build_optimizer(groups: list[dict], kind: str, lr: float, device: torch.device):
+def build_optimizer(groups: list[dict], kind: str, lr: float, device: torch.device,
+                    betas: tuple[float, float] = BETAS):
     """AdamW ("adamw", its fused kernel when device is CUDA) or torchao's 8-bit AdamW
     ("adamw_8bit") over parameter groups (each with its weight_decay)."""
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type == "cuda")
     if kind == "adamw_8bit":
-        return adamw_8bit_class()(groups, lr=lr, betas=BETAS)
+        return adamw_8bit_class()(groups, lr=lr, betas=tuple(betas))
     raise ValueError(f"OPTIMIZER={kind!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 

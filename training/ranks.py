@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -81,6 +81,8 @@ def wrap_for_ranks(model: WanModel, shard: bool, ranks: Ranks, device: torch.dev
         # The root reshards after forward too: a no-grad forward (validation, previews) must not
         # leave unsharded parameters in place of the ones the optimizer holds.
         fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+        if hasattr(model, "forward_cached"):  # the streaming student's block-by-block forward gathers too
+            register_fsdp_forward_method(model, "forward_cached")
         return model
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=True)

@@ -1,0 +1,38 @@
+"""What `distill_streaming_model.py --demo` means: stage A then stage B on the tiny models and
+the latent cache of the fine-tuning demo (demo_run/), each stage in its own run folder
+under demo_run/distill/; stage B's student is what `play_world.py --demo` plays."""
+
+from pathlib import Path
+
+from demo_world.setup import DISTILL_DEMO_DIR, PLAY_DEMO_MODEL_DIR, TRAINING_DEMO_SETTINGS
+from generation.finetuned import FINAL_FILE
+
+_PATHS = ("BASE_MODEL_DIR", "VAE_PATH", "CLIP_PATH", "DATA_DIR", "CACHE_DIR", "CACHE_DTYPE", "VIDEO_HEIGHT",
+          "VIDEO_WIDTH", "VAL_FRACTION")
+# Settings of both stages: the fine-tuning demo's model, data and cache; clips of 33 frames
+# (9 latent frames = 3 blocks, so the 6-frame window rolls within a clip); CPU, float32.
+DISTILL_DEMO_SETTINGS = dict(
+    {name: TRAINING_DEMO_SETTINGS[name] for name in _PATHS},
+    CHECKPOINT=f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}",
+    SEQUENCE_LENGTH=33, CLIP_STRIDE=24, BATCH_SIZE=2, GRAD_ACCUM_STEPS=1,
+    EMA_DECAY=0.9, EMA_START_STEP=60, VAL_EVERY_STEPS=100, VAL_CLIPS=2, TEACHER_STEPS=50,
+    GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
+    SAVE_EVERY_STEPS=50, LOG_EVERY_STEPS=10,
+    DF_STEPS=200, DF_LEARNING_RATE=1e-3, DMD_STEPS=200, GENERATOR_LR=2e-4, CRITIC_LR=1e-3,
+)
+_STAGE_FOLDERS = {"causal_init": f"{DISTILL_DEMO_DIR}/causal_init", "dmd": str(Path(PLAY_DEMO_MODEL_DIR).parent)}
+
+
+def demo_stage_settings(stage: str) -> dict:
+    """The demo's per-stage settings: its run folder, and stage B's student from stage A's."""
+    stage_settings = {"STAGE": stage, "CHECKPOINT_DIR": _STAGE_FOLDERS[stage], "RESUME": False, "STUDENT_DIR": ""}
+    if stage == "dmd":
+        stage_settings["STUDENT_DIR"] = f"{_STAGE_FOLDERS['causal_init']}/student"
+    return stage_settings
+
+
+def missing_demo_inputs(settings: dict) -> list[str]:
+    """The fine-tuning demo's outputs the distillation demo needs and cannot find."""
+    needed = [settings["BASE_MODEL_DIR"], settings["CHECKPOINT"], settings["VAE_PATH"], settings["CLIP_PATH"],
+              settings["DATA_DIR"]]
+    return [str(p) for p in needed if not Path(p).exists()]

@@ -1,0 +1,720 @@
+"""Distil your fine-tuned model into a real-time streaming student you can play.
+
+    python distill_streaming_model.py --STAGE=causal_init                  # A: the causal student
+    python distill_streaming_model.py --STAGE=dmd --STUDENT_DIR=distill/causal_init/student \\
+        --CHECKPOINT_DIR=distill/dmd                                       # B: few-step DMD
+    python play_world.py --MODEL_DIR=distill/dmd/student                   # play it
+    python distill_streaming_model.py --demo      # A then B on the tiny demo models, CPU (demo_run/distill/)
+    python distill_streaming_model.py --plan      # GPU memory of each stage, on 1 and on 8 GPUs
+    python distill_streaming_model.py --help      # every setting, its value and meaning
+    torchrun --nproc_per_node=8 distill_streaming_model.py --STAGE=dmd ...  # several GPUs (FSDP)
+
+The fine-tuned model (BASE_MODEL_DIR + CHECKPOINT, what finetune_base_model.py wrote)
+makes 57 frames in 50 bidirectional steps. The streaming student makes 3 latent frames
+(12 video frames) at a time in DENOISING_STEPS steps, one block after another with a KV
+cache, each block under the player's latest keys and mouse. It is made in stages
+(DISTILL_SPEC; the public recipe ran them on 8 GPUs):
+
+  A  causal_init  the fine-tuned weights in the block-causal architecture, trained by
+                  diffusion forcing on your latent cache: one noise level per block.
+  B  dmd          Self-Forcing distribution matching: the student streams videos from
+                  your clips' first frames under their recorded actions, exactly as it
+                  will when played; the frozen fine-tuned model (the teacher) and a trained
+                  copy of it (the critic) pull those videos towards the teacher's.
+
+(The public recipe's third stage, streaming long tuning on 39-latent-frame streams, is not
+here yet: stage B's clips already roll the student's window when SEQUENCE_LENGTH gives more
+latent frames than LOCAL_ATTN_SIZE, as the default 57 frames = 15 latent frames do.)
+
+Each stage writes CHECKPOINT_DIR/student/, a streaming model folder that play_world.py
+(and the next stage's STUDENT_DIR) loads like the official students. Read
+training_info.txt there first: every VAL_EVERY_STEPS the student streams fixed clips and
+its distance to the teacher's 50-step video, its action-following score and its frames
+per second are recorded, with a preview video.
+
+train() below reads as its phases; the method lives in training/ (diffusion_forcing.py,
+rollout.py, dmd.py, streaming_validation.py), the run folder in runs/.
+"""
+
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+import convert_unreal_data as data
+from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges
+from demo_world.distill_demo import DISTILL_DEMO_SETTINGS, demo_stage_settings, missing_demo_inputs
+from generation.errors import GenerationError
+from generation.finetuned import load_model
+from latents.cache import CACHE_DTYPES, CacheError
+from planning.distill import plan_distillation
+from runs.errors import TrainingError
+from runs.folder import RunFolder
+from runs.info import device_name, format_count, git_commit
+from training import diffusion_forcing as df
+from training.data import prepare_data
+from training.dmd import DistillationModels, RolloutSettings, critic_micro_batch, generator_micro_batch
+from training.ema import EMA
+from training.epochs import actions_digest, stream_item
+from training.flow_matching import model_inputs, prepare_trainable
+from training.optim import build_adamw
+from training.precision import choose_precision
+from training.ranks import Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, wrap_for_ranks
+from training.recipe import TrainingRecipe
+from training.rollout import FewStepSchedule, SampleNoise, conditions_from_batch, exit_step_for
+from training.schedule import LRSchedule, apply_learning_rate
+from training.streaming_validation import prepare_validation, validate_student
+from wan.causal import CausalWanModel, causal_from
+from wan.clip import read_clip_file
+from wan.config import FRAMES_PER_BLOCK
+from wan.device import pick_device
+from wan.files import check_output_folder
+from wan.loading import CheckpointError, inspect_base_model, load_streaming_model, save_streaming_model
+from wan.shapes import latent_frame_count
+from wan.vae import read_vae_file
+
+# -----------------------------------------------------------------------------
+# Settings: edit them here, or override any of them with --NAME=value.
+# what to distil
+STAGE = "causal_init"                    # "causal_init" (A) or "dmd" (B); see the top of this file
+BASE_MODEL_DIR = "models/base_model"     # the base model folder the fine-tuning started from
+CHECKPOINT = "checkpoints/base_finetuned_final.safetensors"  # your fine-tuned file over it ("": the base alone): the teacher
+KEYBOARD_KEYS = data.KEYBOARD_KEYS       # the keyboard columns the fine-tuning used
+STUDENT_DIR = ""                         # the student's start, a streaming model folder (the previous stage's student/); "": the fine-tuned model itself
+VAE_PATH = data.VAE_PATH                 # the Wan2.1 VAE (validation decodes; the cache encodes)
+CLIP_PATH = data.CLIP_PATH               # the CLIP image encoder (the cache)
+CHECKPOINT_DIR = "distill/causal_init"   # where this run writes everything (one run per folder)
+# data: the latent cache of your recordings (stage A trains on the latents; B reads only first frames and actions)
+DATA_DIR = data.DATA_DIR                 # one recording or a folder of recordings
+CACHE_DIR = data.CACHE_DIR               # shared with the fine-tuning: clips of the same settings are not encoded again
+CACHE_DTYPE = data.CACHE_DTYPE           # "bf16" or "fp32"
+VIDEO_HEIGHT = data.VIDEO_HEIGHT         # frame height, as in fine-tuning
+VIDEO_WIDTH = data.VIDEO_WIDTH           # frame width, as in fine-tuning
+SEQUENCE_LENGTH = data.SEQUENCE_LENGTH   # frames per clip = the window the teacher judges; its latent frames must be whole blocks of 3 (57 = 15 latent frames)
+CLIP_STRIDE = data.CLIP_STRIDE           # None: SEQUENCE_LENGTH // 2
+MOUSE_SCALE = data.MOUSE_SCALE           # as in fine-tuning
+SKIP_BAD_FRAMES = data.SKIP_BAD_FRAMES   # as in fine-tuning
+VAL_FRACTION = data.VAL_FRACTION         # share of clips held out (validation streams the most active of them)
+# the student
+LOCAL_ATTN_SIZE = 6                      # latent frames a block attends to, its own 3 included (the official students: 6)
+SINK_SIZE = 0                            # of those, the stream's first frames always kept (official: 0; FastVideo's Zelda: 1)
+DENOISING_STEPS = (1000, 666, 333)       # the student's steps before warping (official: 1000,666,333; FastVideo: 1000,750,500,250)
+TIMESTEP_SHIFT = 5.0                     # the schedule's shift (5: the model's own, and what play_world.py uses)
+# optimisation (every stage)
+BATCH_SIZE = 1                           # clips per micro-batch (per GPU)
+GRAD_ACCUM_STEPS = 1                     # micro-batches per optimizer step (effective batch = BATCH_SIZE x this x GPUs)
+ADAM_BETAS = (0.9, 0.95)                 # AdamW betas of student and critic
+WEIGHT_DECAY = 0.0                       # AdamW weight decay of student and critic
+WARMUP_STEPS = 0                         # steps of linear learning-rate warm-up
+MIN_LR_RATIO = 1.0                       # 1: constant learning rate after the warm-up (the recipe); below 1: cosine down to it
+MAX_GRAD_NORM = 1.0                      # each model's gradients are clipped to this norm
+EMA_DECAY = 0.99                         # 0: off; the student's weights are averaged from EMA_START_STEP on (validated and exported)
+EMA_START_STEP = 200                     # the average starts from the weights at this step, updated at every student update after
+# stage A: diffusion forcing
+DF_STEPS = 3000                          # optimizer steps (the public recipe allows up to 60k)
+DF_LEARNING_RATE = 2e-5                  # AdamW learning rate
+DF_SHIFT = 5.0                           # shift of the blocks' noise levels (5: as inference and stage B; FastVideo's trainer used 3)
+DF_WEIGHTING = "index"                   # loss weight bell over the levels: "index" (FastVideo), "timestep" (Self-Forcing) or "none"
+DF_MIN_SIGMA = 0.0                       # the blocks' noise levels are kept in [DF_MIN_SIGMA, DF_MAX_SIGMA] ...
+DF_MAX_SIGMA = 1.0                       # ... (1: pure noise, which every streamed block starts from)
+# stage B: distribution matching
+DMD_STEPS = 1000                         # stage B iterations (one critic update each)
+GENERATOR_EVERY = 5                      # the student is updated every N-th iteration, the critic every iteration
+GENERATOR_LR = 3e-6                      # the student's AdamW learning rate
+CRITIC_LR = 3e-7                         # the critic's AdamW learning rate
+SCORE_MIN_TIMESTEP = 20.0                # teacher and critic judge the student's videos at timesteps in [MIN, MAX] ...
+SCORE_MAX_TIMESTEP = 980.0               # ... (the reference and FastVideo's stage C: 20, 980; FastVideo's stage B: 0, 1000)
+# validation: fixed clips streamed through the real streaming loop
+VAL_EVERY_STEPS = 100                    # and before the first step and after the last
+VAL_CLIPS = 4                            # the most active validation clips
+TEACHER_STEPS = 50                       # Euler steps of the teacher's reference videos
+VAL_PREVIEW = True                       # write previews/step<N>.mp4: student, teacher, ground truth with the action overlay
+# speed and memory
+GRADIENT_CHECKPOINTING = True            # recompute blocks in backward (the whole-sequence forwards: stage A, critic)
+MIXED_PRECISION = "bf16"                 # "bf16" (CUDA: bf16 autocast, float32 masters; the teacher in bf16) or "fp32"
+NUM_WORKERS = 2                          # DataLoader workers of the cache build
+DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
+GPU_MEMORY_GB = 80                       # --plan: the card to fit (its memory in GB)
+# saving
+SAVE_EVERY_STEPS = 100                   # training_state.pt every N steps (0: only at the end)
+EXPORT_EVERY_STEPS = 0                   # 0: the student only at the end; else also student_step<N>/ every N steps
+LOG_EVERY_STEPS = 10                     # metrics.csv is rewritten this often
+RESUME = False                           # continue the run in CHECKPOINT_DIR/training_state.pt
+SEED = 42                                # data order and every noise draw
+# -----------------------------------------------------------------------------
+
+SETTINGS = ScriptSettings.of(globals())
+SETTING_NAMES = SETTINGS.names
+STAGES = ("causal_init", "dmd")
+FLAGS = {"--demo": "stage A then stage B on the tiny models of `python finetune_base_model.py --demo`, on CPU "
+                   "(writes demo_run/distill/; play the result with `python play_world.py --demo`)",
+         "--plan": "predict each stage's GPU memory on 1 and on several GPUs, and what fits GPU_MEMORY_GB (no GPU "
+                   "needed; minutes for the real model)"}
+INFO_FILE = "training_info.txt"
+STUDENT_FOLDER = "student"
+PREVIEW_DIR = "previews"
+METRICS_COLUMNS = ("step", "loss", "critic_loss", "lr", "grad_norm", "critic_grad_norm", "sigma", "exit_step",
+                   "seconds_per_step")
+RECIPE = TrainingRecipe()                # gradient clipping, as in fine-tuning
+# A run continues only with the settings that shaped its state and its data order.
+RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KEYBOARD_KEYS", "DATA_DIR",
+                     "CACHE_DTYPE", "VIDEO_HEIGHT", "VIDEO_WIDTH", "SEQUENCE_LENGTH", "CLIP_STRIDE", "MOUSE_SCALE",
+                     "VAL_FRACTION", "LOCAL_ATTN_SIZE", "SINK_SIZE", "DENOISING_STEPS", "TIMESTEP_SHIFT",
+                     "EFFECTIVE_BATCH", "ADAM_BETAS", "WEIGHT_DECAY", "WARMUP_STEPS", "MIN_LR_RATIO", "MAX_GRAD_NORM",
+                     "EMA_DECAY", "EMA_START_STEP", "DF_LEARNING_RATE", "DF_SHIFT", "DF_WEIGHTING", "DF_MIN_SIGMA",
+                     "DF_MAX_SIGMA", "GENERATOR_EVERY", "GENERATOR_LR", "CRITIC_LR", "SCORE_MIN_TIMESTEP",
+                     "SCORE_MAX_TIMESTEP", "VAL_CLIPS",
+                     "TEACHER_STEPS", "MIXED_PRECISION", "SEED")
+STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS"}
+
+
+# -----------------------------------------------------------------------------
+# Settings
+
+def parse_settings(argv) -> tuple[dict, bool]:
+    """Defaults, then --demo's settings, then --NAME=value overrides. Returns (settings, demo)."""
+    settings, flags, _ = SETTINGS.parse(argv, FLAGS, presets={"--demo": DISTILL_DEMO_SETTINGS})
+    check_settings(settings)
+    return settings, "--demo" in flags
+
+
+def check_settings(s: dict) -> None:
+    """Every range (cli/settings.py's rules), every choice, and the folders, before any work."""
+    problems = check_ranges(s)
+    choices = {"STAGE": STAGES, "MIXED_PRECISION": ("bf16", "fp32"), "CACHE_DTYPE": tuple(CACHE_DTYPES),
+               "DF_WEIGHTING": df.WEIGHTINGS}
+    for name, allowed in choices.items():
+        if s[name] not in allowed:
+            problems.append(f"{name}={s[name]!r}: choose one of {', '.join(allowed)}")
+    if not problems:
+        latent_frames = latent_frame_count(s["SEQUENCE_LENGTH"])
+        if latent_frames % FRAMES_PER_BLOCK:
+            fitting = [n for n in range(s["SEQUENCE_LENGTH"] - 24, s["SEQUENCE_LENGTH"] + 25, 4)
+                       if n > 1 and latent_frame_count(n) % FRAMES_PER_BLOCK == 0]
+            problems.append(f"SEQUENCE_LENGTH={s['SEQUENCE_LENGTH']} gives {latent_frames} latent frames; the student "
+                            f"makes blocks of {FRAMES_PER_BLOCK}, so it must give a multiple of {FRAMES_PER_BLOCK} "
+                            f"(e.g. {', '.join(map(str, fitting))})")
+        if not 0 <= s["SINK_SIZE"] <= s["LOCAL_ATTN_SIZE"] - FRAMES_PER_BLOCK:
+            problems.append(f"LOCAL_ATTN_SIZE={s['LOCAL_ATTN_SIZE']}, SINK_SIZE={s['SINK_SIZE']}: the window must hold "
+                            f"a block of {FRAMES_PER_BLOCK} besides the sink frames (SINK_SIZE <= LOCAL_ATTN_SIZE - "
+                            f"{FRAMES_PER_BLOCK})")
+        steps = s["DENOISING_STEPS"]
+        if not steps or steps[0] != 1000 or any(a <= b for a, b in zip(steps, steps[1:])) or steps[-1] < 1:
+            problems.append(f"DENOISING_STEPS={','.join(map(str, steps))}: whole numbers from 1000 down, each below "
+                            "the one before, above 0")
+        if not 0 <= s["SCORE_MIN_TIMESTEP"] < s["SCORE_MAX_TIMESTEP"] <= 1000:
+            problems.append(f"SCORE_MIN_TIMESTEP={s['SCORE_MIN_TIMESTEP']}, SCORE_MAX_TIMESTEP={s['SCORE_MAX_TIMESTEP']}:"
+                            " need 0 <= MIN < MAX <= 1000")
+        if len(s["ADAM_BETAS"]) != 2 or not all(0 <= b < 1 for b in s["ADAM_BETAS"]):
+            problems.append(f"ADAM_BETAS={s['ADAM_BETAS']}: two numbers in [0, 1)")
+        try:
+            df.index_bounds(s["DF_MIN_SIGMA"], s["DF_MAX_SIGMA"], s["DF_SHIFT"])
+        except ValueError as error:
+            problems.append(f"DF_MIN_SIGMA/DF_MAX_SIGMA: {error}")
+    if s["STAGE"] != "causal_init" and not s["STUDENT_DIR"]:
+        problems.append(f"STAGE={s['STAGE']} starts from a streaming student: set STUDENT_DIR to the previous stage's "
+                        f"{STUDENT_FOLDER}/ folder (or an official student's folder)")
+    for name in ("CHECKPOINT_DIR", "CACHE_DIR"):
+        try:
+            check_output_folder(s[name], name)
+        except FileExistsError as error:
+            problems.append(str(error))
+    try:
+        pick_device(s["DEVICE"])
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
+
+
+def check_model_files(s: dict) -> None:
+    """Every input file there and readable, from its header, before any long work."""
+    inspect_base_model(s["BASE_MODEL_DIR"], keyboard_dim=len(s["KEYBOARD_KEYS"]))
+    if s["CHECKPOINT"] and not Path(s["CHECKPOINT"]).is_file():
+        raise CheckpointError(f"CHECKPOINT={s['CHECKPOINT']}: no such file (finetune_base_model.py writes "
+                              "CHECKPOINT_DIR/base_finetuned_final.safetensors)")
+    if s["STUDENT_DIR"] and not Path(s["STUDENT_DIR"]).is_dir():
+        raise CheckpointError(f"STUDENT_DIR={s['STUDENT_DIR']}: no such folder (each stage writes its student into "
+                              f"CHECKPOINT_DIR/{STUDENT_FOLDER}/)")
+    read_vae_file(s["VAE_PATH"])
+    read_clip_file(s["CLIP_PATH"])
+
+
+# -----------------------------------------------------------------------------
+# The models
+
+@dataclass
+class Roles:
+    student: CausalWanModel
+    teacher: torch.nn.Module
+    critic: torch.nn.Module | None       # stages B and C
+    student_trainable: dict
+    critic_trainable: dict
+    keys: tuple                          # the keyboard columns
+    notes: list                          # what was loaded, for the log and the info file
+
+
+def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Roles:
+    """The frozen teacher (the fine-tuned model), the student (its weights in the causal
+    architecture, or STUDENT_DIR) and, for B and C, the critic (a trainable copy of the
+    teacher); every trained tensor a float32 master; wrapped for the ranks (FSDP)."""
+    teacher = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, precision.model_dtype)
+    notes = [f"teacher: {teacher.description}"]
+    if s["STUDENT_DIR"]:
+        student = load_streaming_model(s["STUDENT_DIR"], device=device)
+        config, width = student.config, teacher.model.config.action_config.keyboard_dim_in
+        if (config.local_attn_size, config.sink_size) != (s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"]):
+            raise TrainingError(f"STUDENT_DIR={s['STUDENT_DIR']} has a window of {config.local_attn_size} latent frames "
+                                f"with {config.sink_size} sink frames; set LOCAL_ATTN_SIZE={config.local_attn_size} "
+                                f"SINK_SIZE={config.sink_size} (or start from another student)")
+        if config.action_config.keyboard_dim_in != width:
+            raise TrainingError(f"STUDENT_DIR={s['STUDENT_DIR']} has a keyboard of "
+                                f"{config.action_config.keyboard_dim_in} columns, the teacher {width}: distil a "
+                                "student of the teacher's keys")
+        notes.append(f"student: {s['STUDENT_DIR']} (action modules in {len(config.action_config.blocks)} blocks)")
+    else:
+        start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, torch.float32).model
+        student = causal_from(start, s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"])
+        notes.append("student: the teacher's weights in the block-causal architecture")
+    student_trainable = prepare_trainable(student, "full", 0)
+    student.train()
+    critic, critic_trainable = None, {}
+    if s["STAGE"] != "causal_init":
+        critic = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device,
+                            precision.model_dtype).model
+        critic_trainable = prepare_trainable(critic, "full", 0)
+        critic.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
+        critic.train()
+        notes.append("critic: a trainable copy of the teacher")
+    student.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
+    for model in (student, teacher.model, critic):
+        if model is not None:
+            wrap_for_ranks(model, "full", ranks, device, precision.use_bf16)
+    # FSDP replaced the parameters: take them again by name
+    student_trainable = {n: p for n, p in student.named_parameters() if n in student_trainable}
+    if critic is not None:
+        critic_trainable = {n: p for n, p in critic.named_parameters() if n in critic_trainable}
+    return Roles(student, teacher.model, critic, student_trainable, critic_trainable, teacher.keyboard_keys, notes)
+
+
+def export_student(roles: Roles, tensors: dict, folder: Path, metadata: dict, main: bool) -> None:
+    """Write the student as a streaming model folder (official layout), from whole tensors."""
+    if not main:
+        return
+    with torch.device("meta"):
+        model = CausalWanModel(roles.student.config, roles.student.frames_per_block)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    save_streaming_model(model, folder, metadata={k: str(v) for k, v in metadata.items()})
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step of each stage
+
+def micro_batches(step: int, accum: int, batch: int, ranks: Ranks) -> list[list[int]]:
+    """The sample positions this rank trains on in each micro-batch of an optimizer step:
+    an optimizer step takes the next BATCH_SIZE x GRAD_ACCUM_STEPS x ranks positions of the
+    endless seeded stream of clips, micro-batch by micro-batch, rank by rank (so a run
+    gives the same steps on any number of ranks with the same effective batch)."""
+    per_micro = batch * ranks.world
+    first = step * accum * per_micro
+    return [[first + m * per_micro + ranks.rank * batch + b for b in range(batch)] for m in range(accum)]
+
+
+def load_batch(dataset, positions: list[int], seed: int) -> dict:
+    """The clips at these stream positions, stacked (tensors only)."""
+    items = [dataset[stream_item(p, len(dataset), seed)[1]] for p in positions]
+    return {name: torch.stack([item[name] for item in items]) for name in ("latents", "cond_concat",
+                                                                           "visual_context", "keyboard", "mouse")}
+
+
+@dataclass
+class StepResult:
+    loss: float | None                 # the student's loss (None: no student update this step)
+    critic_loss: float | None
+    sigma: float                       # the mean noise level of the step's losses
+    exit_step: int | None
+
+
+def diffusion_forcing_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, device, autocast,
+                           weights: torch.Tensor, bounds: tuple[int, int]) -> StepResult:
+    """Stage A: every micro-batch's block-causal forward and backward."""
+    P, accum = roles.student.frames_per_block, s["GRAD_ACCUM_STEPS"]
+    scale = ranks.world / (s["BATCH_SIZE"] * accum * ranks.world)
+    loss_sum, sigma_sum = 0.0, 0.0
+    for micro, positions in enumerate(micro_batches(step, accum, s["BATCH_SIZE"], ranks)):
+        inputs = model_inputs(load_batch(dataset, positions, s["SEED"]), device)
+        drawn = [df.sample_draws(s["SEED"], p, inputs["latents"].shape[1:], P, *bounds) for p in positions]
+        levels = torch.stack([d[0] for d in drawn])
+        noise = torch.stack([d[1] for d in drawn])
+        with gradient_sync(roles.student, roles.student, enabled=micro == accum - 1):
+            losses = df.micro_batch(roles.student, inputs, levels, noise, s["DF_SHIFT"], weights, autocast, scale)
+        loss_sum += losses.sum().item()
+        sigma_sum += df.mean_sigma(levels, s["DF_SHIFT"]) * len(positions)
+    total, sigma_total = ranks.sum([loss_sum, sigma_sum])
+    samples = s["BATCH_SIZE"] * accum * ranks.world
+    return StepResult(total / samples, None, sigma_total / samples, None)
+
+
+def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, device, autocast,
+                               rollout_settings: RolloutSettings) -> StepResult:
+    """Stage B: in every micro-batch, on a generator step, a rollout with gradients and the
+    DMD loss into the student; always, a fresh rollout and the critic's loss into the critic."""
+    accum, steps = s["GRAD_ACCUM_STEPS"], len(rollout_settings.schedule)
+    generator_step = (step + 1) % s["GENERATOR_EVERY"] == 0
+    models = DistillationModels(roles.student, roles.teacher, roles.critic)
+    action = roles.student.config.action_config
+    scale = ranks.world / (s["BATCH_SIZE"] * accum * ranks.world)
+    sums = [0.0, 0.0, 0.0]  # student loss, critic loss, critic sigma
+    exit_step = None
+    for micro, positions in enumerate(micro_batches(step, accum, s["BATCH_SIZE"], ranks)):
+        conditions = conditions_from_batch(load_batch(dataset, positions, s["SEED"]), device,
+                                           action.enable_keyboard, action.enable_mouse)
+        last = micro == accum - 1
+        if generator_step:
+            exit_step = exit_step_for(s["SEED"], "generator", step, micro, steps)
+            with gradient_sync(roles.student, roles.student, enabled=last):
+                made = generator_micro_batch(models, conditions, SampleNoise(s["SEED"], "generator", positions, device),
+                                             exit_step, rollout_settings, autocast, scale)
+            sums[0] += made["losses"].sum().item()
+        with gradient_sync(roles.critic, roles.critic, enabled=last):
+            judged = critic_micro_batch(models, conditions, SampleNoise(s["SEED"], "critic", positions, device),
+                                        exit_step_for(s["SEED"], "critic", step, micro, steps), rollout_settings,
+                                        autocast, scale)
+        sums[1] += judged["losses"].sum().item()
+        sums[2] += judged["sigma"].sum().item()
+    total = ranks.sum(sums)
+    samples = s["BATCH_SIZE"] * accum * ranks.world
+    return StepResult(total[0] / samples if generator_step else None, total[1] / samples, total[2] / samples,
+                      exit_step)
+
+
+# -----------------------------------------------------------------------------
+# What the run says about itself
+
+def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared, total_steps: int,
+               effective_batch: int) -> list[str]:
+    student_params = sum(p.numel() for p in roles.student.parameters())
+    config = roles.student.config
+    lines = [
+        f"Matrix-Game 2.0 streaming distillation, stage {s['STAGE']} - "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"code commit: {git_commit()}",
+        f"device: {device_name(device)}" + (f" x {ranks.world} ranks (FSDP)" if ranks.world > 1 else "")
+        + f"; precision: {precision.note}; torch {torch.__version__}; python {platform.python_version()}",
+        *roles.notes,
+        f"student: {format_count(student_params)} parameters, blocks of {roles.student.frames_per_block} latent frames, "
+        f"window {config.local_attn_size} (sink {config.sink_size}), {len(s['DENOISING_STEPS'])} steps "
+        f"{', '.join(map(str, s['DENOISING_STEPS']))} (warped), keyboard {', '.join(roles.keys)}",
+        f"data: {len(prepared.split.train)} training clips, {len(prepared.split.val)} validation clips of "
+        f"{s['SEQUENCE_LENGTH']} frames ({latent_frame_count(s['SEQUENCE_LENGTH'])} latent frames) at "
+        f"{prepared.width}x{prepared.height}",
+        f"optimisation: {total_steps} steps, effective batch {effective_batch} (BATCH_SIZE {s['BATCH_SIZE']} x "
+        f"GRAD_ACCUM_STEPS {s['GRAD_ACCUM_STEPS']} x {ranks.world} rank(s))",
+    ]
+    if s["STAGE"] == "causal_init":
+        lines.append(f"objective: diffusion forcing, one noise level per block (shift {s['DF_SHIFT']}, weighting "
+                     f"{s['DF_WEIGHTING']}), learning rate {s['DF_LEARNING_RATE']:g}")
+    else:
+        lines.append(f"objective: Self-Forcing DMD; student every {s['GENERATOR_EVERY']} steps at {s['GENERATOR_LR']:g}, "
+                     f"critic every step at {s['CRITIC_LR']:g}; scores at timesteps "
+                     f"[{s['SCORE_MIN_TIMESTEP']:g}, {s['SCORE_MAX_TIMESTEP']:g}]")
+    return lines
+
+
+def format_validation(entry: dict) -> str:
+    def number(name, fmt):
+        value = entry.get(name)
+        return "n/a" if value is None else format(value, fmt)
+
+    return (f"  step {entry['step']}: teacher distance {number('teacher_distance', '.4f')}, action score "
+            f"{number('action_score', '.2f')} (teacher {number('teacher_action_score', '.2f')}), "
+            f"{number('fps', '.1f')} frames/s ({entry['weights']} weights)"
+            + (f"; preview {entry['preview']}" if entry.get("preview") else ""))
+
+
+def info_text(header: list, status: str, history: list, metrics: list, device, ranks: Ranks, exports: list,
+              settings_text: str, report, cache_report) -> str:
+    seconds = [m["seconds_per_step"] for m in metrics[-100:]]
+    lines = header + [f"status: {status}", "",
+                      "Validation (the student streams the validation clips through the real streaming loop; teacher "
+                      "distance: RMS latent difference to the teacher's many-step video of the same window, lower is "
+                      "closer; action score: video/action_score.py, 1 = every frame pair moves as commanded):"]
+    lines += [format_validation(h) for h in history] or ["  none yet"]
+    lines += ["", f"speed: {sum(seconds) / len(seconds):.3f} s per optimizer step (last {len(seconds)})"
+              if seconds else "speed: no steps yet"]
+    if device.type == "cuda":
+        lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                     + (" (rank 0)" if ranks.world > 1 else ""))
+    lines += ["students: " + (", ".join(exports) or "none yet") + " (play one: python play_world.py --MODEL_DIR=...)",
+              "", "Settings:", settings_text, "", "Data report:", report.format(), "", cache_report.format(), ""]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = None) -> dict:
+    """One stage's whole run. Returns its summary (also in training_info.txt)."""
+    started = time.time()
+    if ranks is None:
+        ranks, device = init_ranks(s["DEVICE"])
+    log = print if ranks.main else (lambda *a, **k: None)
+
+    # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
+    with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, METRICS_COLUMNS) as run:
+        effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
+        run.check_same_run(dict(s, EFFECTIVE_BATCH=effective_batch), RESUME_MUST_MATCH)
+        check_model_files(s)
+        torch.manual_seed(s["SEED"])
+        precision = choose_precision(s["MIXED_PRECISION"], device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # --- data and models
+        prepared = prepare_data(s, data.data_settings(s), ranks, device, log)
+        train_set, val_set = prepared.train_set, prepared.val_set
+        roles = prepare_roles(s, ranks, device, precision)
+        stage = s["STAGE"]
+        total_steps = s[STEPS_SETTING[stage]]
+        schedule = LRSchedule(s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"])
+        student_lr = s["DF_LEARNING_RATE"] if stage == "causal_init" else s["GENERATOR_LR"]
+        student_optimizer = build_adamw(roles.student_trainable, student_lr, s["WEIGHT_DECAY"], device, s["ADAM_BETAS"])
+        critic_optimizer = build_adamw(roles.critic_trainable, s["CRITIC_LR"], s["WEIGHT_DECAY"], device,
+                                       s["ADAM_BETAS"]) if roles.critic is not None else None
+        cache_dtype = torch.bfloat16 if precision.use_bf16 else None
+        rollout_settings = RolloutSettings(FewStepSchedule.of(s["DENOISING_STEPS"], s["TIMESTEP_SHIFT"]),
+                                           s["TIMESTEP_SHIFT"], s["SCORE_MIN_TIMESTEP"], s["SCORE_MAX_TIMESTEP"],
+                                           cache_dtype)
+        df_weights = df.bell_weights(s["DF_SHIFT"], s["DF_WEIGHTING"])
+        df_bounds = df.index_bounds(s["DF_MIN_SIGMA"], s["DF_MAX_SIGMA"], s["DF_SHIFT"])
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+        # --- resume: the saved tensors, optimizers, EMA and place in the stream
+        step, history, ema, ema_updates = 0, [], None, 0
+        if run.resumed is not None:
+            saved = run.resumed
+            if saved["train_clips"] != [c.clip_id for c in prepared.split.train] or \
+                    saved["train_actions"] != actions_digest(prepared.split.train):
+                raise TrainingError(f"cannot resume {run.state_path}: the training clips or their actions differ from "
+                                    "the saved run's (did the data, KEY_MAP or INVERT_MOUSE_Y change?)")
+            load_full_tensors(roles.student_trainable, saved["student"])
+            set_optimizer_state_dict(roles.student, student_optimizer, saved["student_optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+            if roles.critic is not None:
+                load_full_tensors(roles.critic_trainable, saved["critic"])
+                set_optimizer_state_dict(roles.critic, critic_optimizer, saved["critic_optimizer"],
+                                         options=StateDictOptions(full_state_dict=True, strict=False))
+            if saved["ema"] is not None:
+                ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
+                load_full_tensors(ema.shadow, saved["ema"])
+            step, history, ema_updates = saved["global_step"], saved["history"], saved["ema_updates"]
+            schedule = LRSchedule(**saved["schedule"]).extended_to(total_steps, step)
+            log(f"resumed {run.state_path}: step {step}, on {ranks.world} rank(s)")
+        metrics = run.saved_metrics(step)
+        exports = run.existing(f"{STUDENT_FOLDER}*")
+
+        # --- what this run is, printed now and kept in training_info.txt
+        header = run_header(s, ranks, device, precision, roles, prepared, total_steps, effective_batch)
+        log("\n".join(header))
+        settings_text = "\n".join(f"  {n} = {s[n]!r}" for n in SETTING_NAMES)
+
+        def write_info(status: str) -> None:
+            run.write_text(INFO_FILE, info_text(header, status, history, metrics, device, ranks, exports,
+                                                settings_text, prepared.report, prepared.cache_report))
+
+        def start_ema() -> None:
+            nonlocal ema
+            if s["EMA_DECAY"] > 0 and ema is None and step >= s["EMA_START_STEP"]:
+                ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
+
+        def save_state() -> None:
+            """Whole tensors gathered on every rank, written by the main rank (resumable on any
+            number of ranks); tensors and plain data only, for torch.load(weights_only=True)."""
+            state = {
+                "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch},
+                "train_clips": [c.clip_id for c in prepared.split.train],
+                "train_actions": actions_digest(prepared.split.train),
+                "student": full_tensors(roles.student_trainable, ranks.main),
+                "student_optimizer": get_optimizer_state_dict(roles.student, student_optimizer, options=options),
+                "critic": full_tensors(roles.critic_trainable, ranks.main) if roles.critic is not None else None,
+                "critic_optimizer": get_optimizer_state_dict(roles.critic, critic_optimizer, options=options)
+                if roles.critic is not None else None,
+                "ema": full_tensors(ema.shadow, ranks.main) if ema is not None else None,
+                "ema_updates": ema_updates, "schedule": schedule.state_dict(), "global_step": step,
+                "history": history,
+            }
+            run.save_state(state, metrics)
+            ranks.barrier()
+
+        def export(name: str) -> None:
+            weights = ema.shadow if ema is not None else roles.student_trainable
+            tensors = full_tensors(dict(roles.student.state_dict()), ranks.main)
+            tensors.update(full_tensors(weights, ranks.main))
+            export_student(roles, tensors, run.path / name, {
+                "stage": stage, "step": step, "weights": "ema" if ema is not None else "trained",
+                "keyboard_keys": ",".join(roles.keys), "denoising_steps": ",".join(map(str, s["DENOISING_STEPS"])),
+                "teacher": f"{s['BASE_MODEL_DIR']} + {s['CHECKPOINT'] or 'no checkpoint'}"}, ranks.main)
+            if name not in exports:
+                exports.append(name)
+
+        # --- validation: fixed clips, the teacher's reference videos made once
+        val_source = val_set if len(val_set) else train_set
+        val_clips = prepare_validation(roles.teacher, val_source, s["VAL_CLIPS"], s["TEACHER_STEPS"],
+                                       s["TIMESTEP_SHIFT"], s["SEED"], device, precision.autocast)
+
+        def validate() -> None:
+            with ema.weights_in(roles.student_trainable) if ema is not None else nullcontext():
+                entry = validate_student(
+                    roles.student, val_clips, s["DENOISING_STEPS"], s["TIMESTEP_SHIFT"], s["SEED"], s["VAE_PATH"],
+                    roles.keys, precision.autocast, cache_dtype,
+                    preview_path=run.path / PREVIEW_DIR / f"step{step}.mp4" if s["VAL_PREVIEW"] and ranks.main
+                    else None, preview_info={"stage": stage, "step": step}, height=prepared.height,
+                    width=prepared.width)
+            history.append({"step": step, "weights": "ema" if ema is not None else "trained", **entry})
+            log(format_validation(history[-1]))
+
+        start_ema()
+        write_info("training")
+        if not history:
+            validate()
+        train_start = time.time()
+        while step < total_steps:
+            step_started = time.time()
+            if stage == "causal_init":
+                result = diffusion_forcing_step(s, roles, train_set, step, ranks, device, precision.autocast,
+                                                df_weights, df_bounds)
+            else:
+                result = distribution_matching_step(s, roles, train_set, step, ranks, device, precision.autocast,
+                                                    rollout_settings)
+            values = [v for v in (result.loss, result.critic_loss) if v is not None]
+            if not all(math.isfinite(v) for v in values):
+                raise TrainingError(f"the loss became {values} at step {step + 1}; training stopped before applying "
+                                    f"it. {run.on_disk()}. Try lower learning rates or MIXED_PRECISION=fp32.")
+            lr = apply_learning_rate(student_optimizer, student_lr, schedule, step)
+            grad_norm = critic_norm = None
+            if result.loss is not None:
+                grad_norm = RECIPE.clip_gradients(roles.student_trainable, s)
+            if roles.critic is not None:
+                apply_learning_rate(critic_optimizer, s["CRITIC_LR"], schedule, step)
+                critic_norm = RECIPE.clip_gradients(roles.critic_trainable, s)
+            norms = [n for n in (grad_norm, critic_norm) if n is not None]
+            if not all(math.isfinite(n) for n in norms):
+                raise TrainingError(f"a gradient norm became {norms} at step {step + 1}; training stopped before "
+                                    f"applying it. {run.on_disk()}. Try lower learning rates or MIXED_PRECISION=fp32.")
+            if result.loss is not None:
+                student_optimizer.step()
+                if ema is not None:
+                    ema.update(roles.student_trainable, ema_updates)
+                    ema_updates += 1
+            student_optimizer.zero_grad(set_to_none=True)
+            if critic_optimizer is not None:
+                critic_optimizer.step()
+                critic_optimizer.zero_grad(set_to_none=True)
+            step += 1
+            start_ema()
+            metrics.append({"step": step, "loss": result.loss, "critic_loss": result.critic_loss, "lr": lr,
+                            "grad_norm": grad_norm, "critic_grad_norm": critic_norm, "sigma": result.sigma,
+                            "exit_step": result.exit_step, "seconds_per_step": time.time() - step_started})
+            if step % s["LOG_EVERY_STEPS"] == 0:
+                run.write_metrics(metrics)
+                shown = f"loss {result.loss:.4f}" if result.loss is not None else "critic only"
+                log(f"step {step}/{total_steps}: {shown}" + (f", critic loss {result.critic_loss:.4f}"
+                                                              if result.critic_loss is not None else "")
+                    + f", {metrics[-1]['seconds_per_step']:.2f} s")
+            if step % s["VAL_EVERY_STEPS"] == 0 or step == total_steps:
+                validate()
+            if s["EXPORT_EVERY_STEPS"] and step % s["EXPORT_EVERY_STEPS"] == 0 and step < total_steps:
+                export(f"{STUDENT_FOLDER}_step{step}")
+            if (s["SAVE_EVERY_STEPS"] and step % s["SAVE_EVERY_STEPS"] == 0) or step == total_steps:
+                save_state()
+                write_info("training" if step < total_steps else "finishing")
+
+        # --- the student, a streaming model folder play_world.py loads
+        export(STUDENT_FOLDER)
+        run.write_metrics(metrics)
+        summary = {"history": history, "steps": step, "train_seconds": time.time() - train_start,
+                   "seconds": time.time() - started, "checkpoint_dir": str(run.path),
+                   "student": str(run.path / STUDENT_FOLDER)}
+        write_info(f"finished in {summary['seconds']:.0f} s")
+        ranks.barrier()
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# --demo and --plan
+
+def run_demo(s: dict, ranks: Ranks, device) -> dict:
+    """Stage A, then stage B from its student, on the fine-tuning demo's outputs."""
+    missing = missing_demo_inputs(s)
+    if missing:
+        raise SettingsError(f"--demo distils the outputs of `python finetune_base_model.py --demo`, run from this "
+                            f"folder; these are missing: {', '.join(missing)}. Run the training demo first.")
+    # Tiny models gain nothing from more threads, and lose much when the cores are shared.
+    torch.set_num_threads(1)
+    summaries = {}
+    for stage in ("causal_init", "dmd"):
+        stage_settings = {**s, **demo_stage_settings(stage)}
+        check_settings(stage_settings)
+        if ranks.main:
+            print(f"\n=== demo: stage {stage} into {stage_settings['CHECKPOINT_DIR']} ===")
+        summaries[stage] = train(stage_settings, ranks, device)
+    first, last = summaries["dmd"]["history"][0], summaries["dmd"]["history"][-1]
+    if ranks.main:
+        print(f"\ndemo: the stage-A student's 3-step stream is {first['teacher_distance']:.4f} from the teacher's "
+              f"50-step video; after stage B, {last['teacher_distance']:.4f}. Play it: python play_world.py --demo")
+    return summaries["dmd"]
+
+
+def plan(s: dict) -> str:
+    """--plan: each stage's GPU memory, predicted on the CPU (planning/distill.py)."""
+    return plan_distillation(s).format()
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ranks = Ranks()
+    try:
+        settings, demo = parse_settings(argv)
+        if "--plan" in argv:
+            print(plan(settings))
+            return 0
+        ranks, device = init_ranks(settings["DEVICE"])
+        summary = run_demo(settings, ranks, device) if demo else train(settings, ranks, device)
+    except ShowHelp as text:
+        print(text)
+        return 0
+    except BaseException as error:
+        expected = isinstance(error, (ValueError, OSError, TrainingError, CheckpointError, CacheError,
+                                      GenerationError))
+        if ranks.world == 1 and not expected:
+            raise
+        where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+        if expected:
+            print(f"error{where}: {error}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+            print(f"error{where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if ranks.world > 1:
+            os._exit(1)  # the other ranks may wait in a collective for this one: torchrun stops them
+        return 1
+    if ranks.world > 1:
+        dist.destroy_process_group()
+    if ranks.main:
+        print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s; the student is in {summary['student']} "
+              f"(read {Path(summary['checkpoint_dir']) / INFO_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

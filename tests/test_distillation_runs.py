@@ -1,0 +1,211 @@
+"""distill_streaming_model.py end to end on the tiny assets: stage A then stage B write a
+student that play_world.py loads, a killed run resumes to the same bits, two gloo ranks
+(FSDP) train what one rank does, bad settings are named; and the plan's counts."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import distill_streaming_model as ds
+from conftest import REPO_ROOT
+from planning import memory
+from planning.distill import per_gpu, plan_distillation
+from play.model import load_play_model
+from runs.folder import METRICS_FILE, STATE_FILE
+from wan.config import tiny_config
+from wan.loading import STREAMING_WEIGHTS_NAME
+
+SCRIPT = str(REPO_ROOT / "distill_streaming_model.py")
+# 21 frames = 6 latent frames = 2 blocks of 3; tiny everything, one thread (see run())
+TINY = dict(SEQUENCE_LENGTH=21, CLIP_STRIDE=8, BATCH_SIZE=1, DF_STEPS=4, DMD_STEPS=6, GENERATOR_EVERY=2,
+            DF_LEARNING_RATE=1e-3, GENERATOR_LR=1e-3, CRITIC_LR=1e-3, EMA_DECAY=0.5, EMA_START_STEP=2,
+            VAL_EVERY_STEPS=100, VAL_CLIPS=1, TEACHER_STEPS=3, VAL_PREVIEW=False, SAVE_EVERY_STEPS=2,
+            LOG_EVERY_STEPS=1, MIXED_PRECISION="fp32", GRADIENT_CHECKPOINTING=False, NUM_WORKERS=0, DEVICE="cpu")
+
+
+def settings_for(tiny_assets, cache_dir, out_dir, **overrides) -> dict:
+    s = {**ds.SETTINGS.defaults, **{n: v for n, v in tiny_assets.items() if n in ds.SETTING_NAMES}, **TINY,
+         "CHECKPOINT": "", "CACHE_DIR": str(cache_dir), "CHECKPOINT_DIR": str(out_dir), **overrides}
+    ds.check_settings(s)
+    return s
+
+
+def cli_args(s: dict) -> list:
+    return [f"--{n}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for n, v in s.items()
+            if n in ds.SETTING_NAMES]
+
+
+def run(cmd):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def stage_a(tiny_assets, tmp_path_factory):
+    """A stage A run (in-process), shared by this module's tests: (settings, summary)."""
+    root = tmp_path_factory.mktemp("distill")
+    s = settings_for(tiny_assets, root / "cache", root / "causal_init", VAL_PREVIEW=True, VAL_EVERY_STEPS=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return s, ds.train(s)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("override,message", [
+    ("--SEQUENCE_LENGTH=17", "5 latent frames; the student makes blocks of 3.*e.g. "),
+    ("--STAGE=dmd", "STAGE=dmd starts from a streaming student: set STUDENT_DIR"),
+    ("--STAGE=long", "STAGE='long': choose one of causal_init, dmd"),
+    ("--SINK_SIZE=4", "SINK_SIZE <= LOCAL_ATTN_SIZE - 3"),
+    ("--DENOISING_STEPS=900,500", "DENOISING_STEPS=900,500: whole numbers from 1000 down"),
+    ("--SCORE_MIN_TIMESTEP=990", "need 0 <= MIN < MAX <= 1000"),
+    ("--DF_WEIGHTING=cosine", "DF_WEIGHTING='cosine'"),
+    ("--GENERATOR_EVERY=0", "GENERATOR_EVERY=0: must be at least 1"),
+])
+def test_bad_settings_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        ds.parse_settings([override])
+
+
+def test_micro_batches_give_the_same_samples_to_any_number_of_ranks():
+    one = ds.micro_batches(3, accum=1, batch=2, ranks=ds.Ranks())
+    two = [ds.micro_batches(3, accum=1, batch=1, ranks=ds.Ranks(r, 2)) for r in range(2)]
+    assert one == [[6, 7]] and [m[0] for m in two] == [[6], [7]]
+    assert ds.micro_batches(1, accum=2, batch=1, ranks=ds.Ranks()) == [[2], [3]]
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+@pytest.mark.slow
+def test_stage_a_then_b_write_a_student_that_play_world_loads(stage_a, tmp_path):
+    s, summary = stage_a
+    out = Path(s["CHECKPOINT_DIR"])
+    names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    assert names == ["metrics.csv", "previews", "student", "training_info.txt", "training_state.pt"]
+    assert [h["step"] for h in summary["history"]] == [0, 4]
+    assert all(h["teacher_distance"] > 0 and h["fps"] > 0 for h in summary["history"])
+    assert list((out / "previews").glob("step4.*"))
+    rows = (out / METRICS_FILE).read_text().splitlines()
+    assert rows[0].split(",") == list(ds.METRICS_COLUMNS) and len(rows) == 1 + 4
+    info = (out / ds.INFO_FILE).read_text()
+    for field in ("stage causal_init", "teacher:", "window 6", "diffusion forcing", "step 4: teacher distance",
+                  "action score", "frames/s", "students: student", "status: finished"):
+        assert field in info, field
+
+    b = dict(s, STAGE="dmd", STUDENT_DIR=str(out / "student"), CHECKPOINT_DIR=str(tmp_path / "dmd"), DMD_STEPS=4)
+    torch.set_num_threads(1)
+    summary_b = ds.train(b)
+    metrics = [r.split(",") for r in (tmp_path / "dmd" / METRICS_FILE).read_text().splitlines()[1:]]
+    # the student learns every second step (its loss is empty otherwise), the critic every step
+    assert [r[1] != "" for r in metrics] == [False, True, False, True] and all(r[2] != "" for r in metrics)
+    assert [r[7] != "" for r in metrics] == [False, True, False, True]
+    assert summary_b["history"][0]["weights"] == "trained" and summary_b["history"][-1]["weights"] == "ema"
+
+    student_dir = tmp_path / "dmd" / "student"
+    loaded = load_play_model(student_dir, "", "universal", (), "cpu", torch.float32)
+    assert loaded.distilled and loaded.keyboard_keys == ("W", "S", "A", "D")
+    with safe_open(student_dir / STREAMING_WEIGHTS_NAME, "pt") as f:
+        meta = f.metadata()
+        assert all(name.startswith("model.") for name in f.keys())
+    assert meta["stage"] == "dmd" and meta["weights"] == "ema" and meta["denoising_steps"] == "1000,666,333"
+    state = torch.load(tmp_path / "dmd" / STATE_FILE, weights_only=True)
+    saved = load_file(student_dir / STREAMING_WEIGHTS_NAME)
+    assert all(torch.equal(saved["model." + n], t) for n, t in state["ema"].items())
+    assert any(not torch.equal(saved["model." + n], t) for n, t in state["student"].items())
+    start = load_file(out / "student" / STREAMING_WEIGHTS_NAME)
+    assert any(not torch.equal(start[n], saved[n]) for n in saved)
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads(1)
+import distill_streaming_model as ds
+at, count = int(sys.argv[1]), [0]
+real = ds.critic_micro_batch
+def judged(*a, **k):
+    count[0] += 1
+    if count[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+ds.critic_micro_batch = judged
+sys.exit(ds.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_path):
+    s, _ = stage_a
+    common = dict(s, STAGE="dmd", STUDENT_DIR=str(Path(s["CHECKPOINT_DIR"]) / "student"), VAL_PREVIEW=False,
+                  VAL_EVERY_STEPS=100)
+    straight = run([sys.executable, SCRIPT, *cli_args(dict(common, CHECKPOINT_DIR=str(tmp_path / "straight")))])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(repo=str(REPO_ROOT)))
+    killed = dict(common, CHECKPOINT_DIR=str(tmp_path / "killed"))
+    died = run([sys.executable, str(killer), "5", *cli_args(killed)])  # in step 5, after the save at step 4
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    assert not (tmp_path / "killed" / "student").exists()
+    assert torch.load(tmp_path / "killed" / STATE_FILE, weights_only=True)["global_step"] == 4
+    resumed = run([sys.executable, SCRIPT, *cli_args(killed), "--RESUME=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+    a = load_file(tmp_path / "straight" / "student" / STREAMING_WEIGHTS_NAME)
+    b = load_file(tmp_path / "killed" / "student" / STREAMING_WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    rows = [(tmp_path / d / METRICS_FILE).read_text().splitlines() for d in ("straight", "killed")]
+    assert [r.split(",")[:8] for r in rows[0]] == [r.split(",")[:8] for r in rows[1]]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_fsdp_train_what_one_rank_does(stage_a, tmp_path):
+    s, _ = stage_a
+    common = dict(s, STAGE="dmd", STUDENT_DIR=str(Path(s["CHECKPOINT_DIR"]) / "student"), VAL_PREVIEW=False,
+                  VAL_EVERY_STEPS=100, DMD_STEPS=4, SAVE_EVERY_STEPS=0)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+               *cli_args(dict(common, BATCH_SIZE=1, CHECKPOINT_DIR=str(tmp_path / "two")))])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 ranks (FSDP)" in (tmp_path / "two" / ds.INFO_FILE).read_text()
+    one = run([sys.executable, SCRIPT, *cli_args(dict(common, BATCH_SIZE=2, CHECKPOINT_DIR=str(tmp_path / "one")))])
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(tmp_path / "two" / "student" / STREAMING_WEIGHTS_NAME)
+    b = load_file(tmp_path / "one" / "student" / STREAMING_WEIGHTS_NAME)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    assert worst < 1e-5, worst
+    losses = [[r.split(",")[1:3] for r in (tmp_path / d / METRICS_FILE).read_text().splitlines()[1:]]
+              for d in ("two", "one")]
+    two_ranks, one_rank = ([float(v) if v else None for r in rows for v in r] for rows in losses)
+    assert [v is None for v in two_ranks] == [v is None for v in one_rank]  # the same steps logged each loss
+    assert [v for v in two_ranks if v is not None] == pytest.approx([v for v in one_rank if v is not None], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def test_the_plan_counts_three_models_and_shards_what_fsdp_shards():
+    s, _ = ds.parse_settings(["--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64", "--SEQUENCE_LENGTH=21", "--EMA_DECAY=0"])
+    config = tiny_config()
+    torch.set_num_threads(1)
+    plan = plan_distillation(s, config=config)
+    params = sum(p.numel() for p in ds.CausalWanModel(config.with_window(6, 0)).parameters())
+    a, b = plan.stages["causal_init"], plan.stages["dmd"]
+    # by hand: float32 student (and critic) with two AdamW moments; the teacher bf16
+    slack = 512 * 4 * len(list(ds.CausalWanModel(config.with_window(6, 0)).parameters()))  # allocator rounding
+    assert abs(a.breakdown[memory.WEIGHTS] - params * (4 + 2)) <= slack
+    assert abs(b.breakdown[memory.WEIGHTS] - params * (4 + 4 + 2)) <= slack
+    assert abs(b.breakdown[memory.OPTIMIZER_STATE] - params * 2 * 2 * 4) <= 2 * slack
+    assert b.peak > a.peak and b.flops > a.flops > 0
+    sharded = sum(b.breakdown.get(label, 0) for label in (memory.WEIGHTS, memory.OPTIMIZER_STATE, memory.GRADIENTS))
+    assert per_gpu(b, 1) == b.peak and per_gpu(b, 4) == pytest.approx(b.peak - sharded * 3 / 4)
+    text = plan.format()
+    assert "Stage A" in text and "Stage B" in text and "fits" in text and "H100" in text
