@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges
+from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_choices, check_ranges
 from demo_world.distill_demo import DISTILL_DEMO_SETTINGS, demo_stage_settings, missing_demo_inputs
 from generation.errors import GenerationError
 from generation.finetuned import load_model
@@ -69,7 +69,7 @@ from training.ema import EMA
 from training.epochs import actions_digest, stream_item
 from training.flow_matching import model_inputs, prepare_trainable
 from training.optim import build_adamw
-from training.precision import choose_precision
+from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, wrap_for_ranks
 from training.recipe import TrainingRecipe
 from training.rollout import FewStepSchedule, SampleNoise, conditions_from_batch, exit_step_for
@@ -184,19 +184,14 @@ STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS"}
 
 def parse_settings(argv) -> tuple[dict, bool]:
     """Defaults, then --demo's settings, then --NAME=value overrides. Returns (settings, demo)."""
-    settings, flags, _ = SETTINGS.parse(argv, FLAGS, presets={"--demo": DISTILL_DEMO_SETTINGS})
-    check_settings(settings)
-    return settings, "--demo" in flags
+    return SETTINGS.parse_checked(argv, FLAGS, {"--demo": DISTILL_DEMO_SETTINGS}, check_settings)
 
 
 def check_settings(s: dict) -> None:
     """Every range (cli/settings.py's rules), every choice, and the folders, before any work."""
     problems = check_ranges(s)
-    choices = {"STAGE": STAGES, "MIXED_PRECISION": ("bf16", "fp32"), "CACHE_DTYPE": tuple(CACHE_DTYPES),
-               "DF_WEIGHTING": df.WEIGHTINGS}
-    for name, allowed in choices.items():
-        if s[name] not in allowed:
-            problems.append(f"{name}={s[name]!r}: choose one of {', '.join(allowed)}")
+    problems += check_choices(s, {"STAGE": STAGES, "MIXED_PRECISION": MIXED_PRECISIONS,
+                                  "CACHE_DTYPE": tuple(CACHE_DTYPES), "DF_WEIGHTING": df.WEIGHTINGS})
     if not problems:
         latent_frames = latent_frame_count(s["SEQUENCE_LENGTH"])
         if latent_frames % FRAMES_PER_BLOCK:

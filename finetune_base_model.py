@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, ShowHelp, check_ranges, raise_for_problems
+from cli.settings import ScriptSettings, ShowHelp, check_choices, check_ranges, raise_for_problems
 from demo_world.setup import TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE, TRAINED_CONTENTS, merge_lora_file
 from generation.previews import epoch_preview
@@ -48,7 +48,7 @@ from runs.info import device_name, format_count, git_commit
 from training.data import prepare_data
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
 from training.flow_matching import model_inputs, validate
-from training.precision import choose_precision
+from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import (Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, sharded,
                             wrap_for_ranks)
 from training.recipe import Savers, TrainingRecipe, lora_config
@@ -156,22 +156,14 @@ RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRI
 
 def parse_settings(argv) -> tuple[dict, bool]:
     """Defaults, then --demo's settings, then --NAME=value overrides. Returns (settings, demo)."""
-    settings, flags, _ = SETTINGS.parse(argv, FLAGS, presets={"--demo": TRAINING_DEMO_SETTINGS})
-    check_settings(settings)
-    return settings, "--demo" in flags
+    return SETTINGS.parse_checked(argv, FLAGS, {"--demo": TRAINING_DEMO_SETTINGS}, check_settings)
 
 
 def check_settings(s: dict) -> None:
     """Every range (cli/settings.py's rules), every choice, and the folders, before any work."""
     problems = check_ranges(s)
-    if s["TRAINING_STRATEGY"] not in STRATEGIES:
-        problems.append(f"TRAINING_STRATEGY={s['TRAINING_STRATEGY']!r}: choose one of {', '.join(STRATEGIES)}")
-    if s["MIXED_PRECISION"] not in ("bf16", "fp32"):
-        problems.append(f"MIXED_PRECISION={s['MIXED_PRECISION']!r}: choose 'bf16' or 'fp32'")
-    if s["TIMESTEP_SAMPLING"] not in flow.SAMPLING_MODES:
-        problems.append(f"TIMESTEP_SAMPLING={s['TIMESTEP_SAMPLING']!r}: choose one of {', '.join(flow.SAMPLING_MODES)}")
-    if s["CACHE_DTYPE"] not in CACHE_DTYPES:
-        problems.append(f"CACHE_DTYPE={s['CACHE_DTYPE']!r}: choose one of {', '.join(CACHE_DTYPES)}")
+    problems += check_choices(s, {"TRAINING_STRATEGY": STRATEGIES, "MIXED_PRECISION": MIXED_PRECISIONS,
+                                  "TIMESTEP_SAMPLING": flow.SAMPLING_MODES, "CACHE_DTYPE": tuple(CACHE_DTYPES)})
     if s["TRAINING_STRATEGY"] == "lora" and not problems:
         try:
             lora_config(s).check()

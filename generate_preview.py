@@ -83,9 +83,7 @@ def parse_settings(argv) -> tuple[dict, bool]:
     """Defaults, then --demo's settings, then --NAME=value overrides (--compare = --COMPARE=true)."""
     argv = list(argv)
     presets = {"--demo": demo_settings() if "--demo" in argv else {}, "--compare": {"COMPARE": True}}
-    settings, flags, _ = SETTINGS.parse(argv, FLAGS, presets)
-    check_settings(settings)
-    return settings, "--demo" in flags
+    return SETTINGS.parse_checked(argv, FLAGS, presets, check_settings)
 
 
 def check_settings(s: dict) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges, raise_for_problems
+from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_choices, check_ranges, raise_for_problems
 from demo_world.setup import (DEMO_DIR, PLAY_DEMO_CHECKPOINT, PLAY_DEMO_FALLBACK_CHECKPOINT,
                               PLAY_DEMO_FALLBACK_MODEL_DIR, PLAY_DEMO_MODEL_DIR, TRAINING_DEMO_SETTINGS)
 from generation.action_scripts import parse_action_script
@@ -110,16 +110,13 @@ def parse_settings(argv) -> tuple[dict, bool]:
     """Defaults, then --demo's settings, then --NAME=value overrides (--headless = --HEADLESS=true)."""
     argv = list(argv)
     presets = {"--demo": demo_settings() if "--demo" in argv else {}, "--headless": {"HEADLESS": True}}
-    settings, flags, _ = SETTINGS.parse(argv, FLAGS, presets)
-    check_settings(settings)
-    return settings, "--demo" in flags
+    return SETTINGS.parse_checked(argv, FLAGS, presets, check_settings)
 
 
 def check_settings(s: dict) -> None:
     """Every range (cli/settings.py's rules) and choice, before any model is loaded."""
     problems = check_ranges(s)
-    if s["MODE"] not in STUDENT_KEYBOARD_KEYS:
-        problems.append(f"MODE={s['MODE']!r}: choose one of {', '.join(STUDENT_KEYBOARD_KEYS)}")
+    problems += check_choices(s, {"MODE": tuple(STUDENT_KEYBOARD_KEYS)})
     try:
         denoising_steps(s)
     except SettingsError as error:

@@ -131,6 +131,13 @@ class ScriptSettings:
         """NAME -> the value in the script now (the block's value unless something changed it)."""
         return {name: self.module_globals[name] for name in self.names}
 
+    def parse_checked(self, argv, flags: dict[str, str], presets: dict[str, dict], check) -> tuple[dict, bool]:
+        """A front-door script's settings: parse (defaults, the presets of the flags given,
+        --NAME=value), then the script's own check(settings). Returns (settings, --demo given)."""
+        settings, given, _ = self.parse(argv, flags, presets)
+        check(settings)
+        return settings, "--demo" in given
+
     def parse(self, argv, flags: dict[str, str] | None = None, presets: dict[str, dict] | None = None,
               usage: str = "", other_arguments: bool = False) -> tuple[dict, set[str], list[str]]:
         """argv -> (settings, flags given, other arguments).
@@ -298,7 +305,6 @@ SETTING_RULES = {
     "DF_STEPS": at_least(1), "DF_LEARNING_RATE": positive, "DF_SHIFT": positive, "DF_MIN_SIGMA": in_range(0, 1),
     "DF_MAX_SIGMA": in_range(0, 1), "DMD_STEPS": at_least(1), "GENERATOR_EVERY": at_least(1), "GENERATOR_LR": positive,
     "CRITIC_LR": positive, "SCORE_MIN_TIMESTEP": in_range(0, 1000), "SCORE_MAX_TIMESTEP": in_range(0, 1000),
-    "LONG_TUNE_STEPS": at_least(1), "LONG_TUNE_LATENT_FRAMES": at_least(1), "LONG_TUNE_OVERLAP": at_least(0),
     "VAL_EVERY_STEPS": at_least(1), "VAL_CLIPS": at_least(1), "TEACHER_STEPS": at_least(1),
     "EXPORT_EVERY_STEPS": at_least(0),
 }
@@ -318,6 +324,13 @@ def check_ranges(settings: dict) -> list[str]:
             else:
                 problems.append(f"{name}={value!r}: {problem}")
     return problems
+
+
+def check_choices(settings: dict, choices: dict) -> list[str]:
+    """'NAME=value: choose one of ...' for every setting of choices ({name: allowed values})
+    whose value is not one of them."""
+    return [f"{name}={settings[name]!r}: choose one of {', '.join(map(str, allowed))}"
+            for name, allowed in choices.items() if settings[name] not in allowed]
 
 
 def raise_for_problems(problems: list[str]) -> None:

@@ -20,11 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.settings import check_choices
 from planning import memory
 from planning.cards import CARDS
 from planning.measure import (Measurement, StepMeasurement, latent_grid, measure_cache_build, measure_preview,
                               measure_training)
 from generation.bidirectional import window_spans
+from training.precision import MIXED_PRECISIONS
 from training.recipe import TrainingRecipe
 from wan.config import WanConfig, base_config
 from wan.loading import CheckpointError, find_config_file
@@ -74,10 +76,9 @@ def resolve_settings(settings: dict) -> dict:
                 check_frame_count(s[name], name)
             except ValueError as error:
                 problems.append(str(error))
-    if "TRAINING_STRATEGY" in s and s["TRAINING_STRATEGY"] not in STRATEGIES:
-        problems.append(f"TRAINING_STRATEGY={s['TRAINING_STRATEGY']!r}: choose one of {', '.join(STRATEGIES)}")
-    if "MIXED_PRECISION" in s and s["MIXED_PRECISION"] not in ("bf16", "fp32"):
-        problems.append(f"MIXED_PRECISION={s['MIXED_PRECISION']!r}: choose 'bf16' or 'fp32'")
+    problems += check_choices(s, {name: allowed for name, allowed in (("TRAINING_STRATEGY", STRATEGIES),
+                                                                      ("MIXED_PRECISION", MIXED_PRECISIONS))
+                                  if name in s})
     if problems:
         raise ValueError("bad settings for the plan:\n  " + "\n  ".join(problems))
     return s

@@ -15,6 +15,9 @@ class Precision:
     note: str                    # for the log and training_info.txt
 
 
+MIXED_PRECISIONS = ("bf16", "fp32")  # the MIXED_PRECISION setting of every trainer
+
+
 def choose_precision(mixed_precision: str, device: torch.device) -> Precision:
     """bf16 autocast (and TF32 matmuls) on CUDA when asked for; float32 everywhere else."""
     use_bf16 = mixed_precision == "bf16" and device.type == "cuda"
