@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             return 0
         report = check_data(args.data_dir or settings["DATA_DIR"], data_settings(settings), decode_frames=True,
                             progress=True)
-    except DataError as error:
+    except (DataError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(report.format())
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             cache_report = build_latent_cache(
                 report.split.used, settings["CACHE_DIR"], settings["VAE_PATH"], settings["CLIP_PATH"],
                 settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"], dtype=settings["CACHE_DTYPE"])
-        except (FileNotFoundError, ValueError, CacheError) as error:
+        except (OSError, ValueError, CacheError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         print(cache_report.format())

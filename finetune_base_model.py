@@ -23,35 +23,42 @@ import platform
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp
+from cli.settings import ScriptSettings, ShowHelp, check_ranges, raise_for_problems
 from demo_world.setup import TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS
 from generation.previews import epoch_preview
-from latents.cache import CACHE_DTYPES, CacheError, LatentCache, build_latent_cache
+from latents.cache import CACHE_DTYPES, CacheError, LatentCache, build_latent_cache, cache_lock
 from latents.dataset import CachedClipDataset
+from planning.plan import plan_training
+from recordings.errors import DataError
 from recordings.report import check_data
 from runs.errors import TrainingError
 from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit
-from training.ema import EMA
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
-from training.flow_matching import flow_matching_step, model_inputs, prepare_trainable, validate
+from training.flow_matching import model_inputs, validate
 from training.precision import choose_precision
 from training.ranks import Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, wrap_for_ranks
-from training.schedule import lr_factor
+from training.recipe import TrainingRecipe
+from training.schedule import LRSchedule, apply_learning_rate
 from wan import flow
-from wan.loading import CheckpointError, load_base_model
+from wan.files import check_output_folder
+from wan.clip import read_clip_file
+from wan.loading import CheckpointError, inspect_base_model, load_base_model
+from wan.vae import read_vae_file
 from wan.model import STRATEGIES, WanModel
 
 # -----------------------------------------------------------------------------
@@ -85,11 +92,12 @@ WEIGHT_DECAY = 0.01                      # AdamW's decoupled weight decay
 WARMUP_STEPS = 50                        # optimizer steps of linear warm-up
 MAX_GRAD_NORM = 1.0                      # gradients are clipped to this norm
 EMA_DECAY = 0.0                          # 0: off; e.g. 0.999: validate and save EMA weights
+EMA_WARMUP = True                        # the k-th EMA update uses min(EMA_DECAY, (1+k)/(10+k))
 # flow matching (the base model's own objective)
 TIMESTEP_SHIFT = 5.0                     # pushes training noise levels towards pure noise
 TIMESTEP_SAMPLING = "uniform"            # "uniform" over the shifted grid, or "logit_normal"
 MIN_SIGMA = 0.0                          # training noise levels are kept in [MIN_SIGMA, MAX_SIGMA]
-MAX_SIGMA = 1.0
+MAX_SIGMA = 1.0                          # (1: pure noise; lower it to skip the noisiest levels)
 VAL_SIGMAS = 4                           # fixed noise levels per validation clip
 # speed and memory
 GRADIENT_CHECKPOINTING = True            # recompute each block in backward: far less memory, ~1/3 slower
@@ -97,6 +105,7 @@ MIXED_PRECISION = "bf16"                 # "bf16" (CUDA) or "fp32"
 COMPILE = False                          # torch.compile each block (CUDA; slow first steps)
 NUM_WORKERS = 2                          # DataLoader workers
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
+GPU_MEMORY_GB = 24                       # --plan: the card to fit (its memory in GB)
 # saving
 SAVE_EVERY_EPOCHS = 2                    # weights file every N epochs (0: only the final file)
 SAVE_EVERY_STEPS = 0                     # 0: only at epoch ends; else also every N optimizer steps
@@ -111,16 +120,19 @@ PREVIEW_STEPS = 50                       # sampling steps per preview
 SETTINGS = ScriptSettings.of(globals())
 SETTING_NAMES = SETTINGS.names
 FLAGS = {"--demo": "the whole pipeline on a generated recording with tiny random weights, on CPU "
-                   "(writes demo_run/)"}
+                   "(writes demo_run/)",
+         "--plan": "predict this run's GPU memory and time on a GPU_MEMORY_GB card and the common ones, and what "
+                   "fits (no GPU needed; about a minute for the real model)"}
 INFO_FILE = "training_info.txt"
 PREVIEW_DIR = "previews"
 # A run can continue only with the settings that shaped its state and its data order
 # (EFFECTIVE_BATCH = BATCH_SIZE x GRAD_ACCUM_STEPS x ranks, so a run may resume on another
 # number of GPUs with the same effective batch).
+RECIPE = TrainingRecipe()                # the step's calls, shared with the planner (training/recipe.py)
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
                      "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE",
                      "TRAINING_STRATEGY", "LAST_LAYERS", "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO",
-                     "WEIGHT_DECAY", "WARMUP_STEPS", "MAX_GRAD_NORM", "EMA_DECAY", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING",
+                     "WEIGHT_DECAY", "WARMUP_STEPS", "MAX_GRAD_NORM", "EMA_DECAY", "EMA_WARMUP", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING",
                      "MIN_SIGMA", "MAX_SIGMA", "MIXED_PRECISION", "SEED")
 
 
@@ -135,38 +147,27 @@ def parse_settings(argv) -> tuple[dict, bool]:
 
 
 def check_settings(s: dict) -> None:
-    problems = []
+    """Every range (cli/settings.py's rules), every choice, and the folders, before any work."""
+    problems = check_ranges(s)
     if s["TRAINING_STRATEGY"] not in STRATEGIES:
         problems.append(f"TRAINING_STRATEGY={s['TRAINING_STRATEGY']!r}: choose one of {', '.join(STRATEGIES)}")
     if s["MIXED_PRECISION"] not in ("bf16", "fp32"):
         problems.append(f"MIXED_PRECISION={s['MIXED_PRECISION']!r}: choose 'bf16' or 'fp32'")
     if s["TIMESTEP_SAMPLING"] not in flow.SAMPLING_MODES:
         problems.append(f"TIMESTEP_SAMPLING={s['TIMESTEP_SAMPLING']!r}: choose one of {', '.join(flow.SAMPLING_MODES)}")
-    for name in ("BATCH_SIZE", "GRAD_ACCUM_STEPS", "NUM_EPOCHS", "VAL_SIGMAS", "PREVIEW_STEPS"):
-        if s[name] < 1:
-            problems.append(f"{name}={s[name]}: must be at least 1")
-    for name in ("WARMUP_STEPS", "SAVE_EVERY_EPOCHS", "SAVE_EVERY_STEPS", "NUM_WORKERS", "LAST_LAYERS",
-                 "PREVIEW_EVERY_EPOCHS"):
-        if s[name] < 0:
-            problems.append(f"{name}={s[name]}: must not be negative")
-    if s["LOG_EVERY_STEPS"] < 1:
-        problems.append(f"LOG_EVERY_STEPS={s['LOG_EVERY_STEPS']}: must be at least 1")
-    if not s["LEARNING_RATE"] > 0:
-        problems.append(f"LEARNING_RATE={s['LEARNING_RATE']}: must be positive")
-    if not 0 <= s["MIN_LR_RATIO"] <= 1:
-        problems.append(f"MIN_LR_RATIO={s['MIN_LR_RATIO']}: must be in [0, 1]")
-    if not 0 <= s["EMA_DECAY"] < 1:
-        problems.append(f"EMA_DECAY={s['EMA_DECAY']}: must be in [0, 1) (0 turns EMA off)")
-    if not s["MAX_GRAD_NORM"] > 0:
-        problems.append(f"MAX_GRAD_NORM={s['MAX_GRAD_NORM']}: must be positive")
     if s["CACHE_DTYPE"] not in CACHE_DTYPES:
         problems.append(f"CACHE_DTYPE={s['CACHE_DTYPE']!r}: choose one of {', '.join(CACHE_DTYPES)}")
-    try:
-        flow.bounded_training_grid(s["TIMESTEP_SHIFT"], s["MIN_SIGMA"], s["MAX_SIGMA"])
-    except ValueError as error:
-        problems.append(str(error))
-    if problems:
-        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
+    if not problems:
+        try:
+            flow.bounded_training_grid(s["TIMESTEP_SHIFT"], s["MIN_SIGMA"], s["MAX_SIGMA"])
+        except ValueError as error:
+            problems.append(str(error))
+    for name in ("CHECKPOINT_DIR", "CACHE_DIR"):
+        try:
+            check_output_folder(s[name], name)
+        except FileExistsError as error:
+            problems.append(str(error))
+    raise_for_problems(problems)
 
 
 # -----------------------------------------------------------------------------
@@ -194,15 +195,20 @@ def prepare_data(s: dict, ranks: Ranks, device: torch.device, log) -> PreparedDa
         raise TrainingError(f"no training clips in {s['DATA_DIR']}")
     height, width = report.settings["VIDEO_HEIGHT"], report.settings["VIDEO_WIDTH"]
     cache = LatentCache(s["CACHE_DIR"])
-    cache_report = build_latent_cache(
-        split.used, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
-        dtype=s["CACHE_DTYPE"], device=device, num_workers=s["NUM_WORKERS"],
-        rank=ranks.rank, world_size=ranks.world, progress=ranks.main, cache=cache)
-    ranks.barrier()
-    if ranks.world > 1:
-        cache.rescan()  # the shards the other ranks wrote (verified shards stay verified)
-        if ranks.main:
-            cache.write_manifest()
+    # one process builds alone under the cache's lock; with several ranks the main rank
+    # holds it while all of them encode
+    shared_lock = cache_lock(s["CACHE_DIR"]) if ranks.world > 1 and ranks.main else nullcontext()
+    with shared_lock:
+        ranks.barrier()
+        cache_report = build_latent_cache(
+            split.used, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
+            dtype=s["CACHE_DTYPE"], device=device, num_workers=s["NUM_WORKERS"],
+            rank=ranks.rank, world_size=ranks.world, progress=ranks.main, cache=cache)
+        ranks.barrier()
+        if ranks.world > 1:
+            cache.rescan()  # the shards the other ranks wrote (verified shards stay verified)
+            if ranks.main:
+                cache.write_manifest()
     log(cache_report.format())
     return PreparedData(report, split, cache_report, height, width,
                         CachedClipDataset(split.train, s["CACHE_DIR"], cache_report.settings, cache),
@@ -222,7 +228,7 @@ def prepare_model(s: dict, ranks: Ranks, device: torch.device, precision) -> Pre
     and wrap it for the ranks."""
     model, reinitialised = load_base_model(s["BASE_MODEL_DIR"], keyboard_dim=len(s["KEYBOARD_KEYS"]),
                                            device=device, dtype=precision.model_dtype)
-    trainable = prepare_trainable(model, s["TRAINING_STRATEGY"], s["LAST_LAYERS"])
+    trainable = RECIPE.prepare(model, s)
     model.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
     if s["COMPILE"]:
         for block in model.blocks:
@@ -231,6 +237,57 @@ def prepare_model(s: dict, ranks: Ranks, device: torch.device, precision) -> Pre
     trainable = {n: p for n, p in model.named_parameters() if n in trainable}  # FSDP replaced them
     model.train()
     return PreparedModel(model, wrapped, trainable, reinitialised)
+
+
+def check_model_files(s: dict) -> None:
+    """The base model, VAE and CLIP files: there, readable, the shapes they should have. File
+    headers only - seconds - so a wrong path fails before an hour of encoding."""
+    inspect_base_model(s["BASE_MODEL_DIR"], keyboard_dim=len(s["KEYBOARD_KEYS"]))
+    read_vae_file(s["VAE_PATH"])
+    read_clip_file(s["CLIP_PATH"])
+
+
+class Progress(NamedTuple):
+    """Where a run stands: what the loop continues from."""
+
+    epoch: int
+    position: int                # clips of this epoch's order already trained on
+    global_step: int             # optimizer steps done
+    history: list                # one entry per finished epoch
+    epoch_loss: list             # this epoch's loss sum and sample count so far
+
+    @classmethod
+    def start(cls) -> "Progress":
+        return cls(0, 0, 0, [], [0.0, 0])
+
+
+def restore(run: RunFolder, split, model, trainable: dict, optimizer, ema, schedule: LRSchedule,
+            log) -> tuple[Progress, LRSchedule]:
+    """Load the saved run into this one, after checking that it is the same run (same
+    tensors, clips and actions), and re-plan the schedule if NUM_EPOCHS changed."""
+    saved = run.resumed
+    if saved["trainable_names"] != list(trainable) or saved["train_clips"] != [c.clip_id for c in split.train]:
+        raise TrainingError(f"cannot resume {run.state_path}: its trainable tensors or training clips differ from "
+                            "this run's (did the data change?)")
+    for name, clips in (("train_actions", split.train), ("val_actions", split.val)):
+        if name in saved and saved[name] != actions_digest(clips):
+            kind = "training" if name == "train_actions" else "validation"
+            raise TrainingError(f"cannot resume {run.state_path}: the {kind} clips' keyboard or mouse rows differ "
+                                "from the saved run's (did input.csv, KEY_MAP or INVERT_MOUSE_Y change?)")
+    load_full_tensors(trainable, saved["trainable"])
+    # strict=False: the action modules' norm weights are never used, so never get a state
+    set_optimizer_state_dict(model, optimizer, saved["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    if ema is not None:
+        load_full_tensors(ema.shadow, saved["ema"])
+    progress = Progress(saved["epoch"], saved["position"], saved["global_step"], saved["history"],
+                        saved["epoch_loss"])
+    old = LRSchedule(**saved["schedule"]) if "schedule" in saved else schedule
+    new = old.extended_to(schedule.total, progress.global_step)
+    change = new.describe_change(old, progress.global_step)
+    if change:
+        log(f"NUM_EPOCHS changed: {change}")
+    return progress, new
 
 
 def run_header(s: dict, ranks: Ranks, device, precision, model, trainable: dict, reinitialised: list, split,
@@ -304,207 +361,194 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         ranks, device = init_ranks(s["DEVICE"])
     log = print if ranks.main else (lambda *a, **k: None)
 
-    # --- the run folder: a new run, or the saved state of the run it continues
-    run = RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log)
-    effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
-    run.check_same_run(dict(s, EFFECTIVE_BATCH=effective_batch), RESUME_MUST_MATCH)
-    torch.manual_seed(s["SEED"])
-    precision = choose_precision(s["MIXED_PRECISION"], device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
+    with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log) as run:
+        effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
+        run.check_same_run(dict(s, EFFECTIVE_BATCH=effective_batch), RESUME_MUST_MATCH)
+        check_model_files(s)
+        torch.manual_seed(s["SEED"])
+        precision = choose_precision(s["MIXED_PRECISION"], device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    # --- data, model, optimizer
-    prepared = prepare_data(s, ranks, device, log)
-    split, train_set, val_set = prepared.split, prepared.train_set, prepared.val_set
-    loaded = prepare_model(s, ranks, device, precision)
-    model, wrapped, trainable = loaded.model, loaded.wrapped, loaded.trainable
-    trainable_names = list(trainable)
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=s["LEARNING_RATE"], weight_decay=s["WEIGHT_DECAY"],
-                                  betas=(0.9, 0.999), fused=device.type == "cuda")
-    full_epoch, dropped_per_epoch = plan_epoch(0, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
-    steps_per_epoch = len(full_epoch)
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_set)} training clip(s) cannot give each of {ranks.world} ranks one clip: "
-                            "no optimizer step would run. Use fewer GPUs or more data.")
-    total_steps = steps_per_epoch * s["NUM_EPOCHS"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"]))
-    ema = EMA(trainable, s["EMA_DECAY"]) if s["EMA_DECAY"] > 0 else None
-    sampling = dict(mode=s["TIMESTEP_SAMPLING"], shift=s["TIMESTEP_SHIFT"], min_sigma=s["MIN_SIGMA"],
-                    max_sigma=s["MAX_SIGMA"])
-    val_sigmas = flow.validation_sigmas(s["VAL_SIGMAS"], **sampling)
-    state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # --- data, model, optimizer, schedule
+        prepared = prepare_data(s, ranks, device, log)
+        split, train_set, val_set = prepared.split, prepared.train_set, prepared.val_set
+        loaded = prepare_model(s, ranks, device, precision)
+        model, wrapped, trainable = loaded.model, loaded.wrapped, loaded.trainable
+        optimizer = RECIPE.make_optimizer(trainable, s, device, host=device)
+        full_epoch, dropped_per_epoch = plan_epoch(0, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"],
+                                                   ranks.world)
+        steps_per_epoch = len(full_epoch)
+        if steps_per_epoch == 0:
+            raise TrainingError(f"{len(train_set)} training clip(s) cannot give each of {ranks.world} ranks one "
+                                "clip: no optimizer step would run. Use fewer GPUs or more data.")
+        total_steps = steps_per_epoch * s["NUM_EPOCHS"]
+        schedule = LRSchedule(s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"])
+        ema = RECIPE.make_ema(trainable, s, host=device)
+        sampling = dict(mode=s["TIMESTEP_SAMPLING"], shift=s["TIMESTEP_SHIFT"], min_sigma=s["MIN_SIGMA"],
+                        max_sigma=s["MAX_SIGMA"])
+        val_sigmas = flow.validation_sigmas(s["VAL_SIGMAS"], **sampling)
+        state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    # --- resume: the saved tensors, optimizer, schedule and place in the data
-    epoch, position, global_step, history, epoch_loss = 0, 0, 0, [], [0.0, 0]
-    resume = run.resumed
-    if resume is not None:
-        if resume["trainable_names"] != trainable_names or resume["train_clips"] != [c.clip_id for c in split.train]:
-            raise TrainingError(f"cannot resume {run.state_path}: its trainable tensors or training clips differ from "
-                                "this run's (did the data change?)")
-        if resume["train_actions"] != actions_digest(split.train):
-            raise TrainingError(f"cannot resume {run.state_path}: the training clips' keyboard or mouse rows differ "
-                                "from the saved run's (did input.csv, KEY_MAP or INVERT_MOUSE_Y change?)")
-        load_full_tensors(trainable, resume["trainable"])
-        # strict=False: the action modules' norm weights are never used, so never get a state
-        set_optimizer_state_dict(model, optimizer, resume["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
-        scheduler.load_state_dict(resume["scheduler"])
-        if ema is not None:
-            load_full_tensors(ema.shadow, resume["ema"])
-        epoch, position, global_step = resume["epoch"], resume["position"], resume["global_step"]
-        history, epoch_loss = resume["history"], resume["epoch_loss"]
-        log(f"resumed {run.state_path}: epoch {epoch + 1}, optimizer step {global_step}, on {ranks.world} rank(s)")
-    metrics = run.saved_metrics(global_step)
-    checkpoints = run.existing("base_finetuned_*.safetensors")
+        # --- resume: the saved tensors, optimizer, schedule and place in the data
+        progress = Progress.start()
+        if run.resumed is not None:
+            progress, schedule = restore(run, split, model, trainable, optimizer, ema, schedule, log)
+            log(f"resumed {run.state_path}: epoch {progress.epoch + 1}, optimizer step {progress.global_step}, on "
+                f"{ranks.world} rank(s)")
+        epoch, position, global_step, history, epoch_loss = progress
+        metrics = run.saved_metrics(global_step)
+        checkpoints = run.existing("base_finetuned_*.safetensors")
 
-    # --- what this run is, printed now and kept in training_info.txt
-    header = run_header(s, ranks, device, precision, model, trainable, loaded.reinitialised, split, steps_per_epoch,
-                        total_steps, effective_batch, dropped_per_epoch, val_sigmas, prepared.height, prepared.width)
-    log("\n".join(header))
-    settings_text = "\n".join(f"  {n} = {s[n]!r}" for n in SETTING_NAMES)
+        # --- what this run is, printed now and kept in training_info.txt
+        header = run_header(s, ranks, device, precision, model, trainable, loaded.reinitialised, split,
+                            steps_per_epoch, schedule.total, effective_batch, dropped_per_epoch, val_sigmas,
+                            prepared.height, prepared.width)
+        log("\n".join(header))
+        settings_text = "\n".join(f"  {n} = {s[n]!r}" for n in SETTING_NAMES)
 
-    def write_info(status: str) -> None:
-        run.write_text(INFO_FILE, info_text(header, status, history, metrics, ema, device, ranks, checkpoints,
-                                            settings_text, prepared.report, prepared.cache_report))
+        def write_info(status: str) -> None:
+            run.write_text(INFO_FILE, info_text(header, status, history, metrics, ema, device, ranks, checkpoints,
+                                                settings_text, prepared.report, prepared.cache_report))
 
-    def save_state() -> None:
-        """Gathered on every rank, written by the main rank: whole tensors, so that the run can
-        resume on any number of ranks."""
-        state = {
-            "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch},
-            "trainable_names": trainable_names, "train_clips": [c.clip_id for c in split.train],
-            "train_actions": actions_digest(split.train),
-            "trainable": full_tensors(trainable, ranks.main),
-            "ema": full_tensors(ema.shadow, ranks.main) if ema is not None else None,
-            "optimizer": get_optimizer_state_dict(model, optimizer, options=state_options),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "position": position, "global_step": global_step,
-            "history": history, "epoch_loss": epoch_loss,
-        }
-        run.save_state(state, metrics)
-        ranks.barrier()
+        def save_state() -> None:
+            """Gathered on every rank, written by the main rank: whole tensors, so that the run can
+            resume on any number of ranks. Only tensors and plain data: it loads with weights_only."""
+            state = {
+                "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch},
+                "trainable_names": list(trainable), "train_clips": [c.clip_id for c in split.train],
+                "train_actions": actions_digest(split.train), "val_actions": actions_digest(split.val),
+                "trainable": full_tensors(trainable, ranks.main),
+                "ema": full_tensors(ema.shadow, ranks.main) if ema is not None else None,
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=state_options),
+                "schedule": schedule.state_dict(),
+                "epoch": epoch, "position": position, "global_step": global_step,
+                "history": history, "epoch_loss": epoch_loss,
+            }
+            run.save_state(state, metrics)
+            ranks.barrier()
 
-    def weights_to_save() -> dict:
-        return full_tensors(ema.shadow if ema is not None else trainable, ranks.main)
+        def weights_to_save() -> dict:
+            return full_tensors(ema.shadow if ema is not None else trainable, ranks.main)
 
-    write_info("training")
-    train_start = time.time()
-    while epoch < s["NUM_EPOCHS"]:
-        epoch_started = time.time()
-        order = epoch_order(len(train_set), s["SEED"], epoch)
-        steps, _ = plan_epoch(position, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
-        my_batches = [[order[p] for p in micro[ranks.rank]] for step in steps for micro in step]
-        loader = iter(DataLoader(train_set, batch_sampler=my_batches, num_workers=s["NUM_WORKERS"],
-                                 pin_memory=device.type == "cuda"))
-        bar = tqdm(total=steps_per_epoch, initial=steps_per_epoch - len(steps), unit="step",
-                   desc=f"epoch {epoch + 1}/{s['NUM_EPOCHS']}", disable=not ranks.main)
-        step_started = time.time()
-        for step in steps:
-            # Each sample's loss is weighted 1/(samples in the step), summed over ranks by
-            # the gradient all-reduce (which averages: hence x world), so the step's gradient
-            # is the mean over all its samples, whatever the ranks and micro-batches.
-            step_samples = sum(len(per_rank) for micro in step for per_rank in micro)
-            step_loss, step_sigma = 0.0, 0.0
-            for micro_index, micro in enumerate(step):
-                batch = next(loader)
-                inputs = model_inputs(batch, device)
-                drawn = [sample_noise(s["SEED"], epoch, p, inputs["latents"].shape[1:], sampling)
-                         for p in micro[ranks.rank]]
-                sigma = torch.cat([d[0] for d in drawn])
-                noise = torch.stack([d[1] for d in drawn])
-                with gradient_sync(wrapped, model, enabled=micro_index == len(step) - 1):
-                    losses = flow_matching_step(wrapped, inputs, sigma, noise, precision.autocast)
-                    (losses.sum() * ranks.world / step_samples).backward()
-                finite, loss_sum, sigma_sum = ranks.sum([float(torch.isfinite(losses).all()), losses.sum().item(),
-                                                         sigma.sum().item()])
-                if finite < ranks.world:
-                    raise TrainingError(
-                        f"the loss became {loss_sum} at optimizer step {global_step + 1} (epoch {epoch + 1}; clips "
-                        f"{', '.join(f'{r}:{f}' for r, f in zip(batch['recording'], batch['first_frame'].tolist()))}"
-                        f"{f' on rank {ranks.rank}' if ranks.world > 1 else ''}); training stopped before applying "
-                        f"it. The files in {run.path} are from the last save and remain valid. Try a lower "
-                        "LEARNING_RATE or MAX_GRAD_NORM, or MIXED_PRECISION=fp32.")
-                step_loss += loss_sum
-                step_sigma += sigma_sum
-
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), s["MAX_GRAD_NORM"])
-            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
-            if not math.isfinite(grad_norm):
-                raise TrainingError(f"the gradient norm became {grad_norm} at optimizer step {global_step + 1}; "
-                                    f"training stopped before applying it. The files in {run.path} are from the "
-                                    "last save and remain valid. Try a lower LEARNING_RATE or MIXED_PRECISION=fp32.")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(trainable)
-            global_step += 1
-            position = step[-1][-1][-1] + 1
-            loss = step_loss / step_samples
-            epoch_loss = [epoch_loss[0] + step_loss, epoch_loss[1] + step_samples]
-            seconds = time.time() - step_started
+        write_info("training")
+        train_start = time.time()
+        while epoch < s["NUM_EPOCHS"]:
+            epoch_started = time.time()
+            order = epoch_order(len(train_set), s["SEED"], epoch)
+            steps, _ = plan_epoch(position, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
+            my_batches = [[order[p] for p in micro[ranks.rank]] for step in steps for micro in step]
+            loader = iter(DataLoader(train_set, batch_sampler=my_batches, num_workers=s["NUM_WORKERS"],
+                                     pin_memory=device.type == "cuda"))
+            bar = tqdm(total=steps_per_epoch, initial=steps_per_epoch - len(steps), unit="step",
+                       desc=f"epoch {epoch + 1}/{s['NUM_EPOCHS']}", disable=not ranks.main)
             step_started = time.time()
-            metrics.append({"step": global_step, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                            "sigma": step_sigma / step_samples, "seconds_per_step": seconds})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
-            if global_step % s["LOG_EVERY_STEPS"] == 0:
-                run.write_metrics(metrics)
-            if s["SAVE_EVERY_STEPS"] and global_step % s["SAVE_EVERY_STEPS"] == 0 and step is not steps[-1]:
-                save_state()
-        bar.close()
+            for step in steps:
+                # Each sample's loss is weighted 1/(samples in the step), summed over ranks by
+                # the gradient all-reduce (which averages: hence x world), so the step's gradient
+                # is the mean over all its samples, whatever the ranks and micro-batches.
+                step_samples = sum(len(per_rank) for micro in step for per_rank in micro)
+                step_loss, step_sigma = 0.0, 0.0
+                for micro_index, micro in enumerate(step):
+                    batch = next(loader)
+                    inputs = model_inputs(batch, device)
+                    drawn = [sample_noise(s["SEED"], epoch, p, inputs["latents"].shape[1:], sampling)
+                             for p in micro[ranks.rank]]
+                    sigma = torch.cat([d[0] for d in drawn])
+                    noise = torch.stack([d[1] for d in drawn])
+                    with gradient_sync(wrapped, model, enabled=micro_index == len(step) - 1):
+                        losses = RECIPE.micro_batch(wrapped, inputs, sigma, noise, precision.autocast,
+                                                    ranks.world / step_samples)
+                    finite, loss_sum, sigma_sum = ranks.sum([float(torch.isfinite(losses).all()),
+                                                             losses.sum().item(), sigma.sum().item()])
+                    if finite < ranks.world:
+                        clips = ", ".join(f"{r}:{f}" for r, f in zip(batch["recording"], batch["first_frame"].tolist()))
+                        raise TrainingError(
+                            f"the loss became {loss_sum} at optimizer step {global_step + 1} (epoch {epoch + 1}; "
+                            f"clips {clips}{f' on rank {ranks.rank}' if ranks.world > 1 else ''}); training stopped "
+                            f"before applying it. {run.on_disk()}. Try a lower LEARNING_RATE or MAX_GRAD_NORM, "
+                            "or MIXED_PRECISION=fp32.")
+                    step_loss += loss_sum
+                    step_sigma += sigma_sum
 
-        # --- end of epoch: validate, save, report
-        entry = {"epoch": epoch + 1, "train_loss": epoch_loss[0] / max(1, epoch_loss[1]),
-                 "seconds": time.time() - epoch_started, "step": global_step}
-        if len(val_set):
-            if ema is not None:
-                ema.swap_into(trainable)
-            entry.update(validate(model, val_set, val_sigmas, s["SEED"], device, precision.autocast, ranks.rank,
-                                  ranks.world))
-            if ema is not None:
-                ema.swap_into(trainable)
-        history.append(entry)
-        gain = entry.get("action_gain")
-        log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.5f}"
-            + (f", val loss {entry['val_loss']:.5f}" if "val_loss" in entry else ", no validation clips")
-            + (f", action gain {gain:.4f}" if gain is not None else ""))
-        epoch, position, epoch_loss = epoch + 1, 0, [0.0, 0]
-        if s["SAVE_EVERY_EPOCHS"] and epoch % s["SAVE_EVERY_EPOCHS"] == 0:
-            name = f"base_finetuned_epoch{epoch}.safetensors"
-            tensors = weights_to_save()
-            run.save_weights(tensors, name, checkpoint_metadata(s, epoch, global_step, ema, "trainable tensors only; "
-                                                                "load over the base model"))
-            checkpoints.append(name)
-        sharded = ranks.world > 1 and s["TRAINING_STRATEGY"] == "full"  # FSDP: every rank takes part
-        if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]) \
-                and (ranks.main or sharded):
-            if ema is not None:
-                ema.swap_into(trainable)
-            entry.update(epoch_preview(
-                model, val_set if len(val_set) else train_set, s["VAE_PATH"], prepared.height, prepared.width,
-                run.path / PREVIEW_DIR, epoch, s["KEYBOARD_KEYS"], s["PREVIEW_STEPS"], s["TIMESTEP_SHIFT"], s["SEED"],
-                precision.autocast, write=ranks.main))
-            if ema is not None:
-                ema.swap_into(trainable)
-            log(f"epoch {epoch} preview: {entry.get('preview')}")
-        save_state()
-        write_info("training" if epoch < s["NUM_EPOCHS"] else "finished")
+                grad_norm = RECIPE.clip_gradients(trainable, s)
+                if not math.isfinite(grad_norm):
+                    raise TrainingError(f"the gradient norm became {grad_norm} at optimizer step {global_step + 1}; "
+                                        f"training stopped before applying it. {run.on_disk()}. Try a lower "
+                                        "LEARNING_RATE or MIXED_PRECISION=fp32.")
+                lr = apply_learning_rate(optimizer, s["LEARNING_RATE"], schedule, global_step)
+                RECIPE.optimizer_step(optimizer, ema, trainable, global_step)
+                global_step += 1
+                position = step[-1][-1][-1] + 1
+                loss = step_loss / step_samples
+                epoch_loss = [epoch_loss[0] + step_loss, epoch_loss[1] + step_samples]
+                seconds = time.time() - step_started
+                step_started = time.time()
+                metrics.append({"step": global_step, "epoch": epoch + 1, "loss": loss, "lr": lr,
+                                "grad_norm": grad_norm, "sigma": step_sigma / step_samples,
+                                "seconds_per_step": seconds})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
+                if global_step % s["LOG_EVERY_STEPS"] == 0:
+                    run.write_metrics(metrics)
+                if s["SAVE_EVERY_STEPS"] and global_step % s["SAVE_EVERY_STEPS"] == 0 and step is not steps[-1]:
+                    save_state()
+            bar.close()
 
-    # --- the final full state dict, loadable with WanModel.load_state_dict(strict=True)
-    final = full_tensors(dict(model.state_dict()), ranks.main)
-    final.update(weights_to_save())
-    run.save_weights(final, FINAL_FILE, checkpoint_metadata(s, epoch, global_step, ema, FULL_CONTENTS))
-    run.write_metrics(metrics)
-    if FINAL_FILE not in checkpoints:
-        checkpoints.append(FINAL_FILE)
-    summary = {"history": history, "steps": global_step, "train_seconds": time.time() - train_start,
-               "seconds": time.time() - started, "checkpoint_dir": str(run.path)}
-    write_info(f"finished in {summary['seconds']:.0f} s")
-    ranks.barrier()
+            # --- end of epoch: validate, save, report
+            entry = {"epoch": epoch + 1, "train_loss": epoch_loss[0] / max(1, epoch_loss[1]),
+                     "seconds": time.time() - epoch_started, "step": global_step}
+            if len(val_set):
+                with ema.weights_in(trainable) if ema is not None else nullcontext():
+                    entry.update(validate(model, val_set, val_sigmas, s["SEED"], device, precision.autocast,
+                                          ranks.rank, ranks.world))
+            history.append(entry)
+            gain = entry.get("action_gain")
+            log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.5f}"
+                + (f", val loss {entry['val_loss']:.5f}" if "val_loss" in entry else ", no validation clips")
+                + (f", action gain {gain:.4f}" if gain is not None else ""))
+            epoch, position, epoch_loss = epoch + 1, 0, [0.0, 0]
+            if s["SAVE_EVERY_EPOCHS"] and epoch % s["SAVE_EVERY_EPOCHS"] == 0:
+                name = f"base_finetuned_epoch{epoch}.safetensors"
+                run.save_weights(weights_to_save(), name, checkpoint_metadata(
+                    s, epoch, global_step, ema, "trainable tensors only; load over the base model"))
+                checkpoints.append(name)
+            sharded = ranks.world > 1 and s["TRAINING_STRATEGY"] == "full"  # FSDP: every rank takes part
+            if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]) \
+                    and (ranks.main or sharded):
+                with ema.weights_in(trainable) if ema is not None else nullcontext():
+                    entry.update(epoch_preview(
+                        model, val_set if len(val_set) else train_set, s["VAE_PATH"], prepared.height,
+                        prepared.width, run.path / PREVIEW_DIR, epoch, s["KEYBOARD_KEYS"], s["PREVIEW_STEPS"],
+                        s["TIMESTEP_SHIFT"], s["SEED"], precision.autocast, write=ranks.main))
+                log(f"epoch {epoch} preview: {entry.get('preview')}")
+            save_state()
+            write_info("training" if epoch < s["NUM_EPOCHS"] else "finished")
+
+        # --- the final full state dict, loadable with WanModel.load_state_dict(strict=True)
+        final = full_tensors(dict(model.state_dict()), ranks.main)
+        final.update(weights_to_save())
+        run.save_weights(final, FINAL_FILE, checkpoint_metadata(s, epoch, global_step, ema, FULL_CONTENTS))
+        run.write_metrics(metrics)
+        if FINAL_FILE not in checkpoints:
+            checkpoints.append(FINAL_FILE)
+        summary = {"history": history, "steps": global_step, "train_seconds": time.time() - train_start,
+                   "seconds": time.time() - started, "checkpoint_dir": str(run.path)}
+        write_info(f"finished in {summary['seconds']:.0f} s")
+        ranks.barrier()
     return summary
+
+
+def plan(s: dict) -> str:
+    """--plan: the GPU memory and time this run needs, predicted on the CPU (planning/)."""
+    settings = dict(s)
+    if Path(s["DATA_DIR"]).is_dir():  # epoch times from your own clip count (file headers only)
+        try:
+            settings["NUM_CLIPS"] = len(check_data(s["DATA_DIR"], data.data_settings(s)).split.train) or 1
+        except DataError:
+            pass
+    return plan_training(settings, recipe=RECIPE).format()
 
 
 def main(argv=None) -> int:
@@ -512,6 +556,9 @@ def main(argv=None) -> int:
     ranks = Ranks()
     try:
         settings, demo = parse_settings(argv)
+        if "--plan" in argv:
+            print(plan(settings))
+            return 0
         ranks, device = init_ranks(settings["DEVICE"])
         if demo and ranks.main:
             prepare_demo(settings)
@@ -521,7 +568,7 @@ def main(argv=None) -> int:
         print(text)
         return 0
     except BaseException as error:
-        expected = isinstance(error, (ValueError, FileNotFoundError, TrainingError, CheckpointError, CacheError))
+        expected = isinstance(error, (ValueError, OSError, TrainingError, CheckpointError, CacheError))
         if ranks.world == 1 and not expected:
             raise
         where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp
+from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_ranges, raise_for_problems
 from demo_world.setup import DEMO_DIR, TRAINING_DEMO_SETTINGS
 from generation.action_scripts import check_action_rows, parse_action_script
 from generation.bidirectional import chaining_warning, generate_frames, window_spans
@@ -34,10 +34,10 @@ from generation.finetuned import FINAL_FILE, load_model, select_keys
 from generation.inputs import recording_range
 from generation.previews import format_score, preview_clip_index, write_preview
 from latents.encoders import load_encoders
+from planning.plan import plan_preview
 from recordings.frames import load_frame
 from recordings.report import check_data
 from wan.device import autocast_for, pick_device, run_dtype
-from wan.shapes import check_frame_count, check_image_size
 
 # -----------------------------------------------------------------------------
 # Settings: edit them here, or override any of them with --NAME=value.
@@ -62,15 +62,18 @@ NUM_STEPS = 50                           # Euler sampling steps per window
 TIMESTEP_SHIFT = 5.0                     # the sampling grid's shift (5: Matrix-Game's own)
 SEED = 0                                 # the noise seed
 VIDEO_HEIGHT = data.VIDEO_HEIGHT         # frame size, as in training
-VIDEO_WIDTH = data.VIDEO_WIDTH
+VIDEO_WIDTH = data.VIDEO_WIDTH           # (both multiples of 16)
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
+GPU_MEMORY_GB = 24                       # --plan: the card to fit (its memory in GB)
 COMPARE = False                          # also render the base model alone, beside (or --compare)
 OUTPUT = "previews/preview.mp4"          # .mp4 or .gif; the scores go to the same name .json
 # -----------------------------------------------------------------------------
 
 SETTINGS = ScriptSettings.of(globals())
 FLAGS = {"--demo": "preview the outputs of `python finetune_base_model.py --demo`",
-         "--compare": "also render the base model alone, beside (the same as --COMPARE=true)"}
+         "--compare": "also render the base model alone, beside (the same as --COMPARE=true)",
+         "--plan": "predict this preview's GPU memory and time on a GPU_MEMORY_GB card and the common ones "
+                   "(no GPU needed)"}
 
 
 # -----------------------------------------------------------------------------
@@ -86,30 +89,18 @@ def parse_settings(argv) -> tuple[dict, bool]:
 
 
 def check_settings(s: dict) -> None:
-    problems = []
+    """Every range (cli/settings.py's rules) and choice, before any model is loaded."""
+    problems = check_ranges(s)
     for name in ("NUM_FRAMES", "WINDOW_FRAMES"):
-        try:
-            check_frame_count(s[name], name)
-        except ValueError as error:
-            problems.append(str(error))
-    if s["WINDOW_FRAMES"] < 5:
-        problems.append(f"WINDOW_FRAMES={s['WINDOW_FRAMES']}: a window needs at least 5 frames to move")
-    if s["NUM_STEPS"] < 1:
-        problems.append(f"NUM_STEPS={s['NUM_STEPS']}: must be at least 1")
-    if not s["TIMESTEP_SHIFT"] > 0:
-        problems.append(f"TIMESTEP_SHIFT={s['TIMESTEP_SHIFT']}: must be positive")
-    try:
-        check_image_size(s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"])
-    except ValueError as error:
-        problems.append(str(error))
+        if isinstance(s[name], int) and 0 < s[name] < 5:
+            problems.append(f"{name}={s[name]}: a preview needs at least 5 frames (two latent frames) to move")
     if Path(s["OUTPUT"]).suffix.lower() not in (".mp4", ".gif"):
         problems.append(f"OUTPUT={s['OUTPUT']!r}: must end in .mp4 or .gif")
     if s["COMPARE"] and not s["CHECKPOINT"]:
         problems.append("COMPARE needs a fine-tuned CHECKPOINT to compare with the base model")
     if not s["KEYBOARD_KEYS"]:
         problems.append("KEYBOARD_KEYS is empty")
-    if problems:
-        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
+    raise_for_problems(problems)
 
 
 def demo_settings() -> dict:
@@ -150,7 +141,7 @@ def load_inputs(s: dict) -> PreviewInputs:
     are the recording's own."""
     height, width, num_frames = s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"], s["NUM_FRAMES"]
     if s["ACTIONS"]:
-        keyboard, mouse = parse_action_script(s["ACTIONS"], s["KEYBOARD_KEYS"])
+        keyboard, mouse = parse_action_script(s["ACTIONS"], s["KEYBOARD_KEYS"], max_rows=num_frames)
         check_action_rows(len(keyboard), num_frames)
     if s["FIRST_FRAME"]:
         if not s["ACTIONS"]:
@@ -170,10 +161,9 @@ def load_inputs(s: dict) -> PreviewInputs:
         return PreviewInputs(first_frame, keyboard, mouse, None,
                              f"first frame {recording} frame {first}, actions {s['ACTIONS']!r}")
     paths = [rows.frame_files[f] for f in range(first, first + num_frames)]
-    rows_slice = slice(first - 1, first - 1 + num_frames)
     truth = torch.stack([first_frame] + [load_frame(p, height, width) for p in paths[1:]])
-    return PreviewInputs(first_frame, torch.from_numpy(rows.keyboard[rows_slice].copy()),
-                         torch.from_numpy(rows.mouse[rows_slice].copy()), truth,
+    keyboard, mouse = rows.actions(first, num_frames)
+    return PreviewInputs(first_frame, torch.from_numpy(keyboard), torch.from_numpy(mouse), truth,
                          f"{recording} frames {first}-{first + num_frames - 1} and their recorded actions")
 
 
@@ -220,11 +210,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         settings, _ = parse_settings(argv)
+        if "--plan" in argv:
+            print(plan_preview(settings).format())
+            return 0
         generate(settings)
     except ShowHelp as text:
         print(text)
         return 0
-    except (ValueError, FileNotFoundError) as error:  # SettingsError, GenerationError, CheckpointError, DataError
+    except (ValueError, OSError) as error:  # SettingsError, GenerationError, CheckpointError, DataError, disk full
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -43,20 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from planning.cards import card_for_device  # noqa: E402
 from wan.config import WanConfig, base_config, tiny_config  # noqa: E402
 from wan.model import CONTEXT_TOKENS, WanModel, random_inputs  # noqa: E402
 from wan.shapes import (PATCH_SIZE, VIDEO_HEIGHT, VIDEO_WIDTH, latent_frame_count,  # noqa: E402
                         latent_size, tokens_per_latent_frame, video_frame_count)
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by a substring of the device name; first match wins.
-BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-)
 REAL_FRAMES = 57
 
 
@@ -101,8 +93,8 @@ def forward_flops(config: WanConfig, batch: int, latent_frames: int, latent_heig
 def bf16_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+    card = card_for_device(torch.cuda.get_device_name(device))
+    return card.bf16_tflops if card is not None else None
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,16 +1,19 @@
-"""Time a real training step per strategy; print s/step, peak memory and optimizer state size.
+"""Time a real training step per strategy; print s/step, peak memory and optimizer state size,
+and on CUDA the planner's prediction beside the measured peak.
 
     python bench/bench_train_step.py                 # tiny config on CPU (57 frames 352x640);
                                                      #   + the real 1.8B config when CUDA is present
     python bench/bench_train_step.py --frames 17     # shorter clips
     python bench/bench_train_step.py --real-cpu      # + the real config on CPU at 5 frames 64x112
 
-A step is what finetune_base_model.py does: flow-matching forward at a random sigma
-(prepare_trainable + flow_matching_step from the script itself), backward, gradient
-clipping, AdamW. The model is built on the meta device and materialised on the target
-device: frozen weights in bf16 and trained ones in float32 under bf16 autocast on CUDA
-(as training holds them), everything float32 on CPU. Each case runs in a fresh process so
-that the CPU peak (RSS) belongs to that case alone.
+A step is what finetune_base_model.py does, through the same TrainingRecipe: the
+strategy's float32 masters, flow-matching forward at a random sigma, backward, gradient
+clipping, the two-group AdamW (fused on CUDA). The model is built on the meta device and
+materialised on the target device: frozen weights in bf16 and trained ones in float32
+under bf16 autocast on CUDA (as training holds them), everything float32 on CPU. Batch 1,
+no accumulation, LAST_LAYERS 3, no EMA. Each case runs in a fresh process so that its peak
+belongs to it alone; on CUDA the planner measures the same settings on fake tensors
+(planning/measure.py) and the table shows both.
 """
 
 import argparse
@@ -27,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from demo_world.setup import DEMO_MODEL  # noqa: E402
-from training.flow_matching import flow_matching_step, prepare_trainable  # noqa: E402
+from planning.measure import measure_training  # noqa: E402
+from training.recipe import TrainingRecipe  # noqa: E402
 from bench_model import bf16_peak_tflops, build_model, forward_flops, time_steps  # noqa: E402
 from wan import flow  # noqa: E402
 from wan.config import base_config, tiny_config  # noqa: E402
@@ -36,20 +40,31 @@ from wan.model import STRATEGIES, random_inputs  # noqa: E402
 from wan.shapes import latent_frame_count, latent_size  # noqa: E402
 
 
+def case_settings(strategy: str, frames: int, height: int, width: int, checkpointing: bool) -> dict:
+    """The training script's settings for one case (what the planner is given too)."""
+    import finetune_base_model as fb
+
+    return dict(fb.SETTINGS.defaults, TRAINING_STRATEGY=strategy, LAST_LAYERS=3, SEQUENCE_LENGTH=frames,
+                VIDEO_HEIGHT=height, VIDEO_WIDTH=width, BATCH_SIZE=1, GRAD_ACCUM_STEPS=1, EMA_DECAY=0.0,
+                GRADIENT_CHECKPOINTING=checkpointing, MIXED_PRECISION="bf16", LEARNING_RATE=1e-5)
+
+
 def one_case(config_name: str, strategy: str, frames: int, height: int, width: int, device_name: str,
              checkpointing: bool, steps: int) -> dict:
     device = torch.device(device_name)
     config = base_config() if config_name == "real" else tiny_config(**DEMO_MODEL, clip_dim=1280)
+    settings = case_settings(strategy, frames, height, width, checkpointing)
+    recipe = TrainingRecipe()
     use_bf16 = device.type == "cuda"
     if use_bf16:
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(config, device, compile_blocks=False)
     if use_bf16:
         model.to(torch.bfloat16)
-    trainable = prepare_trainable(model, strategy, 3)
+    trainable = recipe.prepare(model, settings)
     model.set_gradient_checkpointing(checkpointing)
     model.train()
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5, fused=use_bf16)
+    optimizer = recipe.make_optimizer(trainable, settings, device, host=device)
     autocast = autocast_for(device)
 
     f = latent_frame_count(frames)
@@ -62,16 +77,18 @@ def one_case(config_name: str, strategy: str, frames: int, height: int, width: i
     def step():
         sigma = flow.sample_sigmas(1, generator=g)
         noise = torch.randn(inputs["latents"].shape, generator=g)
-        flow_matching_step(model, inputs, sigma, noise, autocast).mean().backward()
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        recipe.micro_batch(model, inputs, sigma, noise, autocast, 1.0)
+        recipe.clip_gradients(trainable, settings)
+        recipe.optimizer_step(optimizer, None, trainable, 0)
 
     seconds = time_steps(step, device, steps, warmup=1)  # the warm-up step allocates the optimizer state
     optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                           for t in s.values() if torch.is_tensor(t))
+    predicted = None
     if use_bf16:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
+        planned, _ = measure_training(config, settings, f, h, w)
+        predicted = planned.peak / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # 3x the forward: exact for "full"; the partial strategies skip the frozen weights' gradients,
@@ -82,6 +99,7 @@ def one_case(config_name: str, strategy: str, frames: int, height: int, width: i
             "device_name": torch.cuda.get_device_name(device) if use_bf16 else "cpu",
             "frames": frames, "size": f"{height}x{width}", "checkpointing": checkpointing,
             "seconds_per_step": seconds, "peak_gib": peak, "peak_kind": "allocated" if use_bf16 else "RSS",
+            "planned_gib": predicted,
             "trainable": sum(p.numel() for p in trainable.values()),
             "total": sum(p.numel() for p in model.parameters()),
             "optimizer_state_gib": optimizer_bytes / 2**30,
@@ -103,7 +121,9 @@ def show(result, label: str) -> None:
         return
     r = result
     utilisation = f"  {100 * r['utilisation']:.1f}% of bf16 peak" if r["utilisation"] else ""
-    print(f"{label}  {r['seconds_per_step']:8.3f} s/step  peak {r['peak_gib']:6.2f} GiB {r['peak_kind']}  "
+    planned = (f" (planner {r['planned_gib']:.2f} GiB, {100 * (r['planned_gib'] / r['peak_gib'] - 1):+.1f}%)"
+               if r.get("planned_gib") else "")
+    print(f"{label}  {r['seconds_per_step']:8.3f} s/step  peak {r['peak_gib']:6.2f} GiB {r['peak_kind']}{planned}  "
           f"trainable {r['trainable']:,} of {r['total']:,}  optimizer state {r['optimizer_state_gib']:.2f} GiB"
           + (f"  {r['tflops']:.3f} TFLOP/s{utilisation}" if r["tflops"] else ""), flush=True)
 

@@ -14,10 +14,14 @@ right above it; a comment line above a setting that has its own comment heads a 
 
 import ast
 import io
+import math
 import re
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
+
+from wan.device import pick_device
+from wan.shapes import PIXELS_PER_TOKEN_SIDE, check_frame_count
 
 BLOCK_START = "# Settings: edit them here"
 BLOCK_END = "# ---"
@@ -211,3 +215,103 @@ def _comment_lines_above(lines: list[str], index: int, stop: int) -> list[str]:
         found.insert(0, lines[i].lstrip().lstrip("#").strip())
         i -= 1
     return found
+
+
+# -----------------------------------------------------------------------------
+# The range of every numeric setting, for every script, in one place. A rule returns what
+# is expected of a value it refuses, or None.
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: int):
+    def rule(value):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be a whole number, at least {low}"
+        if value < low:
+            return f"must be at least {low}"
+    return rule
+
+
+def positive(value):
+    if not _number(value) or value <= 0:
+        return "must be a positive number"
+
+
+def in_range(low: float, high: float, high_included: bool = True):
+    def rule(value):
+        if not _number(value) or value < low or (value > high if high_included else value >= high):
+            return f"must be in [{low}, {high}{']' if high_included else ')'}"
+    return rule
+
+
+def finite(value):
+    if not _number(value):
+        return "must be a finite number"
+
+
+def frame_count(value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "must be a whole number of frames, 4k+1 (1, 5, 9, ..., 57, ...)"
+    try:
+        check_frame_count(value, "")
+    except (ValueError, TypeError) as error:
+        return str(error).strip()
+
+
+def side(value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % PIXELS_PER_TOKEN_SIDE:
+        return f"must be a positive multiple of {PIXELS_PER_TOKEN_SIDE} pixels"
+
+
+def optional(rule):
+    return lambda value: None if value is None else rule(value)
+
+
+def device(value):
+    try:
+        pick_device(value)
+    except ValueError as error:
+        return str(error)  # already says DEVICE=...
+
+
+SETTING_RULES = {
+    # data
+    "SEQUENCE_LENGTH": frame_count, "CLIP_STRIDE": optional(at_least(1)), "MOUSE_SCALE": finite,
+    "VAL_FRACTION": in_range(0, 1, high_included=False), "VAL_BLOCK_CLIPS": at_least(1), "SPLIT_SEED": at_least(0),
+    "VIDEO_HEIGHT": side, "VIDEO_WIDTH": side,
+    # training
+    "LAST_LAYERS": at_least(0), "BATCH_SIZE": at_least(1), "GRAD_ACCUM_STEPS": at_least(1),
+    "NUM_EPOCHS": at_least(1), "LEARNING_RATE": positive, "MIN_LR_RATIO": in_range(0, 1),
+    "WEIGHT_DECAY": in_range(0, 1), "WARMUP_STEPS": at_least(0), "MAX_GRAD_NORM": positive,
+    "EMA_DECAY": in_range(0, 1, high_included=False), "TIMESTEP_SHIFT": positive, "MIN_SIGMA": in_range(0, 1),
+    "MAX_SIGMA": in_range(0, 1), "VAL_SIGMAS": at_least(1), "NUM_WORKERS": at_least(0),
+    "SAVE_EVERY_EPOCHS": at_least(0), "SAVE_EVERY_STEPS": at_least(0), "LOG_EVERY_STEPS": at_least(1),
+    "SEED": at_least(0), "PREVIEW_EVERY_EPOCHS": at_least(0), "PREVIEW_STEPS": at_least(1),
+    # previews and play
+    "START_FRAME": at_least(1), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count, "NUM_STEPS": at_least(1),
+    "DEVICE": device, "GPU_MEMORY_GB": positive, "PORT": in_range(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive, "NUM_BLOCKS": at_least(0),
+}
+
+
+def check_ranges(settings: dict) -> list[str]:
+    """'NAME=value: what is expected' for every setting whose value breaks its rule."""
+    problems = []
+    for name, value in settings.items():
+        rule = SETTING_RULES.get(name)
+        problem = rule(value) if rule else None
+        if problem:
+            if problem.startswith(name):  # the rule's own words name the setting
+                problems.append(problem)
+            elif problem.startswith("has "):
+                problems.append(f"{name} {problem}")
+            else:
+                problems.append(f"{name}={value!r}: {problem}")
+    return problems
+
+
+def raise_for_problems(problems: list[str]) -> None:
+    """One SettingsError listing every problem, or nothing."""
+    if problems:
+        raise SettingsError("bad settings:\n  " + "\n  ".join(problems))

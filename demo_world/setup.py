@@ -13,6 +13,7 @@ import torch
 
 from demo_world.recording import write_demo_recording
 from demo_world.vae_training import DEMO_VAE_FILE, train_demo_vae
+from generation.finetuned import FINAL_FILE
 from recordings.input_csv import CSV_NAME
 from wan.clip import CLIPVisionConfig, CLIPVisionTower, save_clip
 from wan.config import tiny_config
@@ -33,6 +34,10 @@ TRAINING_DEMO_SETTINGS = dict(
     GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
     SAVE_EVERY_EPOCHS=5, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=15,
 )
+# What `play_world.py --demo` plays: the training demo's base model with its final checkpoint
+# over it, run causally but not distilled (until a distillation demo writes a student here).
+PLAY_DEMO_MODEL_DIR = TRAINING_DEMO_SETTINGS["BASE_MODEL_DIR"]
+PLAY_DEMO_CHECKPOINT = f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}"  # "": none (a student)
 DEMO_RECORDING_FRAMES = 900              # 36 s of play: enough variety that validation means something
 DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
 

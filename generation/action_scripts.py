@@ -16,7 +16,7 @@ class ActionScriptError(GenerationError):
     pass
 
 
-def parse_action_script(script: str, keyboard_keys) -> tuple[torch.Tensor, torch.Tensor]:
+def parse_action_script(script: str, keyboard_keys, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A text script -> keyboard [N, K] (multi-hot in KEYBOARD_KEYS order), mouse [N, 2].
 
     The script is terms separated by spaces; each term is one frame's input, repeated
@@ -27,10 +27,11 @@ def parse_action_script(script: str, keyboard_keys) -> tuple[torch.Tensor, torch
 
     mouse values are in the model's units, the training data's (pitch, yaw) after
     MOUSE_SCALE: yaw > 0 turns right, pitch > 0 looks up, and 0.1 per frame is the base
-    model's usual turn. Row i is frame i's input, the first frame's row included.
+    model's usual turn. Row i is frame i's input, the first frame's row included. A script
+    that would give more than max_rows rows is refused before any row is made.
     """
     keys = [str(k).upper() for k in keyboard_keys]
-    keyboard, mouse = [], []
+    keyboard, mouse, rows = [], [], 0
     terms = list(_script_terms(script))
     if not terms:
         raise ActionScriptError("ACTIONS is empty: give terms like W*24 A*8 W+mouse(0.1,0)*12")
@@ -44,9 +45,14 @@ def parse_action_script(script: str, keyboard_keys) -> tuple[torch.Tensor, torch
             raise bad("more than one '*count'")
         if len(split) == 2:
             body, count_text = split
-            if not re.fullmatch(r"\d+", count_text.strip()) or int(count_text) < 1:
-                raise bad(f"the count after '*' must be a positive whole number, got {count_text.strip()!r}")
+            count_text = count_text.strip()
+            if not re.fullmatch(r"\d{1,12}", count_text) or int(count_text) < 1:
+                raise bad(f"the count after '*' must be a positive whole number, got {count_text[:20]!r}")
             count = int(count_text)
+        rows += count
+        if max_rows is not None and rows > max_rows:
+            raise bad(f"the script already gives {rows:,} rows here, more than the {max_rows} frames asked for "
+                      "(NUM_FRAMES): one row per frame")
         row, motion = np.zeros(len(keys), np.float32), None
         for part in _top_level_split(body, "+"):
             part = part.strip()

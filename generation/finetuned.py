@@ -6,16 +6,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from generation.errors import GenerationError
 from wan.config import WanConfig
-from wan.loading import CheckpointError, checkpoint_keyboard_dim, find_config_file, load_base_model
+from wan.loading import (CheckpointError, checkpoint_keyboard_dim, find_config_file, load_base_model,
+                         open_safetensors)
 from wan.model import WanModel
 
 BASE_MODEL_KEYS = ("W", "S", "A", "D")   # the official base checkpoint's keyboard columns
 FINAL_FILE = "base_finetuned_final.safetensors"  # the training script's last file: every tensor
 FULL_CONTENTS = "full state dict"        # the "contents" metadata of such a file
+CHECKPOINT_HINT = ("CHECKPOINT must be a file the training script wrote (base_finetuned_epoch<N>.safetensors or "
+                   f"{FINAL_FILE}); a copy interrupted part-way is truncated - copy it again")
 
 
 @dataclass
@@ -56,7 +58,7 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
     if not path.is_file():
         raise CheckpointError(f"CHECKPOINT={path}: no such file (the training script writes "
                               "base_finetuned_epoch<N>.safetensors and base_finetuned_final.safetensors)")
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path, CHECKPOINT_HINT) as f:
         shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
         metadata = f.metadata() or {}
     width = checkpoint_keyboard_dim(shapes, path) or len(keyboard_keys)
@@ -85,8 +87,13 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
                               f"({len(lines)} problem(s)):\n  " + "\n  ".join(lines[:20])
                               + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))
 
-    with safe_open(path, framework="pt") as f:
-        state = {name: f.get_tensor(name).to(device).to(dtype) for name in shapes}
+    try:
+        with open_safetensors(path, CHECKPOINT_HINT) as f:
+            state = {name: f.get_tensor(name).to(device).to(dtype) for name in shapes}
+    except CheckpointError:
+        raise
+    except Exception as error:  # a header that promises more bytes than the file has
+        raise CheckpointError(f"{path}: cannot read its tensors ({error}); {CHECKPOINT_HINT}") from error
     details = ", ".join(f"{k} {metadata[k]}" for k in ("strategy", "epoch", "weights") if k in metadata)
     if full:
         model.load_state_dict(state, strict=True, assign=True)

@@ -33,6 +33,14 @@ DENOISING_STEPS = {
     "gta_drive": (1000, 666, 333),
     "templerun": (1000, 750, 500, 250),
 }
+# Their keyboard columns in order (STREAMING_SPEC 6.6): universal forward, back, left, right;
+# gta_drive forward, back (it steers with the mouse's yaw); templerun no-move, jump, slide,
+# turn left, turn right, left side, right side (and no mouse).
+STUDENT_KEYBOARD_KEYS = {
+    "universal": ("W", "S", "A", "D"),
+    "gta_drive": ("W", "S"),
+    "templerun": ("Q", "W", "S", "Z", "C", "A", "D"),
+}
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -27,6 +27,7 @@ import os
 import time
 import uuid
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from latents.encoders import encode_clip_batch, load_encoders
 from recordings.clips import ClipRef, RecordingClipDataset
 from wan.device import pick_device
-from wan.files import save_safetensors_atomic, write_json_atomic
+from wan.files import FolderLock, save_safetensors_atomic, write_json_atomic
 from wan.shapes import latent_size
 
 CACHE_FORMAT_VERSION = 1
@@ -116,11 +117,17 @@ class LatentCache:
         self.shards: dict[str, dict] = {}    # shard file name -> sidecar
         self.entries: dict[str, str] = {}    # key -> shard file name
         self.verified: set[str] = set()      # shards whose sha256 was checked in this process
+        self.corrupt: list[str] = []         # sidecars refused by rescan, with why
         self.rescan()
 
     def rescan(self) -> None:
-        """Read every sidecar again (shards written by other processes appear)."""
-        self.shards, self.entries = {}, {}
+        """Read every sidecar again (shards written by other processes appear).
+
+        A sidecar may only describe its own twin, the .safetensors file of the same name
+        beside it: a file name in it that points anywhere else (another shard, '..', an
+        absolute path) makes it a corrupt entry, reported in `corrupt` and never acted on.
+        """
+        self.shards, self.entries, self.corrupt = {}, {}, []
         if not self.shard_dir.is_dir():
             return
         for sidecar in sorted(self.shard_dir.glob("shard-*.json")):
@@ -128,9 +135,17 @@ class LatentCache:
                 info = json.loads(sidecar.read_text())
                 name = info["file"]
                 entries = info["entries"]
+                if not isinstance(entries, dict) or not all(isinstance(k, str) for k in entries):
+                    raise TypeError("'entries' is not an object of clip keys")
             except (OSError, ValueError, KeyError, TypeError) as error:
                 raise CacheError(f"{sidecar}: unreadable cache sidecar ({error}); delete it and its "
                                  ".safetensors file to have those clips re-encoded") from error
+            twin = sidecar.with_suffix(".safetensors").name
+            if name != twin:
+                self.corrupt.append(f"{sidecar}: corrupt cache entry: it names the shard {str(name)[:200]!r} instead "
+                                    f"of its own {twin!r}; ignored (no file it names is read or deleted) and its "
+                                    "clips are re-encoded - delete this sidecar")
+                continue
             self.shards[name] = info
             for key in entries:
                 self.entries[key] = name
@@ -215,6 +230,7 @@ class CacheReport:
     reused: int = 0
     encoded: int = 0
     rebuilt_shards: list = field(default_factory=list)
+    corrupt_entries: list = field(default_factory=list)
     removed_strays: int = 0
     unused_entries: int = 0
     device: str = ""
@@ -225,6 +241,7 @@ class CacheReport:
         lines = [f"latent cache {self.cache_dir}: {self.clips} clips, {self.reused} reused, "
                  f"{self.encoded} encoded{rate}"]
         lines += [f"  rebuilt: {p}" for p in self.rebuilt_shards]
+        lines += [f"  {p}" for p in self.corrupt_entries]
         if self.removed_strays:
             lines.append(f"  removed {self.removed_strays} incomplete shard file(s) left by an interrupted build")
         if self.unused_entries:
@@ -239,57 +256,70 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
                        cache: LatentCache | None = None) -> CacheReport:
     """Encode every clip that has no valid entry yet; reuse the rest.
 
-    With world_size > 1 each rank encodes the missing clips among every world_size-th clip
-    of `clips` (by position, so that the split does not depend on what the other ranks have
-    written yet) into its own shards; once all have finished, cache.rescan() on every rank
-    and cache.write_manifest() on one. Pass the same `cache` to CachedClipDataset to skip
+    A single process locks the cache folder for the build (a second build there exits at
+    once, naming the first). With world_size > 1 each rank encodes the missing clips among
+    every world_size-th clip of `clips` (by position, so that the split does not depend on
+    what the other ranks have written yet) into its own shards, while the main rank holds
+    the lock (cache_lock); once all have finished, cache.rescan() on every rank and
+    cache.write_manifest() on one. Pass the same `cache` to CachedClipDataset to skip
     verifying the shards twice.
     """
     started = time.perf_counter()
     settings = EncodingSettings.for_files(vae_path, clip_path, height, width, dtype)
-    keys = [clip_key(c, settings) for c in clips]
-    cache = cache or LatentCache(cache_dir)
-    report = CacheReport(cache_dir=str(cache_dir), clips=len(clips), settings=settings)
-    if world_size == 1:
-        strays = cache.stray_files(older_than=STRAY_AGE_SECONDS)
-        for path in strays:
-            path.unlink(missing_ok=True)
-        report.removed_strays = len(strays)
-    report.rebuilt_shards = cache.verify(keys, progress=progress)
-    report.reused = sum(k in cache.entries for k in keys)
-    mine = [(c, k) for i, (c, k) in enumerate(zip(clips, keys)) if i % world_size == rank and k not in cache.entries]
-    if mine:
-        device = torch.device(device) if device is not None else pick_device("auto")
-        if device.type == "cpu":
-            warnings.warn("encoding the latent cache on the CPU is slow (the real VAE takes seconds per 352x640 "
-                          "frame); it is done once, later runs reuse the cache", stacklevel=2)
-        report.device = str(device)
-        vae, clip_model = load_encoders(vae_path, clip_path, device)
-        frames = DataLoader(RecordingClipDataset([c for c, _ in mine], height, width), batch_size=batch_size,
-                            num_workers=num_workers)
-        out_dtype = CACHE_DTYPES[dtype]
-        pending, described = {}, {}
-        bar = tqdm(total=len(mine), desc="encoding clips", unit="clip", disable=not progress)
-        done = 0
-        for batch in frames:
-            for encoded in encode_clip_batch(vae, clip_model, batch["video"], out_dtype):
-                clip_ref, key = mine[done]
-                pending[key] = encoded
-                described[key] = {"clip": clip_ref.clip_id, "num_frames": clip_ref.num_frames}
-                done += 1
-                if len(pending) == SHARD_CLIPS:
-                    cache.write_shard(pending, described, f"r{rank}")
-                    pending, described = {}, {}
-            bar.update(batch["video"].shape[0])
-        if pending:
-            cache.write_shard(pending, described, f"r{rank}")
-        bar.close()
-        report.encoded = len(mine)
-        del vae, clip_model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if world_size == 1:
-        cache.write_manifest()
+    with cache_lock(cache_dir) if world_size == 1 else nullcontext():
+        keys = [clip_key(c, settings) for c in clips]
+        cache = cache or LatentCache(cache_dir)
+        report = CacheReport(cache_dir=str(cache_dir), clips=len(clips), settings=settings,
+                             corrupt_entries=list(cache.corrupt))
+        if world_size == 1:
+            strays = cache.stray_files(older_than=STRAY_AGE_SECONDS)
+            for path in strays:
+                path.unlink(missing_ok=True)
+            report.removed_strays = len(strays)
+        report.rebuilt_shards = cache.verify(keys, progress=progress)
+        report.reused = sum(k in cache.entries for k in keys)
+        mine = [(c, k) for i, (c, k) in enumerate(zip(clips, keys)) if i % world_size == rank and k not in cache.entries]
+        if mine:
+            device = torch.device(device) if device is not None else pick_device("auto")
+            report.device = str(device)
+            encode_clips(cache, mine, vae_path, clip_path, height, width, dtype, device, batch_size, num_workers,
+                         f"r{rank}", progress)
+            report.encoded = len(mine)
+        if world_size == 1:
+            cache.write_manifest()
     report.unused_entries = len(set(cache.entries) - set(keys))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def cache_lock(cache_dir) -> FolderLock:
+    return FolderLock(cache_dir, "latent-cache build")
+
+
+def encode_clips(cache: LatentCache, clips_and_keys, vae_path, clip_path, height: int, width: int, dtype: str,
+                 device: torch.device, batch_size: int, num_workers: int, tag: str, progress: bool) -> None:
+    """Encode the clips with the VAE and CLIP into shards of SHARD_CLIPS, each written as soon as full."""
+    if device.type == "cpu":
+        warnings.warn("encoding the latent cache on the CPU is slow (the real VAE takes seconds per 352x640 "
+                      "frame); it is done once, later runs reuse the cache", stacklevel=3)
+    vae, clip_model = load_encoders(vae_path, clip_path, device)
+    frames = DataLoader(RecordingClipDataset([c for c, _ in clips_and_keys], height, width), batch_size=batch_size,
+                        num_workers=num_workers)
+    pending, described, done = {}, {}, 0
+    bar = tqdm(total=len(clips_and_keys), desc="encoding clips", unit="clip", disable=not progress)
+    for batch in frames:
+        for encoded in encode_clip_batch(vae, clip_model, batch["video"], CACHE_DTYPES[dtype]):
+            clip_ref, key = clips_and_keys[done]
+            pending[key] = encoded
+            described[key] = {"clip": clip_ref.clip_id, "num_frames": clip_ref.num_frames}
+            done += 1
+            if len(pending) == SHARD_CLIPS:
+                cache.write_shard(pending, described, tag)
+                pending, described = {}, {}
+        bar.update(batch["video"].shape[0])
+    if pending:
+        cache.write_shard(pending, described, tag)
+    bar.close()
+    del vae, clip_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

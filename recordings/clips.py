@@ -58,12 +58,11 @@ def index_clips(recordings, sequence_length: int, clip_stride: int | None) -> li
     for recording in recordings:
         for index, segment in enumerate(recording.segments):
             for first in clip_starts(segment, sequence_length, stride):
-                rows = slice(first - 1, first - 1 + sequence_length)
+                keyboard, mouse = recording.actions(first, sequence_length)
                 clips.append(ClipRef(
                     recording=recording.name, segment=index, first_frame=first,
                     frame_paths=tuple(str(recording.frame_files[f]) for f in range(first, first + sequence_length)),
-                    keyboard=torch.from_numpy(recording.keyboard[rows].copy()),
-                    mouse=torch.from_numpy(recording.mouse[rows].copy()),
+                    keyboard=torch.from_numpy(keyboard), mouse=torch.from_numpy(mouse),
                 ))
     return clips
 

@@ -12,6 +12,8 @@ from recordings.errors import DataError
 from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH
 
 FRAME_FILE = re.compile(r"frame_(\d+)\.png", re.IGNORECASE)
+# 1e9 frames is over a year at 25 fps: a larger number is a renamed or damaged file, not a recording
+MAX_FRAME_NUMBER = 1_000_000_000
 
 
 def crop_box(src_width: int, src_height: int, height: int = VIDEO_HEIGHT,

@@ -3,6 +3,7 @@ mouse - in every variant Unreal exporters write (header or none, any case, CRLF,
 quotes, '=' or empty for no key, WA / AW / W+A)."""
 
 import csv
+import io
 import math
 import re
 from collections import Counter
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recordings.errors import DataError
+from recordings.frames import MAX_FRAME_NUMBER
 
 CSV_NAME = "input.csv"
 MAX_PROBLEMS_PER_FILE = 20  # a CSV's check stops after this many problems
@@ -97,92 +99,117 @@ class InputCsv:
 def parse_input_csv(path, key_parser: KeyParser) -> InputCsv:
     """Read an input.csv in any of its variants; every problem raises DataError naming file:line."""
     path = Path(path)
-    records, end = [], 0  # (file line where the record starts, stripped cells)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, skipinitialspace=True)
-            for row in reader:
-                start, end = end + 1, reader.line_num
-                cells = [cell.strip() for cell in row]
-                if any(cells):
-                    records.append((start, cells))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"{path}:{end + 1}: cannot read ({error})") from None
-
-    problems = []
-    columns = ["key", "time", "frame"]
-    if records and any(c.lower() in ("key", "frame") for c in records[0][1]):
-        line, header = records.pop(0)
-        header = [c.lower() for c in header]
-        allowed = ("key", "time", "frame", "mouse_x", "mouse_y")
-        unknown = [c for c in header if c not in allowed]
-        missing = [c for c in ("key", "time", "frame") if c not in header]
-        if unknown or missing or len(set(header)) != len(header) or (
-                ("mouse_x" in header) != ("mouse_y" in header)):
-            raise DataError(f"{path}:{line}: header {','.join(header)!r} is not usable: expected "
-                            "the columns key,time,frame and optionally mouse_x,mouse_y")
-        columns = header
+    records = _read_records(path)
+    columns = _take_header(records, path)
     if not records:
         raise DataError(f"{path}:1: no rows (expected one row per frame: key,time,frame)")
     has_mouse = "mouse_x" in columns
 
-    rows, unmapped_keys, examples, duplicates = {}, Counter(), {}, 0
+    problems, rows, unmapped_keys, examples, duplicates = [], {}, Counter(), {}, 0
     previous_time = None
     for line, cells in records:
         if len(problems) >= MAX_PROBLEMS_PER_FILE:
             problems.append(f"{path}:{line}: stopped checking after {MAX_PROBLEMS_PER_FILE} problems")
             break
         where = f"{path}:{line}"
-        if len(cells) != len(columns):
-            hint = "" if has_mouse or len(cells) != 5 else " (mouse columns need a header line)"
-            problems.append(f"{where}: {len(cells)} fields, expected {len(columns)} "
-                            f"({','.join(columns)}){hint}")
-            continue
-        value = dict(zip(columns, cells))
-        frame = _parse_frame_number(value["frame"])
-        if frame is None:
-            problems.append(f"{where}: frame number {value['frame']!r} is not a positive integer")
-            continue
         try:
-            time = float(value["time"])
-        except ValueError:
-            time = math.nan
-        if not math.isfinite(time):
-            problems.append(f"{where}: time {value['time']!r} is not a number")
+            frame, row, key_text = _parse_row(line, cells, columns, key_parser)
+        except ValueError as problem:
+            problems.append(f"{where}: {problem}")
             continue
-        if time < 0:
-            problems.append(f"{where}: negative time {time}")
-            continue
-        if previous_time is not None and time < previous_time:
-            problems.append(f"{where}: time goes backwards ({time} after {previous_time})")
-        previous_time = time
-        mouse = None
-        if has_mouse:
-            try:
-                mouse = (float(value["mouse_x"]), float(value["mouse_y"]))
-            except ValueError:
-                mouse = (math.nan, math.nan)
-            if not all(math.isfinite(m) for m in mouse):
-                problems.append(f"{where}: mouse_x,mouse_y {value['mouse_x']!r},{value['mouse_y']!r} "
-                                "are not numbers")
-                continue
-        keys, unmapped = key_parser.parse(value["key"])
-        row = CsvRow(line, time, keys, unmapped, mouse)
+        if previous_time is not None and row.time < previous_time:
+            problems.append(f"{where}: time goes backwards ({row.time} after {previous_time})")
+        previous_time = row.time
         earlier = rows.get(frame)
         if earlier is not None:
-            if (earlier.keys, sorted(earlier.unmapped), earlier.mouse) != (keys, sorted(unmapped), mouse):
+            if (earlier.keys, sorted(earlier.unmapped), earlier.mouse) != (row.keys, sorted(row.unmapped), row.mouse):
                 problems.append(f"{where}: frame {frame} already has a row at line {earlier.line} "
                                 f"that disagrees ({_describe(earlier)} there, {_describe(row)} here)")
             else:
                 duplicates += 1
             continue
         rows[frame] = row
-        for name in unmapped:
+        for name in row.unmapped:
             unmapped_keys[name] += 1
-            examples.setdefault(name, f"{value['key']!r} ({CSV_NAME} line {line})")
+            examples.setdefault(name, f"{key_text!r} ({CSV_NAME} line {line})")
     if problems:
         raise DataError(problems)
     return InputCsv(path, rows, has_mouse, duplicates, unmapped_keys, examples)
+
+
+def _read_records(path: Path) -> list[tuple[int, list[str]]]:
+    """(file line where the record starts, stripped cells) of every non-blank CSV record."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+    if b"\x00" in raw:
+        encoding = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[1:2] == b"\x00" or raw[:1] == b"\x00" \
+            else "binary"
+        raise DataError(f"{path}: not UTF-8 text - it holds NUL bytes ({encoding}?). Save it as UTF-8 (or ASCII) "
+                        "CSV: one row per frame, key,time,frame[,mouse_x,mouse_y]")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}); "
+                        "save the file as UTF-8") from None
+    records, end = [], 0
+    try:
+        with io.StringIO(text, newline="") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                cells = [cell.strip() for cell in row]
+                if any(cells):
+                    records.append((start, cells))
+    except csv.Error as error:
+        raise DataError(f"{path}:{end + 1}: cannot read ({error})") from None
+    return records
+
+
+def _take_header(records: list, path: Path) -> list[str]:
+    """The columns: the header's, removed from records, when there is one; else key,time,frame."""
+    if not (records and any(c.lower() in ("key", "frame") for c in records[0][1])):
+        return ["key", "time", "frame"]
+    line, header = records.pop(0)
+    header = [c.lower() for c in header]
+    allowed = ("key", "time", "frame", "mouse_x", "mouse_y")
+    unknown = [c for c in header if c not in allowed]
+    missing = [c for c in ("key", "time", "frame") if c not in header]
+    if unknown or missing or len(set(header)) != len(header) or (("mouse_x" in header) != ("mouse_y" in header)):
+        raise DataError(f"{path}:{line}: header {','.join(header)!r} is not usable: expected "
+                        "the columns key,time,frame and optionally mouse_x,mouse_y")
+    return header
+
+
+def _parse_row(line: int, cells: list[str], columns: list[str], key_parser: KeyParser) -> tuple[int, CsvRow, str]:
+    """(frame, row, the key cell as written) of one record; a problem raises ValueError saying it."""
+    if len(cells) != len(columns):
+        hint = "" if "mouse_x" in columns or len(cells) != 5 else " (mouse columns need a header line)"
+        raise ValueError(f"{len(cells)} fields, expected {len(columns)} ({','.join(columns)}){hint}")
+    value = dict(zip(columns, cells))
+    frame = _parse_frame_number(value["frame"])
+    if frame is None:
+        raise ValueError(f"frame number {value['frame'][:40]!r} is not a positive integer (1 to {MAX_FRAME_NUMBER:,})")
+    try:
+        time = float(value["time"])
+    except ValueError:
+        time = math.nan
+    if not math.isfinite(time):
+        raise ValueError(f"time {value['time']!r} is not a number")
+    if time < 0:
+        raise ValueError(f"negative time {time}")
+    mouse = None
+    if "mouse_x" in columns:
+        try:
+            mouse = (float(value["mouse_x"]), float(value["mouse_y"]))
+        except ValueError:
+            mouse = (math.nan, math.nan)
+        if not all(math.isfinite(m) for m in mouse):
+            raise ValueError(f"mouse_x,mouse_y {value['mouse_x']!r},{value['mouse_y']!r} are not numbers")
+    keys, unmapped = key_parser.parse(value["key"])
+    return frame, CsvRow(line, time, keys, unmapped, mouse), value["key"]
 
 
 def _parse_frame_number(text: str) -> int | None:
@@ -190,7 +217,7 @@ def _parse_frame_number(text: str) -> int | None:
         number = float(text)
     except ValueError:
         return None
-    if not number.is_integer() or number < 1:
+    if not number.is_integer() or not 1 <= number <= MAX_FRAME_NUMBER:
         return None
     return int(number)
 

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recordings.errors import DataError
-from recordings.frames import FRAME_FILE, inspect_frame
+from recordings.frames import FRAME_FILE, MAX_FRAME_NUMBER, inspect_frame
 from recordings.input_csv import CSV_NAME, KeyParser, parse_input_csv
 from recordings.settings import DataSettings
 
@@ -35,9 +35,10 @@ class Recording:
     frame_files: dict            # frame number -> Path, every frame file found
     bad_frames: dict             # frame number -> problem, unreadable frames made gaps (SKIP_BAD_FRAMES)
     segments: list               # [Segment], in order
-    keyboard: np.ndarray         # [last frame, K] float32 multi-hot; row f - 1 is frame f
-    mouse: np.ndarray            # [last frame, 2] float32 (pitch, yaw) = scaled (mouse_y, mouse_x)
-    mouse_raw: np.ndarray | None  # [last frame, 2] (mouse_x, mouse_y) as written; None: no columns
+    frame_numbers: np.ndarray    # [N] int64, sorted: every frame with a file; row i below is frame_numbers[i]
+    keyboard: np.ndarray         # [N, K] float32 multi-hot
+    mouse: np.ndarray            # [N, 2] float32 (pitch, yaw) = scaled (mouse_y, mouse_x)
+    mouse_raw: np.ndarray | None  # [N, 2] (mouse_x, mouse_y) as written; None: no columns
     frame_sizes: Counter         # (width, height) -> frames
     frames_without_row: int      # usable frames with no CSV row (no keys pressed)
     duplicate_rows: int
@@ -48,6 +49,19 @@ class Recording:
     @property
     def usable_frames(self) -> list[int]:
         return [f for s in self.segments for f in range(s.first, s.last + 1)]
+
+    def rows(self, frames) -> np.ndarray:
+        """Row indices of the keyboard/mouse arrays for frame numbers that have a file."""
+        frames = np.asarray(frames, dtype=np.int64)
+        index = np.searchsorted(self.frame_numbers, frames)
+        if frames.size and (index.max() >= len(self.frame_numbers) or (self.frame_numbers[index] != frames).any()):
+            raise KeyError(f"{self.name}: no frame file for some of frames {frames.min()}-{frames.max()}")
+        return index
+
+    def actions(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keyboard [count, K], mouse [count, 2]) of frames first .. first + count - 1."""
+        index = self.rows(np.arange(first, first + count))
+        return self.keyboard[index].copy(), self.mouse[index].copy()
 
     def missing_ranges(self) -> list[tuple[int, int]]:
         """Inclusive ranges of frame numbers between 1 and the last frame that are not usable."""
@@ -91,29 +105,13 @@ def load_recording(folder, data_dir, settings: DataSettings, decode_frames: bool
     Raises DataError with every problem found."""
     folder = Path(folder)
     s = settings
-    keyboard_keys, height, width = s.keyboard_keys, s.video_height, s.video_width
     name = folder.relative_to(data_dir).as_posix() if data_dir is not None else folder.name
-    frame_files, ignored, problems = {}, [], []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        match = FRAME_FILE.fullmatch(entry.name)
-        if match is None:
-            if entry.name.lower().endswith(".png"):
-                ignored.append(entry.name)
-            continue
-        number = int(match.group(1))
-        if number < 1:
-            problems.append(f"{entry.path}: frame numbers start at 1")
-        elif number in frame_files:
-            problems.append(f"{entry.path}: frame {number} again (also {frame_files[number].name})")
-        else:
-            frame_files[number] = Path(entry.path)
-    if not frame_files and not problems:
-        problems.append(f"{folder}: {CSV_NAME} but no frame_<number>.png files")
+    frame_files, ignored, problems = _frame_files(folder)
 
     sizes, bad = Counter(), {}
     numbers = sorted(frame_files)
     for number, (size, problem) in zip(numbers, _inspect_frames(
-            [frame_files[n] for n in numbers], decode_frames, height, width, progress, name)):
+            [frame_files[n] for n in numbers], decode_frames, s.video_height, s.video_width, progress, name)):
         if problem is None:
             sizes[size] += 1
         elif s.skip_bad_frames:
@@ -122,7 +120,7 @@ def load_recording(folder, data_dir, settings: DataSettings, decode_frames: bool
             problems.append(problem)
 
     try:
-        actions = parse_input_csv(folder / CSV_NAME, KeyParser(keyboard_keys, s.key_map))
+        actions = parse_input_csv(folder / CSV_NAME, KeyParser(s.keyboard_keys, s.key_map))
     except DataError as error:
         problems.extend(error.problems)
         actions = None
@@ -135,32 +133,69 @@ def load_recording(folder, data_dir, settings: DataSettings, decode_frames: bool
         raise DataError(problems)
 
     usable = [n for n in numbers if n not in bad]
+    keyboard, mouse, mouse_raw = _action_arrays(numbers, actions, s)
+    return Recording(
+        name=name, path=folder, frame_files=frame_files, bad_frames=bad, segments=_segments(usable),
+        frame_numbers=np.array(numbers, dtype=np.int64), keyboard=keyboard, mouse=mouse, mouse_raw=mouse_raw,
+        frame_sizes=sizes, frames_without_row=sum(1 for n in usable if n not in actions.rows),
+        duplicate_rows=actions.duplicate_rows, unmapped_keys=actions.unmapped_keys,
+        unmapped_examples=actions.unmapped_examples, ignored_files=ignored,
+    )
+
+
+def _frame_files(folder: Path) -> tuple[dict, list, list]:
+    """(frame number -> path, ignored .png names, problems) of a recording's folder."""
+    frame_files, ignored, problems = {}, [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        match = FRAME_FILE.fullmatch(entry.name)
+        if match is None:
+            if entry.name.lower().endswith(".png"):
+                ignored.append(entry.name)
+            continue
+        digits = match.group(1)
+        number = int(digits) if len(digits) <= len(str(MAX_FRAME_NUMBER)) else MAX_FRAME_NUMBER + 1
+        if number < 1:
+            problems.append(f"{entry.path}: frame numbers start at 1")
+        elif number > MAX_FRAME_NUMBER:
+            problems.append(f"{entry.path}: frame number {digits[:20]}{'...' if len(digits) > 20 else ''} is "
+                            f"implausibly large (over {MAX_FRAME_NUMBER:,}, more than a year at 25 fps): a renamed "
+                            "or damaged file? Rename or remove it")
+        elif number in frame_files:
+            problems.append(f"{entry.path}: frame {number} again (also {frame_files[number].name})")
+        else:
+            frame_files[number] = Path(entry.path)
+    if not frame_files and not problems:
+        problems.append(f"{folder}: {CSV_NAME} but no frame_<number>.png files")
+    return frame_files, ignored, problems
+
+
+def _segments(usable: list[int]) -> list[Segment]:
+    """Runs of consecutive frame numbers."""
     segments = []
     for number in usable:
         if segments and segments[-1].last == number - 1:
             segments[-1] = Segment(segments[-1].first, number)
         else:
             segments.append(Segment(number, number))
+    return segments
 
-    keys = tuple(str(k).upper() for k in keyboard_keys)
-    span = numbers[-1]
-    keyboard = np.zeros((span, len(keys)), np.float32)
-    mouse_raw = np.zeros((span, 2), np.float32) if actions.has_mouse else None
+
+def _action_arrays(numbers: list[int], actions, s: DataSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """keyboard, mouse and raw mouse rows of every frame file, in frame order: one row per
+    file, however far apart the frame numbers are (a gap costs nothing)."""
+    keys = tuple(str(k).upper() for k in s.keyboard_keys)
+    row_of = {n: i for i, n in enumerate(numbers)}
+    keyboard = np.zeros((len(numbers), len(keys)), np.float32)
+    mouse_raw = np.zeros((len(numbers), 2), np.float32) if actions.has_mouse else None
     for frame, row in actions.rows.items():
-        keyboard[frame - 1, [keys.index(k) for k in row.keys]] = 1.0
+        keyboard[row_of[frame], [keys.index(k) for k in row.keys]] = 1.0
         if mouse_raw is not None:
-            mouse_raw[frame - 1] = row.mouse
-    mouse = np.zeros((span, 2), np.float32)
+            mouse_raw[row_of[frame]] = row.mouse
+    mouse = np.zeros((len(numbers), 2), np.float32)
     if mouse_raw is not None:
         mouse[:, 0] = mouse_raw[:, 1] * (-s.mouse_scale if s.invert_mouse_y else s.mouse_scale)
         mouse[:, 1] = mouse_raw[:, 0] * s.mouse_scale
-    return Recording(
-        name=name, path=folder, frame_files=frame_files, bad_frames=bad, segments=segments,
-        keyboard=keyboard, mouse=mouse, mouse_raw=mouse_raw, frame_sizes=sizes,
-        frames_without_row=sum(1 for n in usable if n not in actions.rows),
-        duplicate_rows=actions.duplicate_rows, unmapped_keys=actions.unmapped_keys,
-        unmapped_examples=actions.unmapped_examples, ignored_files=ignored,
-    )
+    return keyboard, mouse, mouse_raw
 
 
 def _inspect_frames(paths, decode: bool, height: int, width: int, progress: bool, name: str):

@@ -85,7 +85,7 @@ class DataReport:
         lines += _listed(f"  {key}: {n:,} rows, e.g. {examples[key]}" for key, n in unmapped.most_common())
 
         keys = [str(k).upper() for k in self.settings["KEYBOARD_KEYS"]]
-        held = np.concatenate([r.keyboard[np.array(r.usable_frames, dtype=np.int64) - 1] for r in recordings]) \
+        held = np.concatenate([r.keyboard[r.rows(r.usable_frames)] for r in recordings]) \
             if recordings else np.zeros((0, len(keys)), np.float32)
         total = max(len(held), 1)
         lines.append("Keys held (frames): " + ", ".join(
@@ -123,8 +123,8 @@ class DataReport:
             return lines or ["Mouse: no recordings"]
         if not any(r.usable_frames for r in with_mouse):
             return lines + ["Mouse: no usable frames in the recordings with mouse columns"]
-        raw = np.concatenate([r.mouse_raw[np.array(r.usable_frames, dtype=np.int64) - 1] for r in with_mouse])
-        scaled = np.concatenate([r.mouse[np.array(r.usable_frames, dtype=np.int64) - 1] for r in with_mouse])
+        raw = np.concatenate([r.mouse_raw[r.rows(r.usable_frames)] for r in with_mouse])
+        scaled = np.concatenate([r.mouse[r.rows(r.usable_frames)] for r in with_mouse])
         lines.append(f"Mouse ({len(with_mouse)} recording(s) with columns; scaled by MOUSE_SCALE into the "
                      "model's (pitch, yaw)):")
         for column, (name, model_name, model_column) in enumerate(

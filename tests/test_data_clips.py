@@ -44,12 +44,13 @@ def write_recording(folder: Path, frames, rows=None, size=(W, H), padding=4) -> 
 
 def fake_recording(name: str, segments, keys: int = 4) -> Recording:
     """A Recording built in memory (paths need not exist until a clip is loaded)."""
-    last = max(s.last for s in segments)
     files = {f: Path(f"/nowhere/{name}/frame_{f:04d}.png") for s in segments for f in range(s.first, s.last + 1)}
-    keyboard = np.zeros((last, keys), np.float32)
-    keyboard[np.arange(last), np.arange(last) % keys] = 1
+    numbers = np.array(sorted(files), dtype=np.int64)
+    keyboard = np.zeros((len(numbers), keys), np.float32)
+    keyboard[np.arange(len(numbers)), (numbers - 1) % keys] = 1  # frame f holds key (f - 1) % keys
     return Recording(name=name, path=Path(name), frame_files=files, bad_frames={}, segments=list(segments),
-                     keyboard=keyboard, mouse=np.zeros((last, 2), np.float32), mouse_raw=None,
+                     frame_numbers=numbers, keyboard=keyboard, mouse=np.zeros((len(numbers), 2), np.float32),
+                     mouse_raw=None,
                      frame_sizes=Counter(), frames_without_row=0, duplicate_rows=0, unmapped_keys=Counter(),
                      unmapped_examples={}, ignored_files=[])
 

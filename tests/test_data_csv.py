@@ -20,7 +20,7 @@ def write_recording(folder, csv_bytes: bytes, frames=range(1, 5), size=(32, 16))
 
 
 def keys_of(recording, frame):
-    return "".join(k for k, on in zip(data.KEYBOARD_KEYS, recording.keyboard[frame - 1]) if on)
+    return "".join(k for k, on in zip(data.KEYBOARD_KEYS, recording.keyboard[recording.rows([frame])[0]]) if on)
 
 
 PLAIN = "W,0.00,1\nWA,0.04,2\n=,0.08,3\nD,0.12,4\n"

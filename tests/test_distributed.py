@@ -24,7 +24,8 @@ import os, signal, sys
 sys.path.insert(0, {repo!r})
 import finetune_base_model as fb
 action, rank, at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-real, calls = fb.flow_matching_step, [0]
+import training.recipe
+real, calls = training.recipe.flow_matching_step, [0]
 def step(*a, **k):
     calls[0] += 1
     if int(os.environ.get("RANK", "0")) == rank and calls[0] == at:
@@ -32,7 +33,7 @@ def step(*a, **k):
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"boom on rank {{rank}}")
     return real(*a, **k)
-fb.flow_matching_step = step
+training.recipe.flow_matching_step = step
 sys.exit(fb.main(sys.argv[4:]))
 """
 

@@ -18,7 +18,6 @@ from runs.folder import METRICS_FILE, STATE_FILE
 from runs.metrics import METRICS_COLUMNS
 from training.epochs import epoch_order, plan_epoch, sample_noise
 from training.flow_matching import flow_matching_step, prepare_trainable, validate
-from training.schedule import lr_factor
 from wan import flow
 from wan.config import WanConfig
 from wan.loading import load_base_model
@@ -69,15 +68,6 @@ def test_demo_settings_apply_and_overrides_win():
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         fb.parse_settings([override])
-
-
-def test_learning_rate_schedule_by_hand():
-    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # cosine half-way
-    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
 
 
 def test_epoch_order_is_seeded_and_differs_per_epoch():
@@ -174,7 +164,7 @@ def test_run_writes_every_output_and_freezes_by_strategy(tiny_assets, tmp_path):
     s = run_settings(tiny_assets, tmp_path, "TRAINING_STRATEGY=action_only")
     summary = fb.train(s)
     out = Path(s["CHECKPOINT_DIR"])
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != ".lock")  # the run's lock stays, unlocked
     assert names == ["base_finetuned_epoch1.safetensors", "base_finetuned_epoch2.safetensors",
                      "base_finetuned_final.safetensors", "metrics.csv", "training_info.txt",
                      "training_state.pt"]
@@ -235,14 +225,16 @@ def test_demo_never_clears_a_checkpoint_dir_given_on_the_command_line(tiny_asset
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save(tiny_assets, tmp_path, monkeypatch):
     s = run_settings(tiny_assets, tmp_path, "SAVE_EVERY_STEPS=2")
-    real_step, calls = fb.flow_matching_step, []
+    import training.recipe
+
+    real_step, calls = training.recipe.flow_matching_step, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         losses = real_step(*args, **kwargs)
         return losses * float("nan") if len(calls) == 5 else losses
 
-    monkeypatch.setattr(fb, "flow_matching_step", poisoned)
+    monkeypatch.setattr(training.recipe, "flow_matching_step", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at optimizer step 3 .*remain valid"):
         fb.train(s)
     state = torch.load(Path(s["CHECKPOINT_DIR"]) / STATE_FILE, weights_only=False)
@@ -300,13 +292,14 @@ import finetune_base_model as fb
 mode, at = sys.argv[1], int(sys.argv[2])
 count = [0]
 if mode == "step":  # die in the middle of an optimizer step
-    real = fb.flow_matching_step
+    import training.recipe
+    real = training.recipe.flow_matching_step
     def step(*a, **k):
         count[0] += 1
         if count[0] == at:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*a, **k)
-    fb.flow_matching_step = step
+    training.recipe.flow_matching_step = step
 else:  # die while training_state.pt is being written, after part of it is on disk
     import runs.folder
     import wan.files

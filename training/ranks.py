@@ -35,19 +35,29 @@ class Ranks:
         return t.tolist()
 
 
+def process_group_backend(use_cuda: bool) -> str:
+    """NCCL for CUDA tensors and gloo for CPU ones: the loss sums and validation totals are
+    all-reduced as CPU tensors, and a group made with "nccl" alone has no backend for the
+    CPU (every multi-GPU step would fail with "No backend type associated with device
+    type cpu")."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def init_ranks(device_setting: str) -> tuple[Ranks, torch.device]:
-    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: join the process group (NCCL on CUDA,
-    gloo on CPU) and take this rank's GPU. Without them: one process on pick_device."""
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK: join the process group (NCCL for CUDA
+    tensors, gloo for CPU ones) and take this rank's GPU. Without them: one process on
+    pick_device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    picked = pick_device(device_setting)  # checks the setting on every path
     if world == 1:
-        return Ranks(), pick_device(device_setting)
+        return Ranks(), picked
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and device_setting != "cpu"
+    use_cuda = picked.type == "cuda"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(process_group_backend(use_cuda), timeout=datetime.timedelta(minutes=30))
     return Ranks(dist.get_rank(), world, local_rank), device
 
 

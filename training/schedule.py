@@ -1,11 +1,63 @@
-"""The learning-rate schedule: linear warm-up, then a cosine down to a floor."""
+"""The learning-rate schedule: linear warm-up to the peak, then a cosine down to a floor.
+
+For optimizer steps k = 0 .. total-1 (the factor multiplies LEARNING_RATE):
+    k < warmup:   (k + 1) / (warmup + 1)          the first step is 1/(warmup + 1)
+    k = warmup:   1                               the peak, applied once
+    k > warmup:   cosine from 1 down to min_ratio, reached exactly at the last step
+A run whose NUM_EPOCHS changes on resume keeps the steps it has done and continues from
+the factor it was at (its "anchor"): a cosine from there down to min_ratio at the new last
+step. A run that had already reached its floor goes on at the floor; nothing jumps.
+"""
 
 import math
+from dataclasses import asdict, dataclass
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up over warmup_steps, then cosine from 1 down to min_ratio at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class LRSchedule:
+    warmup: int                  # optimizer steps of linear warm-up
+    total: int                   # optimizer steps in the whole run
+    min_ratio: float             # the floor, as a fraction of the peak
+    anchor_step: int = 0         # where the cosine starts when a resume re-planned the run (0: at the peak)
+    anchor_factor: float = 1.0   # the factor there
+
+    def factor(self, step: int) -> float:
+        if self.anchor_step == 0 and step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        start, last = max(self.warmup, self.anchor_step), self.total - 1
+        if last <= start:
+            return self.anchor_factor if step <= start else self.min_ratio
+        progress = min(1.0, max(0.0, (step - start) / (last - start)))
+        return self.min_ratio + (self.anchor_factor - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def extended_to(self, total: int, step: int) -> "LRSchedule":
+        """This schedule after a resume at `step` that changed the run's length to `total`."""
+        if total == self.total:
+            return self
+        if self.anchor_step == 0 and step < self.warmup:  # still warming up: the cosine starts later anyway
+            return LRSchedule(self.warmup, total, self.min_ratio)
+        return LRSchedule(self.warmup, total, self.min_ratio, step, self.factor(step))
+
+    def describe_change(self, old: "LRSchedule", step: int) -> str:
+        if self == old:
+            return ""
+        if self.anchor_step != step:
+            return (f"the run now has {self.total} optimizer steps (was {old.total}); it is still warming up, so the "
+                    "cosine simply ends later")
+        if self.anchor_factor <= self.min_ratio + 1e-12:
+            return (f"the run had reached its floor: steps {step + 1}-{self.total} train at MIN_LR_RATIO x "
+                    "LEARNING_RATE")
+        return (f"the run now has {self.total} optimizer steps (was {old.total}): the learning rate goes on from "
+                f"{self.anchor_factor:.4f} x LEARNING_RATE at step {step + 1} down to {self.min_ratio:g} x at step "
+                f"{self.total}, with no jump")
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_learning_rate(optimizer, peak: float, schedule: LRSchedule, step: int) -> float:
+    """Set every parameter group's learning rate for this step; returns it."""
+    lr = peak * schedule.factor(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr

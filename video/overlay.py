@@ -47,8 +47,10 @@ def _font(size: int):
     return ImageFont.load_default(size=max(8, size))
 
 
-def draw_overlay(draw: ImageDraw.ImageDraw, top: int, strip: int, keys, held, mouse, frame: int, total: int) -> None:
-    """The keys (held ones highlighted), a mouse arrow (yaw right, pitch up) and the frame number."""
+def draw_overlay(draw: ImageDraw.ImageDraw, top: int, strip: int, keys, held, mouse, frame: int,
+                 total: int | None) -> None:
+    """The keys (held ones highlighted), a mouse arrow (yaw right, pitch up) and the frame
+    number (out of total - 1; just the number when the total is not known, a live stream)."""
     boxes = key_boxes(keys, strip)
     font = _font(strip // 4)
     for key, is_held in zip(keys, held):
@@ -68,14 +70,20 @@ def draw_overlay(draw: ImageDraw.ImageDraw, top: int, strip: int, keys, held, mo
     draw.line((cx, cy, cx + dx, cy + dy), fill=MOUSE_ARROW, width=max(2, pad))
     dot = max(2, pad)
     draw.ellipse((cx + dx - dot, cy + dy - dot, cx + dx + dot, cy + dy + dot), fill=MOUSE_ARROW)
-    draw.text((cx + radius + 2 * pad, cy), f"{frame}/{total - 1}", fill=TEXT, font=font, anchor="lm")
+    number = f"{frame}" if total is None else f"{frame}/{total - 1}"
+    draw.text((cx + radius + 2 * pad, cy), number, fill=TEXT, font=font, anchor="lm")
 
 
 def compose_frames(panels: dict[str, np.ndarray], keyboard: torch.Tensor, mouse: torch.Tensor,
-                   keys) -> np.ndarray:
-    """Labelled panels [T, H, W, 3] uint8 side by side over the action strip -> [T, H + strip, n W, 3]."""
+                   keys, numbering: tuple[int, int | None] | None = None) -> np.ndarray:
+    """Labelled panels [T, H, W, 3] uint8 side by side over the action strip -> [T, H + strip, n W, 3]
+    (a panel labelled "" shows no label).
+
+    numbering: (first frame, total frames) when the panels are a piece of a longer video (a
+    stream's block), the total None for a stream of unknown length; None: the whole video."""
     frames = list(panels.values())
     count, height, width = frames[0].shape[:3]
+    first_frame, total_frames = numbering or (0, count)
     strip = strip_height(height)
     font = _font(height // 20)
     held = (keyboard > 0.5).tolist()
@@ -85,9 +93,11 @@ def compose_frames(panels: dict[str, np.ndarray], keyboard: torch.Tensor, mouse:
         draw = ImageDraw.Draw(image)
         for i, (label, video) in enumerate(panels.items()):
             image.paste(Image.fromarray(video[t]), (i * width, 0))
-            box = draw.textbbox((i * width + 3, 2), label, font=font)
-            draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=BACKGROUND)
-            draw.text((i * width + 3, 2), label, fill=TEXT, font=font)
-        draw_overlay(draw, height, strip, [str(k).upper() for k in keys], held[t], mouse[t].tolist(), t, count)
+            if label:
+                box = draw.textbbox((i * width + 3, 2), label, font=font)
+                draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=BACKGROUND)
+                draw.text((i * width + 3, 2), label, fill=TEXT, font=font)
+        draw_overlay(draw, height, strip, [str(k).upper() for k in keys], held[t], mouse[t].tolist(),
+                     first_frame + t, total_frames)
         out[t] = np.asarray(image)
     return out

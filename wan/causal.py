@@ -164,3 +164,17 @@ class CausalWanModel(WanModel):
         return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond,
                          attention=cache.layers, first_frame=start_frame, tables=tables,
                          checkpointing=False)
+
+
+def causal_from(model: WanModel, local_attn_size: int, sink_size: int = 0,
+                frames_per_block: int = FRAMES_PER_BLOCK) -> CausalWanModel:
+    """A bidirectional model's weights (shared, not copied) in the streaming architecture
+    with the given window: the starting point of a distilled student, or a base or
+    fine-tuned model played as it is (few-step streaming output is then poor: it was never
+    trained to denoise in blocks from a few steps)."""
+    with torch.device("meta"):
+        causal = CausalWanModel(model.config.with_window(local_attn_size, sink_size), frames_per_block)
+    causal.load_state_dict(model.state_dict(), strict=True, assign=True)  # detached views: same storage
+    for (_, theirs), (_, ours) in zip(model.named_parameters(), causal.named_parameters()):
+        ours.requires_grad_(theirs.requires_grad)
+    return causal.train(model.training)

@@ -10,6 +10,7 @@ float32 and is cast back. Attention runs in the input dtype, so a float32 tower 
 in exact float32 (the reference's CUDA helper would attend in bf16, spec B.5).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,11 @@ class CLIPVisionConfig:
         """Infer the architecture from tower tensors (with or without the `visual.` prefix).
 
         heads = width // 80 (Wan's head size); image_size comes from the number of
-        position embeddings; layers from the highest block index present.
+        position embeddings. The depth is the published ViT-H/14's (32 blocks) whenever the
+        shapes are that tower's, so a file missing its last blocks is refused with them
+        listed rather than read as a shallower tower (whose output would be another
+        block's features). Only towers of other widths (our tiny test ones) take their
+        depth from the highest block index in the file.
         """
         sd = _strip_prefix(state_dict)
 
@@ -117,9 +122,13 @@ class CLIPVisionConfig:
         if width % HEAD_DIM or mlp_dim % width:
             raise ValueError(f"width {width} / MLP width {mlp_dim} do not fit Wan's CLIP "
                              f"(width a multiple of the head size {HEAD_DIM}, MLP width a multiple of width)")
-        return cls(image_size=grid * patch_size, patch_size=patch_size, width=width,
-                   layers=max(block_ids) + 1, heads=width // HEAD_DIM, mlp_ratio=mlp_dim // width,
-                   embed_dim=shape_of("head", 2)[1])
+        inferred = cls(image_size=grid * patch_size, patch_size=patch_size, width=width,
+                       layers=max(max(block_ids) + 1, 2), heads=width // HEAD_DIM, mlp_ratio=mlp_dim // width,
+                       embed_dim=shape_of("head", 2)[1])
+        published = cls()
+        if dataclasses.replace(inferred, layers=published.layers) == published:
+            return published
+        return inferred
 
 
 def _strip_prefix(state_dict: dict) -> dict:
@@ -240,14 +249,10 @@ def save_clip(tower: CLIPVisionTower, path) -> Path:
     return torch_save_atomic(tensors, path)
 
 
-def load_clip(path, device="cpu", dtype: torch.dtype = torch.float32, *,
-              config: CLIPVisionConfig | None = None) -> CLIPVisionTower:
-    """Load the image tower from the official CLIP file (or one written by save_clip).
-
-    Reads only the `visual.*` tensors (the text tower and `log_scale` are ignored) and
-    loads them strictly. The architecture is inferred from the file unless `config` is
-    given. Returns the tower in eval mode without gradients, on device in dtype.
-    """
+def read_clip_file(path, config: CLIPVisionConfig | None = None) -> tuple[dict, CLIPVisionConfig]:
+    """The image tower's tensors of the file (memory-mapped, not read yet, `visual.` prefix
+    removed) and the config they fit, every key and shape checked. Cheap: run it before
+    hours of work that will need the encoder."""
     path = Path(path)
     checkpoint = load_torch_checkpoint(path, "CLIP image encoder", CLIP_DOWNLOAD_HINT)
     found = {k[len(STATE_DICT_PREFIX):]: v for k, v in checkpoint.items()
@@ -260,10 +265,8 @@ def load_clip(path, device="cpu", dtype: torch.dtype = torch.float32, *,
         config = config or CLIPVisionConfig.from_state_dict(found)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-
     with torch.device("meta"):
-        tower = CLIPVisionTower(config)
-    expected = tower.state_dict()
+        expected = CLIPVisionTower(config).state_dict()
     problems = [f"missing {STATE_DICT_PREFIX}{k} (expected {list(v.shape)})"
                 for k, v in expected.items() if k not in found]
     problems += [f"wrong shape {STATE_DICT_PREFIX}{k}: expected {list(v.shape)}, found {list(found[k].shape)}"
@@ -271,5 +274,19 @@ def load_clip(path, device="cpu", dtype: torch.dtype = torch.float32, *,
     problems += [f"unexpected {STATE_DICT_PREFIX}{k} {list(v.shape)}" for k, v in found.items() if k not in expected]
     if problems:
         raise ValueError(f"{path} does not match the CLIP image tower {config}:\n  " + "\n  ".join(problems))
+    return found, config
+
+
+def load_clip(path, device="cpu", dtype: torch.dtype = torch.float32, *,
+              config: CLIPVisionConfig | None = None) -> CLIPVisionTower:
+    """Load the image tower from the official CLIP file (or one written by save_clip).
+
+    Reads only the `visual.*` tensors (the text tower and `log_scale` are ignored) and
+    loads them strictly. The architecture is inferred from the file unless `config` is
+    given. Returns the tower in eval mode without gradients, on device in dtype.
+    """
+    found, config = read_clip_file(path, config)
+    with torch.device("meta"):
+        tower = CLIPVisionTower(config)
     tower.load_state_dict(found, strict=True, assign=True)
     return tower.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -17,6 +17,7 @@ write the official layout, so our checkpoints load like the official ones.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,14 +131,19 @@ def checkpoint_keyboard_dim(shapes: dict[str, list[int]], where: Path) -> int | 
     return next(iter(widths.values()), None)
 
 
-def load_base_model(model_dir, keyboard_dim: int | None = None, device="cpu",
-                    dtype: torch.dtype = torch.float32) -> tuple[WanModel, list[str]]:
-    """Load the base model; return it and the names of re-initialised tensors.
+@dataclass
+class BaseModelFiles:
+    """What a base-model folder holds, read from its headers (no tensor data)."""
 
-    keyboard_dim: the keyboard width the caller's data has (None: the checkpoint's own).
-    When it differs from the checkpoint's, the blocks' keyboard_embed.0.weight tensors are
-    re-initialised (the spec's Linear init) and named in the returned list.
-    """
+    located: dict                # tensor name -> file
+    config: WanConfig            # with the keyboard width the caller asked for
+    expected: dict               # tensor name -> shape of the model to build
+    reinit: list                 # keyboard tensors to re-initialise (the widths differ)
+
+
+def inspect_base_model(model_dir, keyboard_dim: int | None = None) -> BaseModelFiles:
+    """Find and check the base model's files: config, weights, every key and shape. Reads
+    only file headers, so a wrong BASE_MODEL_DIR fails in a second, before any other work."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"base-model folder {model_dir} does not exist: {DOWNLOAD_HINT}")
@@ -159,12 +165,25 @@ def load_base_model(model_dir, keyboard_dim: int | None = None, device="cpu",
     # What the file must hold: the model's shapes, with the file's own keyboard width.
     in_file = {n: s[:-1] + [file_keyboard_dim] if n in reinit else s for n, s in expected.items()}
     check_checkpoint_fits(in_file, shapes, model_dir)
+    return BaseModelFiles(located, config, expected, reinit)
 
-    state = read_tensors(located, device, dtype, {n: n for n in shapes if n not in reinit})
-    for name in reinit:
-        state[name] = init_linear_weight_(torch.empty(expected[name], device=device, dtype=dtype))
+
+def load_base_model(model_dir, keyboard_dim: int | None = None, device="cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[WanModel, list[str]]:
+    """Load the base model; return it and the names of re-initialised tensors.
+
+    keyboard_dim: the keyboard width the caller's data has (None: the checkpoint's own).
+    When it differs from the checkpoint's, the blocks' keyboard_embed.0.weight tensors are
+    re-initialised (the spec's Linear init) and named in the returned list.
+    """
+    files = inspect_base_model(model_dir, keyboard_dim)
+    with torch.device("meta"):
+        model = WanModel(files.config)
+    state = read_tensors(files.located, device, dtype, {n: n for n in files.expected if n not in files.reinit})
+    for name in files.reinit:
+        state[name] = init_linear_weight_(torch.empty(files.expected[name], device=device, dtype=dtype))
     model.load_state_dict(state, strict=True, assign=True)
-    return model, reinit
+    return model, files.reinit
 
 
 def check_checkpoint_fits(in_file: dict[str, list[int]], shapes: dict[str, list[int]], model_dir: Path,

@@ -589,14 +589,20 @@ class StreamingDecoder:
 
 # ----------------------------------------------------------------------------- files
 
-def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
-    """Load Wan2.1_VAE.pth (or a file written by save_vae) strictly; the size is read off the shapes."""
+def read_vae_file(path) -> tuple[dict, VAEConfig]:
+    """The file's tensors (memory-mapped, not read yet) and the config they fit, every key
+    and shape checked. Cheap: run it before hours of work that will need the VAE."""
     path = Path(path)
     state_dict = load_torch_checkpoint(path, "VAE", VAE_DOWNLOAD_HINT)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} is not a plain state dict of tensors (got {type(state_dict).__name__}); "
                          f"{VAE_DOWNLOAD_HINT}")
-    config = VAEConfig.from_state_dict(state_dict, source=str(path))
+    return state_dict, VAEConfig.from_state_dict(state_dict, source=str(path))
+
+
+def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
+    """Load Wan2.1_VAE.pth (or a file written by save_vae) strictly; the size is read off the shapes."""
+    state_dict, config = read_vae_file(path)
     with torch.device("meta"):
         vae = WanVAE(config)
     vae.load_state_dict(state_dict, strict=True, assign=True)

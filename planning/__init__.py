@@ -1,0 +1,1 @@
+"""GPU memory and time plans for training and previews, measured on fake tensors without a GPU."""

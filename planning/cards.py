@@ -1,0 +1,44 @@
+"""Common GPUs for rent: memory and dense bf16 tensor-core peak.
+
+Peaks are dense (no 2:4 sparsity) bf16 with float32 accumulation, from NVIDIA's documents:
+- RTX 3090: "NVIDIA Ampere GA102 GPU Architecture" whitepaper, appendix table (71 dense / 142 sparse).
+- RTX 4090: "NVIDIA Ada GPU Architecture" whitepaper, appendix table (165.2 / 330.4).
+- RTX A6000: NVIDIA RTX A6000 datasheet, 309.7 TFLOPS tensor performance with sparsity (154.8 dense).
+- L40S: NVIDIA L40S datasheet (362.05 / 733).
+- A100 40 GB and 80 GB: NVIDIA A100 Tensor Core GPU datasheet (312 / 624).
+- H100 SXM and PCIe: NVIDIA H100 Tensor Core GPU datasheet (1,979 / 1,513 with sparsity).
+- H100 NVL: same datasheet (1,671 with sparsity per GPU).
+- H200: NVIDIA H200 Tensor Core GPU datasheet (1,979 with sparsity; the H100 SXM's compute).
+Memory is the nominal size; the total nvidia-smi shows is up to ~5% lower (L40S: 45 GiB of
+its 48 GB, H100: 79.6 GiB), which the plan's margin covers.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    memory_gb: float        # nominal
+    bf16_tflops: float      # dense bf16 tensor-core peak, TFLOP/s
+    device_name: tuple      # substrings of torch.cuda.get_device_name() that all name this card
+
+
+# Ordered so that the first card whose substrings all match a device name is the right one.
+CARDS = (
+    Card("RTX 3090", 24, 71.0, ("RTX 3090",)),
+    Card("RTX 4090", 24, 165.2, ("RTX 4090",)),
+    Card("RTX A6000", 48, 154.8, ("RTX A6000",)),
+    Card("L40S", 48, 362.05, ("L40S",)),
+    Card("A100 40GB", 40, 312.0, ("A100", "40GB")),
+    Card("A100 80GB", 80, 312.0, ("A100",)),
+    Card("H100 PCIe", 80, 756.0, ("H100", "PCIe")),
+    Card("H100 NVL", 94, 835.0, ("H100", "NVL")),
+    Card("H100 SXM", 80, 989.4, ("H100",)),
+    Card("H200", 141, 989.4, ("H200",)),
+)
+
+
+def card_for_device(device_name: str) -> Card | None:
+    """The card torch.cuda.get_device_name() names ("NVIDIA H100 80GB HBM3" -> H100 SXM)."""
+    return next((card for card in CARDS if all(part in device_name for part in card.device_name)), None)
