@@ -25,7 +25,6 @@ times printed depend on what else the machine runs.
 """
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -51,6 +50,7 @@ from recordings.clips import RecordingClipDataset  # noqa: E402
 from recordings.report import check_data  # noqa: E402
 from training.flow_matching import validate  # noqa: E402
 from wan import flow  # noqa: E402
+from wan.files import write_atomic, write_json_atomic  # noqa: E402
 from wan.vae import load_vae  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -216,8 +216,7 @@ def plot(runs: list[dict], path: Path) -> Path:
                         draw.ellipse((px - 1, py - 1, px + 1, py + 1), fill=colour)
             for px, py in pixels:
                 draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-    image.save(path)
-    return path
+    return write_atomic(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def main(argv=None) -> int:
@@ -240,7 +239,7 @@ def main(argv=None) -> int:
     for shift in shifts:
         runs.append(run_one(settings, shift, epochs, out))
         plot(runs, out / "learn_controls.png")
-        (out / "learn_controls.json").write_text(json.dumps({"recipe": RECIPE, "runs": runs}, indent=1))
+        write_json_atomic(out / "learn_controls.json", {"recipe": RECIPE, "runs": runs})
     print("\nval/gain: at the fixed sigmas; val*/gain*: the training script's own validation (sigmas of its shift);"
           "\ntrue/shuf/real: action-following of previews with the true keys, another clip's keys, and the real "
           "frames (all scored against the true keys); PSNR: generated frames 1-8 vs the real ones")
