@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, ShowHelp, check_ranges, raise_for_problems
-from demo_world.setup import TRAINING_DEMO_SETTINGS, prepare_demo
+from demo_world.setup import DEMO_CONTROLS_NOTE, TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS
 from generation.previews import epoch_preview
 from latents.cache import CACHE_DTYPES, CacheError, LatentCache, build_latent_cache, cache_lock
@@ -48,7 +48,7 @@ from recordings.report import check_data
 from runs.errors import TrainingError
 from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit
-from training.controls import describe_controls
+from training.controls import controls_learned, describe_controls
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
 from training.flow_matching import model_inputs, validate
 from training.precision import choose_precision
@@ -592,6 +592,8 @@ def main(argv=None) -> int:
               f"{first['train_loss']:.4f} (epoch 1) -> {last['train_loss']:.4f} (epoch {last['epoch']}); "
               f"outputs in {summary['checkpoint_dir']} (read {INFO_FILE})")
         print(describe_controls(history))
+        if demo and not controls_learned(history):
+            print(DEMO_CONTROLS_NOTE)
     return 0
 
 

@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shifts", default=None, help="TIMESTEP_SHIFT values, comma-separated (default: the recipe's)")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {RECIPE['NUM_EPOCHS']})")
     parser.add_argument("--out", default="bench_runs/learn_controls", help="where runs, plot and JSON go")
+    parser.add_argument("--frames", type=int, default=RECORDING_FRAMES,
+                        help=f"frames of the demo recording (default {RECORDING_FRAMES})")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch CPU threads (default {THREADS})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -232,8 +234,8 @@ def main(argv=None) -> int:
     settings.update(RECIPE)
     shifts = [float(s) for s in args.shifts.split(",")] if args.shifts else [settings["TIMESTEP_SHIFT"]]
     epochs = args.epochs or settings["NUM_EPOCHS"]
-    prepare_demo(settings, RECORDING_FRAMES)
-    print(f"torch {torch.__version__}, {args.threads} thread(s); recipe: {RECIPE}; {RECORDING_FRAMES} recorded frames; "
+    prepare_demo(settings, args.frames)
+    print(f"torch {torch.__version__}, {args.threads} thread(s); recipe: {RECIPE}; {args.frames} recorded frames; "
           f"scored every {EVAL_EVERY_EPOCHS} epochs at sigmas {', '.join(f'{s:.2f}' for s in EVAL_SIGMAS.tolist())}")
     runs = []
     for shift in shifts:

@@ -39,6 +39,11 @@ TRAINING_DEMO_SETTINGS = dict(
 PLAY_DEMO_MODEL_DIR = TRAINING_DEMO_SETTINGS["BASE_MODEL_DIR"]
 PLAY_DEMO_CHECKPOINT = f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}"  # "": none (a student)
 DEMO_RECORDING_FRAMES = 900              # 36 s of play: enough variety that validation means something
+# What the demo says when its few minutes did not teach the keys (its recording is short: a
+# model can memorise how each clip moves instead of reading the keys; see the benchmark).
+DEMO_CONTROLS_NOTE = ("demo: a few minutes on the short demo recording teach the keys only a little; "
+                      "bench/bench_learn_controls.py trains longer on a longer recording and plots how the "
+                      "action gain grows")
 DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
 
 

@@ -1,7 +1,7 @@
 """The one line on whether a run's model learned the controls."""
 
-from training.controls import (LEARNED_GAIN, STARTED_GAIN, WRONG_GAIN, controls_verdict,
-                               describe_controls)
+from training.controls import (LEARNED_GAIN, STARTED_GAIN, WRONG_GAIN, controls_learned, controls_verdict,
+                               describe_controls, last_gain)
 
 
 def entry(epoch, gain=None, **more):
@@ -48,3 +48,11 @@ def test_the_latest_preview_scores_are_added():
     assert "preview" not in describe_controls(older)
     no_control = [entry(1, 1.0, preview_score=0.3, preview_truth_score=None)]
     assert describe_controls(no_control).endswith("follows the true keys 0.30, ground truth n/a")
+
+
+def test_learned_means_the_last_measured_gain_reaches_the_threshold():
+    assert controls_learned([entry(1, LEARNED_GAIN), entry(2)])
+    assert not controls_learned([entry(1, 1.2), entry(2, 1.001)])
+    assert not controls_learned([entry(1), entry(2)])
+    assert last_gain([entry(1, 1.02), entry(2, 1.03), entry(3)]) == 1.03
+    assert last_gain([]) is None

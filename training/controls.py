@@ -28,6 +28,17 @@ def controls_verdict(gain: float) -> str:
             "not match the frames: check KEY_MAP and MOUSE_SCALE)")
 
 
+def last_gain(history: list[dict]) -> float | None:
+    """The action gain of the last epoch that measured one, or None."""
+    gains = [entry["action_gain"] for entry in history if entry.get("action_gain") is not None]
+    return gains[-1] if gains else None
+
+
+def controls_learned(history: list[dict]) -> bool:
+    gain = last_gain(history)
+    return gain is not None and gain >= LEARNED_GAIN
+
+
 def _score(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
