@@ -25,6 +25,7 @@ times printed depend on what else the machine runs.
 """
 
 import argparse
+import math
 import shutil
 import sys
 import time
@@ -199,11 +200,12 @@ def plot(runs: list[dict], path: Path) -> Path:
             return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
         draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
+        decimals = max(0, 1 - math.floor(math.log10((y_hi - y_lo) / 4)))  # ticks that differ in print
         for i in range(5):
             value = y_lo + (y_hi - y_lo) * i / 4
             y = at(x_lo, value)[1]
             draw.line((left, y, right, y), fill=(235, 235, 235))
-            draw.text((x0 + 2, y - 6), f"{value:.3g}", fill="black", font=font)
+            draw.text((x0 + 2, y - 6), f"{value:.{decimals}f}", fill="black", font=font)
         draw.text((left, bottom + 6), f"epoch {x_lo}", fill="black", font=font)
         draw.text((right - 50, bottom + 6), f"epoch {x_hi}", fill="black", font=font)
         if name == "action_gain" and y_lo < 1 < y_hi:
