@@ -43,8 +43,8 @@ import finetune_base_model as fb  # noqa: E402
 from demo_world.setup import DEMO_RECORDING_FRAMES, demo_paths_under, prepare_demo  # noqa: E402
 from generation.bidirectional import decode_frames  # noqa: E402
 from generation.finetuned import load_model  # noqa: E402
-from generation.previews import (first_frames_psnr, generate_cached_clip, other_clip_index,  # noqa: E402
-                                 score_panels)
+from generation.previews import (first_frames_psnr, generate_cached_clip, most_active_clips,  # noqa: E402
+                                 other_clip_index, score_panels)
 from latents.cache import EncodingSettings, LatentCache  # noqa: E402
 from latents.dataset import CachedClipDataset  # noqa: E402
 from recordings.clips import RecordingClipDataset  # noqa: E402
@@ -69,12 +69,6 @@ PREVIEW_CLIPS = 4                      # the most active validation clips
 PREVIEW_STEPS = 20                     # Euler steps per preview (the scores barely change beyond)
 THREADS = 1                            # the tiny model's ops are small: threads mostly wait on each other
 # -----------------------------------------------------------------------------
-
-
-def most_active(clips, count: int) -> list[int]:
-    """Indices of the count clips with the most frames where a key is held or the mouse moves."""
-    active = [int((c.keyboard.any(dim=1) | c.mouse.ne(0).any(dim=1)).sum()) for c in clips]
-    return sorted(range(len(clips)), key=lambda i: (-active[i], i))[:count]
 
 
 @torch.no_grad()
@@ -127,7 +121,7 @@ def run_one(base: dict, shift: float, epochs: int, out: Path) -> dict:
     val_set = CachedClipDataset(report.split.val, settings["CACHE_DIR"], encoding, cache)
     vae = load_vae(settings["VAE_PATH"])
     truths = {i: RecordingClipDataset([report.split.val[i]], settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"])[0]
-              ["video"].transpose(0, 1) for i in most_active(report.split.val, PREVIEW_CLIPS)}
+              ["video"].transpose(0, 1) for i in most_active_clips(report.split.val, PREVIEW_CLIPS)}
     epochs_scored = sorted({e for e in history if e % EVAL_EVERY_EPOCHS == 0} | {max(history)})
     rows = []
     for epoch in epochs_scored:

@@ -7,7 +7,7 @@ import torch
 
 from generation.bidirectional import decode_frames, sample_latents
 from recordings.clips import RecordingClipDataset
-from video.action_score import action_following_score
+from video.action_score import action_following_score, format_share
 from video.compare import psnr
 from video.overlay import compose_frames, to_uint8
 from video.writer import write_video
@@ -23,14 +23,10 @@ def score_panels(panels: dict[str, torch.Tensor], keyboard: torch.Tensor, mouse:
             for label, frames in panels.items()}
 
 
-def _share(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def format_score(score: dict) -> str:
-    kinds = ", ".join(f"{kind} {_share(score[kind]['agree'])} ({score[kind]['pairs']} pairs)"
+    kinds = ", ".join(f"{kind} {format_share(score[kind]['agree'])} ({score[kind]['pairs']} pairs)"
                       for kind in ("forward_back", "strafe", "yaw", "pitch"))
-    return f"overall {_share(score['overall'])} - {kinds}"
+    return f"overall {format_share(score['overall'])} - {kinds}"
 
 
 def write_preview(path, panels: dict[str, torch.Tensor], keyboard: torch.Tensor, mouse: torch.Tensor, keys,
@@ -58,11 +54,17 @@ PSNR_FRAMES = 8  # frames 1..8 after the given first one: the first two latent f
 
 
 @torch.no_grad()
-def preview_clip_index(clips) -> int:
-    """The clip with the most frames where a key is held or the mouse moves (the first of
-    equals): a clip of standing still would show, and score, nothing."""
+def most_active_clips(clips, count: int) -> list[int]:
+    """Indices of the count clips with the most frames where a key is held or the mouse
+    moves, most active first (the first of equals): a clip of standing still would show,
+    and score, nothing."""
     active = [int((c.keyboard.any(dim=1) | c.mouse.ne(0).any(dim=1)).sum()) for c in clips]
-    return active.index(max(active))
+    return sorted(range(len(clips)), key=lambda i: (-active[i], i))[:count]
+
+
+def preview_clip_index(clips) -> int:
+    """The most active clip (see most_active_clips)."""
+    return most_active_clips(clips, 1)[0]
 
 
 def other_clip_index(index: int, count: int) -> int:
@@ -138,9 +140,9 @@ def epoch_preview(model: WanModel, clips, vae_path, height: int, width: int, out
         item["mouse"], keyboard_keys, info)
     ours, real = scores["generated"]["overall"], scores["ground truth"]["overall"]
     shuffled = control_score["overall"] if other is not None else None
-    summary = (f"{written.parent.name}/{written.name}: action-following {_share(ours)} ("
-               + (f"another clip's keys {_share(shuffled)}, " if other is not None else "")
-               + f"ground truth {_share(real)})"
+    summary = (f"{written.parent.name}/{written.name}: action-following {format_share(ours)} ("
+               + (f"another clip's keys {format_share(shuffled)}, " if other is not None else "")
+               + f"ground truth {format_share(real)})"
                + ("" if frames_psnr is None else f", PSNR of frames 1-{PSNR_FRAMES} {frames_psnr:.1f} dB"))
     result = {"preview": summary, "preview_score": ours, "preview_truth_score": real, "preview_psnr": frames_psnr}
     if other is not None:

@@ -8,6 +8,8 @@ their action-following scores with the true keys and with another clip's keys
 with the true ones.
 """
 
+from video.action_score import format_share
+
 # A model whose action modules output nothing scores exactly 1; one that uses the actions
 # weakly or not yet consistently stays within a few thousandths of it.
 LEARNED_GAIN = 1.01      # from here on the keys change the predictions clearly
@@ -39,10 +41,6 @@ def controls_learned(history: list[dict]) -> bool:
     return gain is not None and gain >= LEARNED_GAIN
 
 
-def _score(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def describe_controls(history: list[dict]) -> str:
     """One line on whether the run's model follows the controls, from its per-epoch history
     (entries as training writes them: epoch, action_gain, preview_score, preview_shuffled_score)."""
@@ -57,9 +55,9 @@ def describe_controls(history: list[dict]) -> str:
     previews = [entry for entry in history if entry.get("preview_score") is not None]
     if previews:
         latest = previews[-1]
-        line += (f"; preview (epoch {latest['epoch']}) follows the true keys {_score(latest['preview_score'])}"
-                 + (f", another clip's keys {_score(latest['preview_shuffled_score'])}"
+        line += (f"; preview (epoch {latest['epoch']}) follows the true keys {format_share(latest['preview_score'])}"
+                 + (f", another clip's keys {format_share(latest['preview_shuffled_score'])}"
                     if "preview_shuffled_score" in latest else "")
-                 + (f", ground truth {_score(latest['preview_truth_score'])}"
+                 + (f", ground truth {format_share(latest['preview_truth_score'])}"
                     if "preview_truth_score" in latest else ""))
     return line
