@@ -165,8 +165,11 @@ def plot(runs: list[dict], path: Path) -> Path:
     image = Image.new("RGB", (2 * panel_w, 2 * panel_h + 30), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
-    legend = "   ".join(f"TIMESTEP_SHIFT={run['shift']:g}" for run in runs)
-    draw.text((10, 2 * panel_h + 8), "colours: " + legend, fill="black", font=font)
+    x = 10
+    for r, run in enumerate(runs):  # each run's name in its colour
+        label = f"TIMESTEP_SHIFT={run['shift']:g}"
+        draw.text((x, 2 * panel_h + 8), label, fill=COLOURS[r % len(COLOURS)], font=font)
+        x += draw.textlength(label, font=font) + 20
     for k, (name, title) in enumerate(PANELS):
         x0, y0 = (k % 2) * panel_w, (k // 2) * panel_h
         series = []  # (run index, style, [(epoch, value)])
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
     for shift in shifts:
         runs.append(run_one(settings, shift, epochs, out))
         plot(runs, out / "learn_controls.png")
-        write_json_atomic(out / "learn_controls.json", {"recipe": RECIPE, "runs": runs})
+        write_json_atomic(out / "learn_controls.json", {"recipe": RECIPE, "recording_frames": args.frames, "runs": runs})
     print("\nval/gain: at the fixed sigmas; val*/gain*: the training script's own validation (sigmas of its shift);"
           "\ntrue/shuf/real: action-following of previews with the true keys, another clip's keys, and the real "
           "frames (all scored against the true keys); PSNR: generated frames 1-8 vs the real ones")
