@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, ShowHelp, check_choices, check_ranges, raise_for_problems
-from demo_world.setup import TRAINING_DEMO_SETTINGS, prepare_demo
+from demo_world.setup import DEMO_CONTROLS_NOTE, TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE, TRAINED_CONTENTS, merge_lora_file
 from generation.previews import epoch_preview
 from latents.cache import CACHE_DTYPES, CacheError
@@ -45,6 +45,7 @@ from recordings.report import check_data
 from runs.errors import TrainingError
 from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit
+from training.controls import controls_learned, describe_controls
 from training.data import prepare_data
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
 from training.flow_matching import model_inputs, validate
@@ -301,7 +302,7 @@ def info_text(header: list, status: str, history: list, metrics: list, ema, devi
               checkpoints: list, settings_text: str, report, cache_report) -> str:
     """training_info.txt: the header, the status, one line per epoch, speed, files, settings, data."""
     seconds = [m["seconds_per_step"] for m in metrics[-100:]]
-    lines = header + [f"status: {status}", "", "Per epoch:"]
+    lines = header + [f"status: {status}"] + ([describe_controls(history)] if history else []) + ["", "Per epoch:"]
     lines += [f"  epoch {h['epoch']}: train loss {h['train_loss']:.5f}, val loss "
               + (f"{h['val_loss']:.5f}" if h.get("val_loss") is not None else "n/a")
               + ", action gain " + (f"{h['action_gain']:.4f}" if h.get("action_gain") is not None
@@ -608,6 +609,9 @@ def main(argv=None) -> int:
         print(f"done: {summary['steps']} optimizer steps in {summary['seconds']:.0f} s; train loss "
               f"{first['train_loss']:.4f} (epoch 1) -> {last['train_loss']:.4f} (epoch {last['epoch']}); "
               f"outputs in {summary['checkpoint_dir']} (read {INFO_FILE})")
+        print(describe_controls(history))
+        if demo and not controls_learned(history):
+            print(DEMO_CONTROLS_NOTE)
     return 0
 
 

@@ -23,6 +23,8 @@ DEMO_MAX_PITCH = 10.0                # the script keeps the camera within +-this
 DEMO_ARENA = 22.0                    # the script turns back towards the pillars beyond this radius
 
 DEMO_RUNS = ("W", "S", "A", "D", "WA", "WD", "SA", "SD", "idle", "turn", "turn", "W+turn", "look")
+DEMO_RUN_FRAMES = (6, 24)            # a run holds its action this many frames (inclusive range)
+DEMO_TURN_SPEED = (1.0, 3.0)         # degrees per frame of a turn
 
 
 def demo_actions(num_frames: int = DEMO_FRAMES, seed: int = DEMO_SEED) -> list[tuple[str, float, float]]:
@@ -35,17 +37,17 @@ def demo_actions(num_frames: int = DEMO_FRAMES, seed: int = DEMO_SEED) -> list[t
         if not deck:
             deck = list(DEMO_RUNS)
             rng.shuffle(deck)
-        kind, length = deck.pop(), rng.randint(6, 24)
+        kind, length = deck.pop(), rng.randint(*DEMO_RUN_FRAMES)
         keys, mouse_x, mouse_y = "", 0.0, 0.0
         if math.hypot(camera.x, camera.z) > DEMO_ARENA:
             # Turn towards the middle while walking instead of leaving the pillars behind.
             deck.append(kind)
             bearing = (math.degrees(math.atan2(-camera.x, -camera.z)) - camera.yaw + 180) % 360 - 180
             keys, mouse_x = "W", math.copysign(2.5, bearing)
-            length = max(6, min(24, int(abs(bearing) / 2.5)))
+            length = max(DEMO_RUN_FRAMES[0], min(DEMO_RUN_FRAMES[1], int(abs(bearing) / 2.5)))
         elif kind in ("turn", "W+turn"):
             keys = "W" if kind == "W+turn" else ""
-            mouse_x = round(rng.choice((-1, 1)) * rng.uniform(1.0, 3.0), 2)
+            mouse_x = round(rng.choice((-1, 1)) * rng.uniform(*DEMO_TURN_SPEED), 2)
         elif kind == "look":
             mouse_y = round(rng.uniform(0.4, 1.0), 2)
             if camera.pitch > 0:

@@ -1,5 +1,6 @@
 """What --demo means: the demo run's folder, its settings, and the set-up that writes the
-demo recording and tiny random weights in the official file formats.
+demo recording and the tiny models in the official file formats: a random base model and
+CLIP tower, and the VAE trained on the demo world (demo_world/vae_training.py).
 
 The training demo and the preview demo share these, so `generate_preview.py --demo`
 finds what `finetune_base_model.py --demo` wrote.
@@ -11,13 +12,15 @@ from pathlib import Path
 import torch
 
 from demo_world.recording import write_demo_recording
+from demo_world.vae_training import DEMO_VAE_FILE, train_demo_vae
 from generation.finetuned import FINAL_FILE
 from recordings.input_csv import CSV_NAME
 from wan.clip import CLIPVisionConfig, CLIPVisionTower, save_clip
 from wan.config import tiny_config
+from wan.files import write_atomic
 from wan.loading import CONFIG_NAME, save_base_model
 from wan.model import WanModel
-from wan.vae import VAEConfig, WanVAE, save_vae
+from wan.vae import save_vae
 
 DEMO_DIR = "demo_run"
 # The training demo: the real pipeline on a generated recording with tiny random weights, on CPU.
@@ -40,20 +43,25 @@ PLAY_DEMO_CHECKPOINT = ""                # a student has no checkpoint over it
 PLAY_DEMO_FALLBACK_MODEL_DIR = TRAINING_DEMO_SETTINGS["BASE_MODEL_DIR"]
 PLAY_DEMO_FALLBACK_CHECKPOINT = f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}"
 DEMO_RECORDING_FRAMES = 900              # 36 s of play: enough variety that validation means something
+# What the demo says when its few minutes did not teach the keys (its recording is short: a
+# model can memorise how each clip moves instead of reading the keys; see the benchmark).
+DEMO_CONTROLS_NOTE = ("demo: a few minutes on the short demo recording teach the keys only a little; "
+                      "bench/bench_learn_controls.py trains longer on a longer recording and plots how the "
+                      "action gain grows")
 DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
 
 
 def prepare_demo(settings: dict, num_frames: int = DEMO_RECORDING_FRAMES) -> None:
-    """Write the demo recording and tiny random weights in the real file formats (once;
-    later demo runs reuse them and their latent cache), and clear demo_run/checkpoints (a
+    """Write the demo recording and the tiny models in the real file formats (once; later
+    demo runs reuse them and their latent cache), and clear demo_run/checkpoints (a
     CHECKPOINT_DIR given on the command line is never cleared)."""
     data_dir = Path(settings["DATA_DIR"])
     if not (data_dir / CSV_NAME).is_file():
         print(f"demo: rendering {num_frames} frames of the synthetic recording into {data_dir}")
         write_demo_recording(data_dir, num_frames, settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"])
-    torch.manual_seed(0)
     if not Path(settings["VAE_PATH"]).is_file():
-        save_vae(WanVAE(VAEConfig.tiny()), settings["VAE_PATH"])
+        write_demo_vae(settings["VAE_PATH"])
+    torch.manual_seed(0)
     clip_config = CLIPVisionConfig.tiny()
     if not Path(settings["CLIP_PATH"]).is_file():
         save_clip(CLIPVisionTower(clip_config), settings["CLIP_PATH"])
@@ -67,6 +75,16 @@ def prepare_demo(settings: dict, num_frames: int = DEMO_RECORDING_FRAMES) -> Non
         save_base_model(model, model_dir)
     if not settings["RESUME"] and settings["CHECKPOINT_DIR"] == TRAINING_DEMO_SETTINGS["CHECKPOINT_DIR"]:
         shutil.rmtree(settings["CHECKPOINT_DIR"], ignore_errors=True)  # only the demo's own folder
+
+
+def write_demo_vae(path) -> None:
+    """The demo's VAE at path: a copy of the shipped weights, or, where they are missing,
+    trained now by the code that made them."""
+    if DEMO_VAE_FILE.is_file():
+        write_atomic(path, lambda temporary: shutil.copyfile(DEMO_VAE_FILE, temporary))
+        return
+    print(f"demo: {DEMO_VAE_FILE} is missing; training the demo VAE on demo-world frames (a few minutes)")
+    save_vae(train_demo_vae(), path)
 
 
 def demo_paths_under(root, settings: dict = TRAINING_DEMO_SETTINGS) -> dict:

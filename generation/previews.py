@@ -7,7 +7,8 @@ import torch
 
 from generation.bidirectional import decode_frames, sample_latents
 from recordings.clips import RecordingClipDataset
-from video.action_score import action_following_score
+from video.action_score import action_following_score, format_share
+from video.compare import psnr
 from video.overlay import compose_frames, to_uint8
 from video.writer import write_video
 from wan.device import run_dtype
@@ -23,12 +24,9 @@ def score_panels(panels: dict[str, torch.Tensor], keyboard: torch.Tensor, mouse:
 
 
 def format_score(score: dict) -> str:
-    def share(value):
-        return "n/a" if value is None else f"{value:.2f}"
-
-    kinds = ", ".join(f"{kind} {share(score[kind]['agree'])} ({score[kind]['pairs']} pairs)"
+    kinds = ", ".join(f"{kind} {format_share(score[kind]['agree'])} ({score[kind]['pairs']} pairs)"
                       for kind in ("forward_back", "strafe", "yaw", "pitch"))
-    return f"overall {share(score['overall'])} - {kinds}"
+    return f"overall {format_share(score['overall'])} - {kinds}"
 
 
 def write_preview(path, panels: dict[str, torch.Tensor], keyboard: torch.Tensor, mouse: torch.Tensor, keys,
@@ -52,19 +50,59 @@ def write_preview(path, panels: dict[str, torch.Tensor], keyboard: torch.Tensor,
 # -----------------------------------------------------------------------------
 # Training-time previews
 
+PSNR_FRAMES = 8  # frames 1..8 after the given first one: the first two latent frames the model makes
+
+
 @torch.no_grad()
-def preview_clip_index(clips) -> int:
-    """The clip with the most frames where a key is held or the mouse moves (the first of
-    equals): a clip of standing still would show, and score, nothing."""
+def most_active_clips(clips, count: int) -> list[int]:
+    """Indices of the count clips with the most frames where a key is held or the mouse
+    moves, most active first (the first of equals): a clip of standing still would show,
+    and score, nothing."""
     active = [int((c.keyboard.any(dim=1) | c.mouse.ne(0).any(dim=1)).sum()) for c in clips]
-    return active.index(max(active))
+    return sorted(range(len(clips)), key=lambda i: (-active[i], i))[:count]
+
+
+def preview_clip_index(clips) -> int:
+    """The most active clip (see most_active_clips)."""
+    return most_active_clips(clips, 1)[0]
+
+
+def other_clip_index(index: int, count: int) -> int:
+    """The clip whose actions stand in for clip index's in a control: half the set away, as
+    validation's shuffled actions (neighbouring clips overlap in time and share their actions)."""
+    return (index + max(1, count // 2)) % count
+
+
+def first_frames_psnr(generated: torch.Tensor, truth: torch.Tensor, count: int = PSNR_FRAMES) -> float | None:
+    """PSNR in dB of frames 1..count of generated [T, 3, H, W] against the real ones (frame 0
+    is the given first frame, not a prediction); None for a one-frame clip."""
+    end = min(count + 1, generated.shape[0], truth.shape[0])
+    return psnr(generated[1:end], truth[1:end]) if end > 1 else None
+
+
+def generate_cached_clip(model: WanModel, item: dict, keyboard: torch.Tensor, mouse: torch.Tensor, num_steps: int,
+                         shift: float, seed: int, autocast) -> torch.Tensor:
+    """Latents of a cached clip's item (its first frame's conditioning) generated with the given
+    actions [T, K] and [T, 2], from the noise of seed; the model's train/eval mode is kept."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    latents = sample_latents(model, item["cond_concat"][None].to(device), item["visual_context"][None].to(device),
+                             keyboard, mouse, num_steps, shift, torch.Generator().manual_seed(seed), autocast)
+    model.train(was_training)
+    return latents
 
 
 def epoch_preview(model: WanModel, clips, vae_path, height: int, width: int, out_dir, epoch: int, keyboard_keys,
-                  num_steps: int, shift: float, seed: int, autocast, write: bool = True) -> dict:
+                  num_steps: int, shift: float, seed: int, autocast, write: bool = True, control: bool = True) -> dict:
     """Generate the most active clip of `clips` (a CachedClipDataset; see preview_clip_index)
     with its own actions and its cached conditioning, beside its real frames; write
-    out_dir/epoch{N}.mp4 (or .gif) and .json. Returns what the training script records.
+    out_dir/epoch{N}.mp4 (or .gif) and .json. Returns what the training script records:
+    the summary line, the action-following scores and the PSNR of frames 1..8.
+
+    With control (and 2+ clips) the same clip is generated a second time from the same noise
+    with another clip's actions (other_clip_index) and scored against its own actions: a model
+    that follows the keys scores clearly lower there; one that ignores them scores the same.
 
     The VAE is loaded for the decode and freed after, so it holds no GPU memory while
     training. Only seeded generators are used: the training's random state is untouched.
@@ -73,26 +111,41 @@ def epoch_preview(model: WanModel, clips, vae_path, height: int, width: int, out
     device = next(model.parameters()).device
     index = preview_clip_index(clips.clips)
     item, clip = clips[index], clips.clips[index]
-    was_training = model.training
-    model.eval()
-    latents = sample_latents(model, item["cond_concat"][None].to(device), item["visual_context"][None].to(device),
-                             item["keyboard"], item["mouse"], num_steps, shift,
-                             torch.Generator().manual_seed(seed), autocast)
-    model.train(was_training)
+    latents = generate_cached_clip(model, item, item["keyboard"], item["mouse"], num_steps, shift, seed, autocast)
+    other = other_clip_index(index, len(clips)) if control and len(clips) > 1 else None
+    if other is not None:
+        swapped = clips[other]
+        control_latents = generate_cached_clip(model, item, swapped["keyboard"], swapped["mouse"], num_steps, shift,
+                                               seed, autocast)
     if not write:
         return {}
     vae = load_vae(vae_path, device=device, dtype=run_dtype(device))
     generated = decode_frames(vae, latents)
+    controlled = decode_frames(vae, control_latents) if other is not None else None
     del vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
     truth = RecordingClipDataset([clip], height, width)[0]["video"].transpose(0, 1)
+    frames_psnr = first_frames_psnr(generated, truth)
+    info = {"epoch": epoch, "clip": clip.clip_id, "num_steps": num_steps, "timestep_shift": shift, "seed": seed,
+            "psnr_frames_1_to_8": frames_psnr}
+    if other is not None:
+        control_score = score_panels({"control": controlled}, item["keyboard"], item["mouse"], keyboard_keys)["control"]
+        info["control"] = {
+            "meaning": "the same clip generated from the same noise with another clip's actions, scored against "
+                       "this clip's actions: a model that follows the keys scores clearly lower here",
+            "actions_of": clips.clips[other].clip_id, "score": control_score}
     written, scores = write_preview(
         Path(out_dir) / f"epoch{epoch}.mp4", {"generated": generated, "ground truth": truth}, item["keyboard"],
-        item["mouse"], keyboard_keys,
-        {"epoch": epoch, "clip": clip.clip_id, "num_steps": num_steps, "timestep_shift": shift, "seed": seed})
+        item["mouse"], keyboard_keys, info)
     ours, real = scores["generated"]["overall"], scores["ground truth"]["overall"]
-    summary = (f"{written.parent.name}/{written.name}: action-following "
-               + ("n/a" if ours is None else f"{ours:.2f}") + " (ground truth "
-               + ("n/a" if real is None else f"{real:.2f}") + ")")
-    return {"preview": summary, "preview_score": ours, "preview_truth_score": real}
+    shuffled = control_score["overall"] if other is not None else None
+    summary = (f"{written.parent.name}/{written.name}: action-following {format_share(ours)} ("
+               + (f"another clip's keys {format_share(shuffled)}, " if other is not None else "")
+               + f"ground truth {format_share(real)})"
+               + ("" if frames_psnr is None else f", PSNR of frames 1-{PSNR_FRAMES} {frames_psnr:.1f} dB"))
+    result = {"preview": summary, "preview_score": ours, "preview_truth_score": real, "preview_psnr": frames_psnr}
+    if other is not None:
+        result["preview_shuffled_score"] = shuffled
+    return result
+

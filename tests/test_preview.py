@@ -156,6 +156,8 @@ def test_the_preview_clip_is_the_most_active_one():
     assert previews.preview_clip_index([idle, keys_once, keys_and_mouse]) == 2
     assert previews.preview_clip_index([idle, keys_once, keys_once]) == 1
     assert previews.preview_clip_index([idle]) == 0
+    assert previews.most_active_clips([idle, keys_once, keys_and_mouse, keys_once], 3) == [2, 1, 3]
+    assert previews.most_active_clips([idle], 4) == [0]
 
 
 def test_epoch_preview_leaves_the_random_state_alone(tiny_assets, trained, tmp_path):

@@ -368,5 +368,7 @@ def test_demo_end_to_end(tmp_path):
     assert history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
     info = (out / fb.INFO_FILE).read_text()
     for field in ("device:", "parameters: total", "trainable", "frozen", "strategy full", "Data report:",
-                  "epoch 8: train loss", "action gain", "s per optimizer step", "checkpoints:", "status: finished"):
+                  "epoch 8: train loss", "action gain", "s per optimizer step", "checkpoints:", "status: finished",
+                  "\ncontrols: action gain "):  # the one line on whether the keys were learned, under the status
         assert field in info, field
+    assert "\ncontrols: action gain " in done.stdout  # and the last words of the run

@@ -203,6 +203,11 @@ def _correlation(x: torch.Tensor, y: torch.Tensor) -> float | None:
     return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
 
 
+def format_share(value: float | None) -> str:
+    """A score or share as printed in previews and run summaries: two decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def action_following_score(frames: torch.Tensor, keyboard: torch.Tensor, mouse: torch.Tensor,
                            keyboard_keys=("W", "S", "A", "D"), *, min_shift: float = 0.5,
                            min_zoom: float = 0.002, min_mouse: float = 0.01) -> dict:

@@ -513,7 +513,11 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def encode_single_pass(self, video: torch.Tensor) -> torch.Tensor:
         """encode, computed over all frames at once (A.4 single-pass equivalent); for checks."""
-        video = self._check_video(video)
+        return self.encode_with_grad(self._check_video(video))
+
+    def encode_with_grad(self, video: torch.Tensor) -> torch.Tensor:
+        """The single-pass encode with gradients and without input checks: for training a VAE
+        (demo_world/vae_training.py). video [B, 3, 1+4k, H, W] on the VAE's device and dtype."""
         return self.normalize(self._mu(self.encoder(video)))
 
     # --- decode
@@ -552,8 +556,11 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def decode_single_pass(self, latents: torch.Tensor) -> torch.Tensor:
         """decode, computed over all latent frames at once (A.4 single-pass equivalent); for checks."""
-        latents = self._check_latents(latents)
-        return self.decoder(self.conv2(self.denormalize(latents))).clamp_(-1, 1)
+        return self.decode_with_grad(self._check_latents(latents)).clamp_(-1, 1)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """The single-pass decode with gradients, unclamped: for training a VAE (see encode_with_grad)."""
+        return self.decoder(self.conv2(self.denormalize(latents)))
 
 
 class StreamingDecoder:

@@ -1,0 +1,263 @@
+"""Does fine-tuning teach the controls? Train a tiny model on the demo world on CPU and
+measure, epoch by epoch, how much its predictions and its videos depend on the keys.
+
+    python bench/bench_learn_controls.py                    # the recipe below: ~15 minutes on 2 cores
+    python bench/bench_learn_controls.py --shifts=1,3,5     # one run per TIMESTEP_SHIFT
+    python bench/bench_learn_controls.py --epochs=5 --out=/tmp/lc   # shorter, elsewhere
+
+Training is finetune_base_model.train() itself, on the --demo set-up (demo_world/setup.py:
+the demo recording, the trained demo VAE) with the recipe's settings; it saves the weights
+of every evaluated epoch. Each of those is then scored (after training, so the training
+budget is training alone):
+
+  * validation loss and action gain (training/flow_matching.validate: validation loss with
+    another clip's actions / with the true ones) at EVAL_SIGMAS fixed noise levels, the same
+    for every TIMESTEP_SHIFT (the training script's own validation sigmas follow the shift,
+    so its numbers do not compare across shifts; they are printed too);
+  * previews of PREVIEW_CLIPS validation clips, each generated from the same noise with its
+    own actions and with another clip's (generation/previews.other_clip_index), scored by
+    the action-following score against the clip's own actions, beside the real frames'
+    score and the PSNR of generated frames 1-8 against the real ones.
+
+Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with PIL) and
+OUT/learn_controls.json. Progress is measured in optimizer steps and epochs: the wall
+times printed depend on what else the machine runs.
+"""
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import convert_unreal_data as data  # noqa: E402
+import finetune_base_model as fb  # noqa: E402
+from demo_world.setup import DEMO_RECORDING_FRAMES, demo_paths_under, prepare_demo  # noqa: E402
+from generation.bidirectional import decode_frames  # noqa: E402
+from generation.finetuned import load_model  # noqa: E402
+from generation.previews import (first_frames_psnr, generate_cached_clip, most_active_clips,  # noqa: E402
+                                 other_clip_index, score_panels)
+from latents.cache import EncodingSettings, LatentCache  # noqa: E402
+from latents.dataset import CachedClipDataset  # noqa: E402
+from recordings.clips import RecordingClipDataset  # noqa: E402
+from recordings.report import check_data  # noqa: E402
+from training.flow_matching import validate  # noqa: E402
+from wan import flow  # noqa: E402
+from wan.files import write_atomic, write_json_atomic  # noqa: E402
+from wan.vae import load_vae  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# The recipe: the --demo settings with these changes (on a shared 2-core CPU, one thread:
+# about 6 minutes to render and encode the recording, 7 of training, 3 of scoring).
+RECIPE = dict(NUM_EPOCHS=40)
+# Four times the demo's recording. On the demo's 900 frames (82 training clips) the model
+# learns to use the keys on its training clips (action gain 1.011 there after 55 epochs) but
+# not on validation (1.000): it memorises how each clip moves. On 3600 frames the validation
+# gain grows steadily (1.010 after 40 epochs).
+RECORDING_FRAMES = 4 * DEMO_RECORDING_FRAMES
+EVAL_EVERY_EPOCHS = 5                  # score every N epochs and the last
+EVAL_SIGMAS = flow.validation_sigmas(8, shift=1.0)  # the quantiles of uniform noise levels
+PREVIEW_CLIPS = 4                      # the most active validation clips
+PREVIEW_STEPS = 20                     # Euler steps per preview (the scores barely change beyond)
+THREADS = 1                            # the tiny model's ops are small: threads mostly wait on each other
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_epoch(settings: dict, weights: Path, val_set, vae, truths: dict) -> dict:
+    """Validation at EVAL_SIGMAS and the previews of one epoch's weights."""
+    loaded = load_model(settings["BASE_MODEL_DIR"], weights, settings["KEYBOARD_KEYS"], torch.device("cpu"),
+                        torch.float32)
+    model, keys = loaded.model, loaded.keyboard_keys
+    result = validate(model, val_set, EVAL_SIGMAS, settings["SEED"], torch.device("cpu"), nullcontext())
+    scores = {"true": [], "shuffled": [], "truth": [], "psnr": []}
+    for index, truth in truths.items():
+        item = val_set[index]
+        other = val_set[other_clip_index(index, len(val_set))]
+        videos = {}
+        for name, actions in (("true", item), ("shuffled", other)):
+            latents = generate_cached_clip(model, item, actions["keyboard"], actions["mouse"], PREVIEW_STEPS,
+                                           settings["TIMESTEP_SHIFT"], settings["SEED"], nullcontext())
+            videos[name] = decode_frames(vae, latents)
+        videos["truth"] = truth
+        panel_scores = score_panels(videos, item["keyboard"], item["mouse"], keys)  # all against the true actions
+        for name in ("true", "shuffled", "truth"):
+            scores[name].append(panel_scores[name]["overall"])
+        scores["psnr"].append(first_frames_psnr(videos["true"], truth))
+    return {"val_loss": result["val_loss"], "action_gain": result.get("action_gain"),
+            **{f"preview_{name}": mean(values) for name, values in scores.items()}}
+
+
+def mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_one(base: dict, shift: float, epochs: int, out: Path) -> dict:
+    """Train with TIMESTEP_SHIFT=shift, then score the saved epochs. Returns the run's record."""
+    run_dir = out / f"shift{shift:g}"
+    settings = dict(base, TIMESTEP_SHIFT=shift, NUM_EPOCHS=epochs, CHECKPOINT_DIR=str(run_dir),
+                    SAVE_EVERY_EPOCHS=1, PREVIEW_EVERY_EPOCHS=0, RESUME=False)
+    fb.check_settings(settings)
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own folder: a rerun starts afresh
+    print(f"\n=== TIMESTEP_SHIFT={shift:g}: training {epochs} epochs into {run_dir}", flush=True)
+    started = time.time()
+    summary = fb.train(settings)
+    train_seconds = time.time() - started
+    history = {entry["epoch"]: entry for entry in summary["history"]}
+
+    report = check_data(settings["DATA_DIR"], data.data_settings(settings))
+    cache = LatentCache(settings["CACHE_DIR"])
+    encoding = EncodingSettings.for_files(settings["VAE_PATH"], settings["CLIP_PATH"], settings["VIDEO_HEIGHT"],
+                                          settings["VIDEO_WIDTH"], settings["CACHE_DTYPE"])
+    val_set = CachedClipDataset(report.split.val, settings["CACHE_DIR"], encoding, cache)
+    vae = load_vae(settings["VAE_PATH"])
+    truths = {i: RecordingClipDataset([report.split.val[i]], settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"])[0]
+              ["video"].transpose(0, 1) for i in most_active_clips(report.split.val, PREVIEW_CLIPS)}
+    epochs_scored = sorted({e for e in history if e % EVAL_EVERY_EPOCHS == 0} | {max(history)})
+    rows = []
+    for epoch in epochs_scored:
+        weights = run_dir / f"base_finetuned_epoch{epoch}.safetensors"
+        row = {"epoch": epoch, "step": history[epoch]["step"], "train_loss": history[epoch]["train_loss"],
+               "run_val_loss": history[epoch].get("val_loss"), "run_action_gain": history[epoch].get("action_gain"),
+               **score_epoch(settings, weights, val_set, vae, truths)}
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return {"shift": shift, "train_seconds": train_seconds, "steps": summary["steps"], "rows": rows,
+            "train_clips": len(report.split.train), "val_clips": len(report.split.val)}
+
+
+HEADER = (f"{'epoch':>5} {'step':>6} {'train':>7} {'val':>7} {'gain':>7} {'val*':>7} {'gain*':>7} "
+          f"{'true':>5} {'shuf':>5} {'real':>5} {'PSNR':>5}")
+
+
+def format_row(row: dict) -> str:
+    def number(value, width, digits):
+        return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+    return (f"{row['epoch']:>5} {row['step']:>6} {number(row['train_loss'], 7, 4)} {number(row['val_loss'], 7, 4)} "
+            f"{number(row['action_gain'], 7, 4)} {number(row['run_val_loss'], 7, 4)} "
+            f"{number(row['run_action_gain'], 7, 4)} {number(row['preview_true'], 5, 2)} "
+            f"{number(row['preview_shuffled'], 5, 2)} {number(row['preview_truth'], 5, 2)} "
+            f"{number(row['preview_psnr'], 5, 1)}")
+
+
+# -----------------------------------------------------------------------------
+# The plot (PIL: no plotting library is a dependency)
+
+PANELS = (("val_loss", "validation loss (fixed sigmas)"), ("action_gain", "action gain (fixed sigmas)"),
+          ("preview", "action-following: true keys (solid), other keys (dashed), real (dotted)"),
+          ("preview_psnr", "PSNR of generated frames 1-8 (dB)"))
+COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
+
+
+def plot(runs: list[dict], path: Path) -> Path:
+    """One panel per measure, one line per run, epochs along x."""
+    panel_w, panel_h, margin = 460, 260, 46
+    image = Image.new("RGB", (2 * panel_w, 2 * panel_h + 30), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    x = 10
+    for r, run in enumerate(runs):  # each run's name in its colour
+        label = f"TIMESTEP_SHIFT={run['shift']:g}"
+        draw.text((x, 2 * panel_h + 8), label, fill=COLOURS[r % len(COLOURS)], font=font)
+        x += draw.textlength(label, font=font) + 20
+    for k, (name, title) in enumerate(PANELS):
+        x0, y0 = (k % 2) * panel_w, (k // 2) * panel_h
+        series = []  # (run index, style, [(epoch, value)])
+        for r, run in enumerate(runs):
+            keys = (("preview_true", "solid"), ("preview_shuffled", "dashed"), ("preview_truth", "dotted")) \
+                if name == "preview" else ((name, "solid"),)
+            for key, style in keys:
+                points = [(row["epoch"], row[key]) for row in run["rows"] if row.get(key) is not None]
+                if points:
+                    series.append((r, style, points))
+        draw.text((x0 + margin, y0 + 6), title, fill="black", font=font)
+        if not series:
+            continue
+        xs = [x for _, _, pts in series for x, _ in pts]
+        ys = [y for _, _, pts in series for _, y in pts]
+        x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
+        y_lo, y_hi = min(ys), max(ys)
+        if name == "action_gain":
+            y_lo = min(y_lo, 1.0)
+        pad = (y_hi - y_lo) * 0.08 or 0.01
+        y_lo, y_hi = y_lo - pad, y_hi + pad
+        left, top, right, bottom = x0 + margin, y0 + 24, x0 + panel_w - 12, y0 + panel_h - 24
+
+        def at(x, y):
+            return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+        draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
+        decimals = max(0, 1 - math.floor(math.log10((y_hi - y_lo) / 4)))  # ticks that differ in print
+        for i in range(5):
+            value = y_lo + (y_hi - y_lo) * i / 4
+            y = at(x_lo, value)[1]
+            draw.line((left, y, right, y), fill=(235, 235, 235))
+            draw.text((x0 + 2, y - 6), f"{value:.{decimals}f}", fill="black", font=font)
+        draw.text((left, bottom + 6), f"epoch {x_lo}", fill="black", font=font)
+        draw.text((right - 50, bottom + 6), f"epoch {x_hi}", fill="black", font=font)
+        if name == "action_gain" and y_lo < 1 < y_hi:
+            y = at(x_lo, 1.0)[1]
+            draw.line((left, y, right, y), fill=(160, 160, 160), width=1)
+        for r, style, points in series:
+            colour = COLOURS[r % len(COLOURS)]
+            pixels = [at(x, y) for x, y in points]
+            for (a, b), step in zip(zip(pixels, pixels[1:]), range(len(pixels))):
+                if style == "solid" or (style == "dashed" and step % 2 == 0):
+                    draw.line((a, b), fill=colour, width=2)
+                elif style == "dotted":
+                    for t in range(0, 11, 2):
+                        px, py = a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10
+                        draw.ellipse((px - 1, py - 1, px + 1, py + 1), fill=colour)
+            for px, py in pixels:
+                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
+    return write_atomic(path, lambda temporary: image.save(temporary, format="PNG"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shifts", default=None, help="TIMESTEP_SHIFT values, comma-separated (default: the recipe's)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {RECIPE['NUM_EPOCHS']})")
+    parser.add_argument("--out", default="bench_runs/learn_controls", help="where runs, plot and JSON go")
+    parser.add_argument("--frames", type=int, default=RECORDING_FRAMES,
+                        help=f"frames of the demo recording (default {RECORDING_FRAMES})")
+    parser.add_argument("--threads", type=int, default=THREADS, help=f"torch CPU threads (default {THREADS})")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).resolve()
+    settings, _ = fb.parse_settings(["--demo", *(f"--{name}={value}" for name, value in demo_paths_under(out / "demo").items())])
+    settings.update(RECIPE)
+    shifts = [float(s) for s in args.shifts.split(",")] if args.shifts else [settings["TIMESTEP_SHIFT"]]
+    epochs = args.epochs or settings["NUM_EPOCHS"]
+    prepare_demo(settings, args.frames)
+    print(f"torch {torch.__version__}, {args.threads} thread(s); recipe: {RECIPE}; {args.frames} recorded frames; "
+          f"scored every {EVAL_EVERY_EPOCHS} epochs at sigmas {', '.join(f'{s:.2f}' for s in EVAL_SIGMAS.tolist())}")
+    runs = []
+    for shift in shifts:
+        runs.append(run_one(settings, shift, epochs, out))
+        plot(runs, out / "learn_controls.png")
+        write_json_atomic(out / "learn_controls.json", {"recipe": RECIPE, "recording_frames": args.frames, "runs": runs})
+    print("\nval/gain: at the fixed sigmas; val*/gain*: the training script's own validation (sigmas of its shift);"
+          "\ntrue/shuf/real: action-following of previews with the true keys, another clip's keys, and the real "
+          "frames (all scored against the true keys); PSNR: generated frames 1-8 vs the real ones")
+    for run in runs:
+        print(f"\nTIMESTEP_SHIFT={run['shift']:g}: {run['steps']} optimizer steps in {run['train_seconds']:.0f} s "
+              f"(wall time on a shared machine: noisy); {run['train_clips']} training / {run['val_clips']} validation clips")
+        print(HEADER)
+        for row in run["rows"]:
+            print(format_row(row))
+    print(f"\nplot: {out / 'learn_controls.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
