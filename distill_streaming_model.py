@@ -599,10 +599,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             lr = apply_learning_rate(student_optimizer, student_lr, schedule, step)
             grad_norm = critic_norm = None
             if result.loss is not None:
-                grad_norm = RECIPE.clip_gradients(roles.student_trainable, s)
+                grad_norm = RECIPE.clip_gradients(student_optimizer, roles.student_trainable, s)
             if roles.critic is not None:
                 apply_learning_rate(critic_optimizer, s["CRITIC_LR"], schedule, step)
-                critic_norm = RECIPE.clip_gradients(roles.critic_trainable, s)
+                critic_norm = RECIPE.clip_gradients(critic_optimizer, roles.critic_trainable, s)
             norms = [n for n in (grad_norm, critic_norm) if n is not None]
             if not all(math.isfinite(n) for n in norms):
                 raise TrainingError(f"a gradient norm became {norms} at step {step + 1}; training stopped before "
