@@ -96,7 +96,8 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
     full = lora is None and (metadata.get("contents") == FULL_CONTENTS or set(shapes) == set(expected))
     missing = [n for n in expected if n not in shapes] if full else [n for n in adapters if n not in shapes]
     if unknown or wrong or missing:
-        what = "this full state dict" if full else f"this LoRA file (rank {lora.rank}, {','.join(lora.layers())})"
+        what = ("this full state dict" if full else "this file of trained tensors" if lora is None
+                else f"this LoRA file (rank {lora.rank}, {','.join(lora.layers())})")
         lines = ([f"not in the model: {x}" for x in unknown] + [f"wrong shape: {x}" for x in wrong]
                  + [f"missing from {what}: {x}" for x in missing])
         raise CheckpointError(f"{path} does not fit the model of {base_dir} with a keyboard of {width} "

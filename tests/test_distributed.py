@@ -64,19 +64,21 @@ def assert_close(a: dict, b: dict, tolerance: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,engine", [("action_only", "DDP"), ("full", "FSDP")])
-def test_two_ranks_batch_one_equal_one_rank_batch_two(tiny_assets, tmp_path, strategy, engine):
-    two = torchrun([SCRIPT, *args_for(tiny_assets, tmp_path / "two", TRAINING_STRATEGY=strategy, BATCH_SIZE=1)])
+@pytest.mark.parametrize("strategy,engine,extra", [("action_only", "DDP", {}), ("full", "FSDP", {}),
+                                                  ("lora", "FSDP", {"SHARD_MODEL": True, "LORA_RANK": 4})])
+def test_two_ranks_batch_one_equal_one_rank_batch_two(tiny_assets, tmp_path, strategy, engine, extra):
+    two = torchrun([SCRIPT, *args_for(tiny_assets, tmp_path / "two", TRAINING_STRATEGY=strategy, BATCH_SIZE=1,
+                                      **extra)])
     assert two.returncode == 0, two.stderr[-3000:]
     info = (tmp_path / "two" / fb.INFO_FILE).read_text()
     assert f"{engine} over 2 ranks" in info and "effective batch 2 (BATCH_SIZE 1 x GRAD_ACCUM_STEPS 1 x 2" in info
     assert list((tmp_path / "two" / fb.PREVIEW_DIR).glob("epoch2.*"))  # the main rank wrote the preview
     one = run([sys.executable, SCRIPT, *args_for(tiny_assets, tmp_path / "one", TRAINING_STRATEGY=strategy,
-                                                 BATCH_SIZE=2)])
+                                                 BATCH_SIZE=2, **extra)])
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
     assert_close(a, b, 1e-5)
-    history = [torch.load(tmp_path / d / STATE_FILE, weights_only=False)["history"] for d in ("two", "one")]
+    history = [torch.load(tmp_path / d / STATE_FILE, weights_only=True)["history"] for d in ("two", "one")]
     assert [h["val_loss"] for h in history[0]] == pytest.approx([h["val_loss"] for h in history[1]], rel=1e-5)
     assert [h["train_loss"] for h in history[0]] == pytest.approx([h["train_loss"] for h in history[1]], rel=1e-5)
 

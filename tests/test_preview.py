@@ -139,7 +139,7 @@ def test_training_writes_a_preview_of_a_validation_clip_with_the_ema_weights(tra
     assert "preview previews/epoch1.mp4: action-following" in (out / fb.INFO_FILE).read_text()
     # the preview ran on the EMA weights (those of the final file), not the raw trained ones
     final = load_file(out / fb.FINAL_FILE)
-    raw = torch.load(out / STATE_FILE, weights_only=False)["trainable"]
+    raw = torch.load(out / STATE_FILE, weights_only=True)["trainable"]
     assert all(torch.equal(seen[n], final[n]) for n in seen)
     assert any(not torch.equal(seen[n], raw[n]) for n in seen)
 

@@ -237,7 +237,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save(tiny_assets
     monkeypatch.setattr(training.recipe, "flow_matching_step", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at optimizer step 3 .*remain valid"):
         fb.train(s)
-    state = torch.load(Path(s["CHECKPOINT_DIR"]) / STATE_FILE, weights_only=False)
+    state = torch.load(Path(s["CHECKPOINT_DIR"]) / STATE_FILE, weights_only=True)
     assert state["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
     assert not (Path(s["CHECKPOINT_DIR"]) / fb.FINAL_FILE).exists()
@@ -247,7 +247,7 @@ def test_ema_weights_go_to_validation_and_the_final_file(tiny_assets, tmp_path):
     s = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=1", "EMA_DECAY=0.5", "TRAINING_STRATEGY=full")
     fb.train(s)
     out = Path(s["CHECKPOINT_DIR"])
-    state = torch.load(out / STATE_FILE, weights_only=False)
+    state = torch.load(out / STATE_FILE, weights_only=True)
     final = load_file(out / fb.FINAL_FILE)
     assert all(torch.equal(final[n], t) for n, t in state["ema"].items())
     assert any(not torch.equal(final[n], t) for n, t in state["trainable"].items())
@@ -363,7 +363,7 @@ def test_demo_end_to_end(tmp_path):
     for name in ("base_finetuned_epoch5.safetensors", fb.FINAL_FILE, METRICS_FILE, fb.INFO_FILE, STATE_FILE):
         assert (out / name).is_file(), name
     assert list((out / fb.PREVIEW_DIR).glob("epoch8.*"))  # the demo previews its last epoch
-    history = torch.load(out / STATE_FILE, weights_only=False)["history"]
+    history = torch.load(out / STATE_FILE, weights_only=True)["history"]
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
     assert history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
     info = (out / fb.INFO_FILE).read_text()
