@@ -38,11 +38,9 @@ rollout.py, dmd.py, streaming_validation.py), the run folder in runs/.
 
 import datetime
 import math
-import os
 import platform
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +68,8 @@ from training.epochs import actions_digest, stream_item
 from training.flow_matching import model_inputs, prepare_trainable
 from training.optim import build_adamw
 from training.precision import MIXED_PRECISIONS, choose_precision
-from training.ranks import Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, wrap_for_ranks
+from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
+                            wrap_for_ranks)
 from training.recipe import TrainingRecipe
 from training.rollout import FewStepSchedule, SampleNoise, conditions_from_batch, exit_step_for
 from training.schedule import LRSchedule, apply_learning_rate
@@ -690,19 +689,8 @@ def main(argv=None) -> int:
         print(text)
         return 0
     except BaseException as error:
-        expected = isinstance(error, (ValueError, OSError, TrainingError, CheckpointError, CacheError,
-                                      GenerationError))
-        if ranks.world == 1 and not expected:
-            raise
-        where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
-        if expected:
-            print(f"error{where}: {error}", file=sys.stderr, flush=True)
-        else:
-            traceback.print_exc()
-            print(f"error{where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        if ranks.world > 1:
-            os._exit(1)  # the other ranks may wait in a collective for this one: torchrun stops them
-        return 1
+        return end_with_error(error, ranks, (ValueError, OSError, TrainingError, CheckpointError, CacheError,
+                                             GenerationError))
     if ranks.world > 1:
         dist.destroy_process_group()
     if ranks.main:

@@ -18,11 +18,9 @@ train() below reads as its phases; the pieces live in the `runs` (run folder) an
 
 import datetime
 import math
-import os
 import platform
 import sys
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +48,8 @@ from training.data import prepare_data
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
 from training.flow_matching import model_inputs, validate
 from training.precision import MIXED_PRECISIONS, choose_precision
-from training.ranks import (Ranks, full_tensors, gradient_sync, init_ranks, load_full_tensors, sharded,
-                            wrap_for_ranks)
+from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
+                            sharded, wrap_for_ranks)
 from training.recipe import Savers, TrainingRecipe, lora_config
 from training.schedule import LRSchedule, apply_learning_rate
 from wan import flow
@@ -587,20 +585,7 @@ def main(argv=None) -> int:
         print(text)
         return 0
     except BaseException as error:
-        expected = isinstance(error, (ValueError, OSError, TrainingError, CheckpointError, CacheError))
-        if ranks.world == 1 and not expected:
-            raise
-        where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
-        if expected:
-            print(f"error{where}: {error}", file=sys.stderr, flush=True)
-        else:
-            traceback.print_exc()
-            print(f"error{where}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        if ranks.world > 1:
-            # The other ranks may be waiting in a collective for this one: leave at once and
-            # let torchrun stop them, rather than hang in a clean shutdown.
-            os._exit(1)
-        return 1
+        return end_with_error(error, ranks, (ValueError, OSError, TrainingError, CheckpointError, CacheError))
     if ranks.world > 1:
         dist.destroy_process_group()
     history = summary["history"]

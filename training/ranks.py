@@ -4,6 +4,8 @@ and scattering for saving and resuming on any number of ranks."""
 
 import datetime
 import os
+import sys
+import traceback
 from contextlib import nullcontext
 
 import torch
@@ -117,3 +119,23 @@ def load_full_tensors(targets: dict, tensors: dict) -> None:
         if isinstance(target, DTensor):
             full = distribute_tensor(full, target.device_mesh, target.placements)
         target.copy_(full)
+
+
+def end_with_error(error: BaseException, ranks: "Ranks", expected: tuple) -> int:
+    """A trainer script's failure: an expected error (bad input, a named problem) prints
+    its message, anything else its traceback too, and the script exits 1. On one process an
+    unexpected error is re-raised instead (its traceback is the report). On several ranks
+    the process leaves at once: the others may wait in a collective for this one, and
+    torchrun stops them, rather than all hanging in a clean shutdown. Call from an except
+    block."""
+    is_expected = isinstance(error, expected)
+    if ranks.world == 1 and not is_expected:
+        raise
+    where = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+    if not is_expected:
+        traceback.print_exc()
+    print(f"error{where}: {error if is_expected else f'{type(error).__name__}: {error}'}", file=sys.stderr,
+          flush=True)
+    if ranks.world > 1:
+        os._exit(1)
+    return 1
