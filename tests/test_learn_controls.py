@@ -18,8 +18,8 @@ written on); the test asks for MIN_LOSS_RATIO = 1.2. The trained model's action 
 is about 2.0, where a model that ignores the actions scores exactly 1; the test asks for
 MIN_GAIN = 1.5. Zeroing only the keyboard or only the mouse of the trained model raises
 its loss by about 38% and 20%: each branch must cost at least MIN_BRANCH_RATIO = 1.1, so
-one branch left unwired fails too. 300 steps of a 1.6M-parameter model: about 15 s on one
-CPU thread.
+one branch left unwired fails too. 300 steps of a 1.6M-parameter model: 15-40 s on one
+CPU thread, depending on what else runs.
 """
 
 from contextlib import nullcontext

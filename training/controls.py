@@ -30,10 +30,15 @@ def controls_verdict(gain: float) -> str:
             "not match the frames: check KEY_MAP and MOUSE_SCALE)")
 
 
+def measured_gains(history: list[dict]) -> list[tuple[int, float]]:
+    """(epoch, action gain) of every epoch that measured one (it needs 2+ validation clips)."""
+    return [(entry["epoch"], entry["action_gain"]) for entry in history if entry.get("action_gain") is not None]
+
+
 def last_gain(history: list[dict]) -> float | None:
     """The action gain of the last epoch that measured one, or None."""
-    gains = [entry["action_gain"] for entry in history if entry.get("action_gain") is not None]
-    return gains[-1] if gains else None
+    gains = measured_gains(history)
+    return gains[-1][1] if gains else None
 
 
 def controls_learned(history: list[dict]) -> bool:
@@ -44,7 +49,7 @@ def controls_learned(history: list[dict]) -> bool:
 def describe_controls(history: list[dict]) -> str:
     """One line on whether the run's model follows the controls, from its per-epoch history
     (entries as training writes them: epoch, action_gain, preview_score, preview_shuffled_score)."""
-    gains = [(entry["epoch"], entry["action_gain"]) for entry in history if entry.get("action_gain") is not None]
+    gains = measured_gains(history)
     if not gains:
         return "controls: not measured - the action gain needs 2 or more validation clips (raise VAL_FRACTION)"
     (first_epoch, first), (last_epoch, last) = gains[0], gains[-1]
