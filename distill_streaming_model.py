@@ -47,8 +47,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_choices, check_ranges
@@ -59,7 +57,7 @@ from latents.cache import CACHE_DTYPES, CacheError
 from planning.distill import plan_distillation
 from runs.errors import TrainingError
 from runs.folder import RunFolder
-from runs.info import device_name, format_count, git_commit
+from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training import diffusion_forcing as df
 from training.data import prepare_data
 from training.dmd import DistillationModels, RolloutSettings, critic_micro_batch, generator_micro_batch
@@ -165,7 +163,7 @@ STUDENT_FOLDER = "student"
 PREVIEW_DIR = "previews"
 METRICS_COLUMNS = ("step", "loss", "critic_loss", "lr", "grad_norm", "critic_grad_norm", "sigma", "exit_step",
                    "seconds_per_step")
-RECIPE = TrainingRecipe()                # gradient clipping, as in fine-tuning
+RECIPE = TrainingRecipe()                # gradient clipping and the optimizers' saved state, as in fine-tuning
 # A run continues only with the settings that shaped its state and its data order.
 RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KEYBOARD_KEYS", "DATA_DIR",
                      "CACHE_DTYPE", "VIDEO_HEIGHT", "VIDEO_WIDTH", "SEQUENCE_LENGTH", "CLIP_STRIDE", "MOUSE_SCALE",
@@ -439,19 +437,14 @@ def format_validation(entry: dict) -> str:
 
 def info_text(header: list, status: str, history: list, metrics: list, device, ranks: Ranks, exports: list,
               settings_text: str, report, cache_report) -> str:
-    seconds = [m["seconds_per_step"] for m in metrics[-100:]]
     lines = header + [f"status: {status}", "",
                       "Validation (the student streams the validation clips through the real streaming loop; teacher "
                       "distance: RMS latent difference to the teacher's many-step video of the same window, lower is "
                       "closer; action score: video/action_score.py, 1 = every frame pair moves as commanded):"]
     lines += [format_validation(h) for h in history] or ["  none yet"]
-    lines += ["", f"speed: {sum(seconds) / len(seconds):.3f} s per optimizer step (last {len(seconds)})"
-              if seconds else "speed: no steps yet"]
-    if device.type == "cuda":
-        lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-                     + (" (rank 0)" if ranks.world > 1 else ""))
-    lines += ["students: " + (", ".join(exports) or "none yet") + " (play one: python play_world.py --MODEL_DIR=...)",
-              "", "Settings:", settings_text, "", "Data report:", report.format(), "", cache_report.format(), ""]
+    lines += ["", *speed_lines(metrics, device, ranks.world),
+              "students: " + (", ".join(exports) or "none yet") + " (play one: python play_world.py --MODEL_DIR=...)",
+              *settings_and_data_lines(settings_text, report, cache_report)]
     return "\n".join(lines)
 
 
@@ -492,7 +485,6 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                                            cache_dtype)
         df_weights = df.bell_weights(s["DF_SHIFT"], s["DF_WEIGHTING"])
         df_bounds = df.index_bounds(s["DF_MIN_SIGMA"], s["DF_MAX_SIGMA"], s["DF_SHIFT"])
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
         # --- resume: the saved tensors, optimizers, EMA and place in the stream
         step, history, ema, ema_updates = 0, [], None, 0
@@ -503,12 +495,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 raise TrainingError(f"cannot resume {run.state_path}: the training clips or their actions differ from "
                                     "the saved run's (did the data, KEY_MAP or INVERT_MOUSE_Y change?)")
             load_full_tensors(roles.student_trainable, saved["student"])
-            set_optimizer_state_dict(roles.student, student_optimizer, saved["student_optimizer"],
-                                     options=StateDictOptions(full_state_dict=True, strict=False))
+            RECIPE.load_optimizer_state(roles.student, student_optimizer, saved["student_optimizer"])
             if roles.critic is not None:
                 load_full_tensors(roles.critic_trainable, saved["critic"])
-                set_optimizer_state_dict(roles.critic, critic_optimizer, saved["critic_optimizer"],
-                                         options=StateDictOptions(full_state_dict=True, strict=False))
+                RECIPE.load_optimizer_state(roles.critic, critic_optimizer, saved["critic_optimizer"])
             if saved["ema"] is not None:
                 ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
                 load_full_tensors(ema.shadow, saved["ema"])
@@ -540,9 +530,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 "train_clips": [c.clip_id for c in prepared.split.train],
                 "train_actions": actions_digest(prepared.split.train),
                 "student": full_tensors(roles.student_trainable, ranks.main),
-                "student_optimizer": get_optimizer_state_dict(roles.student, student_optimizer, options=options),
+                "student_optimizer": RECIPE.optimizer_state(roles.student, student_optimizer),
                 "critic": full_tensors(roles.critic_trainable, ranks.main) if roles.critic is not None else None,
-                "critic_optimizer": get_optimizer_state_dict(roles.critic, critic_optimizer, options=options)
+                "critic_optimizer": RECIPE.optimizer_state(roles.critic, critic_optimizer)
                 if roles.critic is not None else None,
                 "ema": full_tensors(ema.shadow, ranks.main) if ema is not None else None,
                 "ema_updates": ema_updates, "schedule": schedule.state_dict(), "global_step": step,

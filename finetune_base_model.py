@@ -42,7 +42,7 @@ from recordings.errors import DataError
 from recordings.report import check_data
 from runs.errors import TrainingError
 from runs.folder import RunFolder
-from runs.info import device_name, format_count, git_commit
+from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training.controls import controls_learned, describe_controls
 from training.data import prepare_data
 from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
@@ -299,7 +299,6 @@ def run_header(s: dict, ranks: Ranks, device, precision, model, trainable: dict,
 def info_text(header: list, status: str, history: list, metrics: list, ema, device, ranks: Ranks,
               checkpoints: list, settings_text: str, report, cache_report) -> str:
     """training_info.txt: the header, the status, one line per epoch, speed, files, settings, data."""
-    seconds = [m["seconds_per_step"] for m in metrics[-100:]]
     lines = header + [f"status: {status}"] + ([describe_controls(history)] if history else []) + ["", "Per epoch:"]
     lines += [f"  epoch {h['epoch']}: train loss {h['train_loss']:.5f}, val loss "
               + (f"{h['val_loss']:.5f}" if h.get("val_loss") is not None else "n/a")
@@ -308,13 +307,8 @@ def info_text(header: list, status: str, history: list, metrics: list, ema, devi
               + (" (EMA weights)" if ema is not None else "")
               + f", {h['seconds']:.0f} s" + (f"; preview {h['preview']}" if h.get("preview") else "")
               for h in history]
-    lines += ["", f"speed: {sum(seconds) / len(seconds):.3f} s per optimizer step (last {len(seconds)})"
-              if seconds else "speed: no steps yet"]
-    if device.type == "cuda":
-        lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-                     + (" (rank 0)" if ranks.world > 1 else ""))
-    lines += ["checkpoints: " + (", ".join(checkpoints) or "none yet"), "", "Settings:", settings_text,
-              "", "Data report:", report.format(), "", cache_report.format(), ""]
+    lines += ["", *speed_lines(metrics, device, ranks.world), "checkpoints: " + (", ".join(checkpoints) or "none yet"),
+              *settings_and_data_lines(settings_text, report, cache_report)]
     return "\n".join(lines)
 
 

@@ -28,3 +28,20 @@ def device_name(device: torch.device) -> str:
 
 def format_count(n: int) -> str:
     return f"{n:,} ({n / 1e6:.1f}M)"
+
+
+def speed_lines(metrics: list[dict], device: torch.device, world: int) -> list[str]:
+    """The mean seconds per optimizer step over the last 100 steps and, on CUDA, the peak
+    GPU memory so far (of this rank)."""
+    seconds = [m["seconds_per_step"] for m in metrics[-100:]]
+    lines = [f"speed: {sum(seconds) / len(seconds):.3f} s per optimizer step (last {len(seconds)})"
+             if seconds else "speed: no steps yet"]
+    if device.type == "cuda":
+        lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                     + (" (rank 0)" if world > 1 else ""))
+    return lines
+
+
+def settings_and_data_lines(settings_text: str, report, cache_report) -> list[str]:
+    """The end of an info file: every setting, the data report and the cache report."""
+    return ["", "Settings:", settings_text, "", "Data report:", report.format(), "", cache_report.format(), ""]
