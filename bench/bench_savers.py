@@ -32,6 +32,7 @@ import finetune_base_model as fb  # noqa: E402
 from demo_world.setup import DEMO_MODEL  # noqa: E402
 from planning.measure import latent_grid, measure_training  # noqa: E402
 from planning.plan import model_config, with_margin  # noqa: E402
+from training.flow_matching import batch_from_random_inputs  # noqa: E402
 from wan.config import tiny_config  # noqa: E402
 from wan.model import WanModel, random_inputs  # noqa: E402
 
@@ -110,9 +111,7 @@ def _seconds_per_step(config, s: dict, frames: int, latent_h: int, latent_w: int
     recipe.offload(model, s, cpu)
     optimizer = recipe.make_optimizer(trainable, s, cpu, cpu)
     ema = recipe.make_ema(trainable, s, cpu)
-    made = random_inputs(config, 2, frames, latent_h, latent_w)
-    inputs = {"latents": made["x"], "cond_concat": made["cond_concat"], "visual_context": made["visual_context"],
-              "keyboard": made["keyboard_cond"], "mouse": made["mouse_cond"]}
+    inputs = batch_from_random_inputs(random_inputs(config, 2, frames, latent_h, latent_w))
     g = torch.Generator().manual_seed(0)
     times = []
     for step in range(steps + 1):

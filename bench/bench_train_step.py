@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from demo_world.setup import DEMO_MODEL  # noqa: E402
 from planning.measure import measure_training  # noqa: E402
+from training.flow_matching import batch_from_random_inputs  # noqa: E402
 from training.recipe import TrainingRecipe  # noqa: E402
 from bench_model import bf16_peak_tflops, build_model, forward_flops, time_steps  # noqa: E402
 from wan import flow  # noqa: E402
@@ -70,15 +71,13 @@ def one_case(config_name: str, strategy: str, frames: int, height: int, width: i
     f = latent_frame_count(frames)
     h, w = latent_size(height, width)
     g = torch.Generator().manual_seed(0)
-    random = random_inputs(config, 1, f, h, w, device=device)
-    inputs = {"latents": random["x"], "cond_concat": random["cond_concat"], "visual_context": random["visual_context"],
-              "keyboard": random["keyboard_cond"], "mouse": random["mouse_cond"]}
+    inputs = batch_from_random_inputs(random_inputs(config, 1, f, h, w, device=device))
 
     def step():
         sigma = flow.sample_sigmas(1, generator=g)
         noise = torch.randn(inputs["latents"].shape, generator=g)
         recipe.micro_batch(model, inputs, sigma, noise, autocast, 1.0)
-        recipe.clip_gradients(trainable, settings)
+        recipe.clip_gradients(optimizer, trainable, settings)
         recipe.optimizer_step(optimizer, None, trainable, 0)
 
     seconds = time_steps(step, device, steps, warmup=1)  # the warm-up step allocates the optimizer state

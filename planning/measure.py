@@ -18,6 +18,7 @@ from planning.memory import MemoryTracker
 from generation.bidirectional import decode_frames, sample_latents
 from latents.cache import CACHE_DTYPES
 from latents.encoders import encode_clip_batch
+from training.flow_matching import batch_from_random_inputs
 from training.recipe import TrainingRecipe
 from wan.action import action_tables
 from wan.clip import CLIPVisionConfig, CLIPVisionTower
@@ -77,10 +78,9 @@ def materialise(module: torch.nn.Module, device: torch.device, dtype: torch.dtyp
 def training_inputs(config: WanConfig, batch: int, latent_frames: int, latent_height: int, latent_width: int,
                     device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """A micro-batch as model_inputs() puts it on the device: (inputs, sigma, noise)."""
-    made = random_inputs(config, batch, latent_frames, latent_height, latent_width, device=device)
-    inputs = {"latents": made["x"], "cond_concat": made["cond_concat"], "visual_context": made["visual_context"],
-              "keyboard": made["keyboard_cond"], "mouse": made["mouse_cond"]}
-    return inputs, torch.rand(batch, device=device), torch.randn_like(made["x"])
+    inputs = batch_from_random_inputs(random_inputs(config, batch, latent_frames, latent_height, latent_width,
+                                                    device=device))
+    return inputs, torch.rand(batch, device=device), torch.randn_like(inputs["latents"])
 
 
 def build_tables(config: WanConfig, latent_frames: int, latent_height: int, latent_width: int, device) -> None:

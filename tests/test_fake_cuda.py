@@ -23,7 +23,7 @@ from generation.bidirectional import decode_frames, sample_latents
 from latents.encoders import encode_clip_batch
 from planning.imitation import CudaKernelsOnly, cuda_autocast_without_gpu, fake_tensors
 from planning.measure import materialise, meta_module
-from training.flow_matching import flow_matching_step, model_inputs, prepare_trainable
+from training.flow_matching import batch_from_random_inputs, flow_matching_step, model_inputs, prepare_trainable
 from wan.clip import CLIPVisionConfig, CLIPVisionTower
 from wan.config import tiny_config
 from wan.device import autocast_for, run_dtype
@@ -57,9 +57,7 @@ def fake_cuda():
 
 def cpu_batch(config, batch: int = 2) -> dict:
     """A micro-batch as the DataLoader gives it: on the CPU."""
-    made = random_inputs(config, batch, 3, 4, 6)
-    return {"latents": made["x"], "cond_concat": made["cond_concat"], "visual_context": made["visual_context"],
-            "keyboard": made["keyboard_cond"], "mouse": made["mouse_cond"]}
+    return batch_from_random_inputs(random_inputs(config, batch, 3, 4, 6))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

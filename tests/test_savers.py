@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model_helpers import tiny_model
+from training.flow_matching import batch_from_random_inputs
 from training.recipe import TrainingRecipe
 from wan.model import random_inputs
 
@@ -40,9 +41,7 @@ def train(strategy: str, savers: dict) -> tuple[dict, dict]:
     model.train()
     recipe.offload(model, settings, CPU)
     optimizer = recipe.make_optimizer(trainable, settings, CPU, CPU)
-    made = random_inputs(model.config, 2, 2, 4, 4)
-    inputs = {"latents": made["x"], "cond_concat": made["cond_concat"], "visual_context": made["visual_context"],
-              "keyboard": made["keyboard_cond"], "mouse": made["mouse_cond"]}
+    inputs = batch_from_random_inputs(random_inputs(model.config, 2, 2, 4, 4))
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
         sigma, noise = torch.rand(2, generator=g), torch.randn(inputs["latents"].shape, generator=g)

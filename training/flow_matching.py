@@ -28,6 +28,13 @@ def prepare_trainable(model: WanModel, strategy: str, last_layers: int, lora: Lo
     return {name: params[name] for name in names}
 
 
+def batch_from_random_inputs(made: dict) -> dict:
+    """wan.model.random_inputs()'s keyword inputs of the model, named as a training batch
+    (the cache's Dataset names, which model_inputs reads): for tests, benchmarks and the planner."""
+    return {"latents": made["x"], "cond_concat": made["cond_concat"], "visual_context": made["visual_context"],
+            "keyboard": made["keyboard_cond"], "mouse": made["mouse_cond"]}
+
+
 def model_inputs(batch: dict, device: torch.device) -> dict:
     return {name: batch[name].to(device, non_blocking=True)
             for name in ("latents", "cond_concat", "visual_context", "keyboard", "mouse")}
