@@ -68,8 +68,9 @@ def preview_clip_index(clips) -> int:
 
 
 def other_clip_index(index: int, count: int) -> int:
-    """The clip whose actions stand in for clip index's in a control: half the set away, as
-    validation's shuffled actions (neighbouring clips overlap in time and share their actions)."""
+    """The clip whose actions stand in for clip index's in a control (the previews' and
+    validation's shuffled actions): half the set away, because neighbouring clips overlap in
+    time and share most of their actions, so a shift by one would change little."""
     return (index + max(1, count // 2)) % count
 
 

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from generation.previews import other_clip_index
 from runs.errors import TrainingError
 from wan import flow
 from wan.lora import LoRAConfig, add_lora
@@ -66,9 +67,7 @@ def validate(model, val_set, sigmas: torch.Tensor, seed: int, device, autocast, 
     """
     model.eval()
     n = len(val_set)
-    # Every clip gets the actions of the clip half the set away: neighbouring validation clips
-    # overlap in time and share most of their actions, so a shift by one would change little.
-    other = [(i + max(1, n // 2)) % n for i in range(n)]
+    other = [other_clip_index(i, n) for i in range(n)]  # half the set away (see there why)
     sums = torch.zeros(3, len(sigmas), dtype=torch.float64)  # true, shuffled, count
     for k in range(math.ceil(n / world)):
         index = k * world + rank
