@@ -135,6 +135,7 @@ SCORE_MAX_TIMESTEP = 980.0               # ... (the reference and FastVideo's st
 # validation: fixed clips streamed through the real streaming loop
 VAL_EVERY_STEPS = 100                    # and before the first step and after the last
 VAL_CLIPS = 4                            # the most active validation clips
+VAL_SAMPLES = 4                          # noises per clip, student and teacher: the distribution distance compares them all (1: off)
 TEACHER_STEPS = 50                       # Euler steps of the teacher's reference videos
 VAL_PREVIEW = True                       # write previews/step<N>.mp4: student, teacher, ground truth with the action overlay
 # speed and memory
@@ -171,7 +172,7 @@ RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KE
                      "EFFECTIVE_BATCH", "ADAM_BETAS", "WEIGHT_DECAY", "WARMUP_STEPS", "MIN_LR_RATIO", "MAX_GRAD_NORM",
                      "EMA_DECAY", "EMA_START_STEP", "DF_LEARNING_RATE", "DF_SHIFT", "DF_WEIGHTING", "DF_MIN_SIGMA",
                      "DF_MAX_SIGMA", "GENERATOR_EVERY", "GENERATOR_LR", "CRITIC_LR", "SCORE_MIN_TIMESTEP",
-                     "SCORE_MAX_TIMESTEP", "VAL_CLIPS",
+                     "SCORE_MAX_TIMESTEP", "VAL_CLIPS", "VAL_SAMPLES",
                      "TEACHER_STEPS", "MIXED_PRECISION", "SEED")
 STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS"}
 
@@ -429,7 +430,9 @@ def format_validation(entry: dict) -> str:
         value = entry.get(name)
         return "n/a" if value is None else format(value, fmt)
 
-    return (f"  step {entry['step']}: teacher distance {number('teacher_distance', '.4f')}, action score "
+    return (f"  step {entry['step']}: teacher distance {number('teacher_distance', '.4f')}, distribution distance "
+            f"{number('distribution_distance', '.4f')} (spread: student {number('student_spread', '.4f')}, teacher "
+            f"{number('teacher_spread', '.4f')}), action score "
             f"{number('action_score', '.2f')} (teacher {number('teacher_action_score', '.2f')}), "
             f"{number('fps', '.1f')} frames/s ({entry['weights']} weights)"
             + (f"; preview {entry['preview']}" if entry.get("preview") else ""))
@@ -440,7 +443,11 @@ def info_text(header: list, status: str, history: list, metrics: list, device, r
     lines = header + [f"status: {status}", "",
                       "Validation (the student streams the validation clips through the real streaming loop; teacher "
                       "distance: RMS latent difference to the teacher's many-step video of the same window, lower is "
-                      "closer; action score: video/action_score.py, 1 = every frame pair moves as commanded):"]
+                      "closer; distribution distance: energy distance between the student's and the teacher's videos "
+                      "from VAL_SAMPLES noises each, 0 when they are alike in distribution - what distillation "
+                      "lowers, while the teacher distance also rewards a student that makes the average video; "
+                      "spread: mean RMS difference of two videos from different noises; action score: "
+                      "video/action_score.py, 1 = every frame pair moves as commanded):"]
     lines += [format_validation(h) for h in history] or ["  none yet"]
     lines += ["", *speed_lines(metrics, device, ranks.world),
               "students: " + (", ".join(exports) or "none yet") + " (play one: python play_world.py --MODEL_DIR=...)",
@@ -555,7 +562,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         # --- validation: fixed clips, the teacher's reference videos made once
         val_source = val_set if len(val_set) else train_set
         val_clips = prepare_validation(roles.teacher, val_source, s["VAL_CLIPS"], s["TEACHER_STEPS"],
-                                       s["TIMESTEP_SHIFT"], s["SEED"], device, precision.autocast)
+                                       s["TIMESTEP_SHIFT"], s["SEED"], device, precision.autocast, s["VAL_SAMPLES"])
 
         def validate() -> None:
             with ema.weights_in(roles.student_trainable) if ema is not None else nullcontext():
@@ -654,9 +661,16 @@ def run_demo(s: dict, ranks: Ranks, device) -> dict:
             print(f"\n=== demo: stage {stage} into {stage_settings['CHECKPOINT_DIR']} ===")
         summaries[stage] = train(stage_settings, ranks, device)
     first, last = summaries["dmd"]["history"][0], summaries["dmd"]["history"][-1]
-    if ranks.main:
-        print(f"\ndemo: the stage-A student's 3-step stream is {first['teacher_distance']:.4f} from the teacher's "
-              f"50-step video; after stage B, {last['teacher_distance']:.4f}. Play it: python play_world.py --demo")
+
+    def shown(entry: dict, name: str) -> str:
+        return "n/a" if entry.get(name) is None else f"{entry[name]:.4f}"
+
+    if ranks.main:  # the distribution distance is the one DMD lowers (training/streaming_validation.py says why)
+        print(f"\ndemo: the stage-A student's 3-step streams are {shown(first, 'distribution_distance')} from the "
+              f"teacher's 50-step videos in distribution (energy distance over {s['VAL_SAMPLES']} noises per clip); "
+              f"after stage B, {shown(last, 'distribution_distance')}. The RMS difference of one stream to one "
+              f"teacher video: {shown(first, 'teacher_distance')}, then {shown(last, 'teacher_distance')} (two of the "
+              f"teacher's own videos: {shown(last, 'teacher_spread')}). Play it: python play_world.py --demo")
     return summaries["dmd"]
 
 

@@ -305,7 +305,8 @@ SETTING_RULES = {
     "DF_STEPS": at_least(1), "DF_LEARNING_RATE": positive, "DF_SHIFT": positive, "DF_MIN_SIGMA": in_range(0, 1),
     "DF_MAX_SIGMA": in_range(0, 1), "DMD_STEPS": at_least(1), "GENERATOR_EVERY": at_least(1), "GENERATOR_LR": positive,
     "CRITIC_LR": positive, "SCORE_MIN_TIMESTEP": in_range(0, 1000), "SCORE_MAX_TIMESTEP": in_range(0, 1000),
-    "VAL_EVERY_STEPS": at_least(1), "VAL_CLIPS": at_least(1), "TEACHER_STEPS": at_least(1),
+    "VAL_EVERY_STEPS": at_least(1), "VAL_CLIPS": at_least(1), "VAL_SAMPLES": at_least(1),
+    "TEACHER_STEPS": at_least(1),
     "EXPORT_EVERY_STEPS": at_least(0),
 }
 

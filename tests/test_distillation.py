@@ -1,5 +1,5 @@
 """The distillation method on tiny models: diffusion forcing (stage A), Self-Forcing rollouts,
-the DMD gradient and the critic's loss (stage B)."""
+the DMD gradient and the critic's loss (stage B), and validation's distances."""
 
 from contextlib import nullcontext
 
@@ -13,6 +13,7 @@ from training.dmd import (DistillationModels, RolloutSettings, critic_losses, cr
                           dmd_direction, dmd_losses, generator_micro_batch, per_sample_mean, score_sigmas)
 from training.epochs import seeded_generator, stream_item, epoch_order
 from training.rollout import Conditions, FewStepSchedule, SampleNoise, exit_step_for, rollout
+from training.streaming_validation import energy_distance, latent_distance, sample_seed, spread
 from wan.causal import causal_from
 from wan.conditioning import cond_concat_from_latent
 from wan.shapes import video_frame_count
@@ -328,3 +329,36 @@ def test_a_critic_equal_to_the_teacher_gives_no_dmd_gradient():
                                  nullcontext(), 1.0)
     assert made["losses"].abs().max() < 1e-10  # separately allocated equal models: equal to rounding
     assert all(p.grad is None or p.grad.abs().max() < 1e-8 for p in student.parameters())
+
+
+# ----------------------------------------------------------------------------- validation's distances
+
+def test_the_energy_distance_charges_a_student_that_makes_the_mean_video():
+    """Teacher videos: a mean plus unit noise. A student that always makes the mean video is
+    closer to one teacher video in RMS than a student sampling the teacher's own
+    distribution - the trap of one-sample RMS - but farther in energy distance, which is
+    about 0 for the matching student and grows with a wrong mean."""
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 16, 3, H, W)
+    mean = torch.randn(shape, generator=g)
+
+    def draws(count, offset=0.0):
+        return [mean + offset + torch.randn(shape, generator=g) for _ in range(count)]
+
+    teachers, matching, blurred = draws(24), draws(24), [mean.clone() for _ in range(24)]
+    assert latent_distance(blurred[0], teachers[0]) < latent_distance(matching[0], teachers[0])
+    assert spread(teachers) == pytest.approx(2 ** 0.5, rel=0.05) and spread(blurred) == 0
+    assert abs(energy_distance(matching, teachers)) < 0.05
+    # 2 E|mean - T| - 0 - E|T - T'| = 2 - sqrt(2) for unit noise
+    assert energy_distance(blurred, teachers) == pytest.approx(2 - 2 ** 0.5, abs=0.05)
+    shifted, further = energy_distance(draws(24, 0.5), teachers), energy_distance(draws(24, 1.0), teachers)
+    assert 0.05 < shifted < further
+    assert energy_distance(matching[:1], teachers) is None and spread(teachers[:1]) is None
+
+
+def test_validation_noise_seeds():
+    """The first noise of each clip keeps its seed + clip index; every other is its own stream."""
+    assert [sample_seed(42, n, 0) for n in range(3)] == [42, 43, 44]
+    others = {sample_seed(42, n, k) for n in range(3) for k in range(1, 4)}
+    assert len(others) == 9 and not others & {42, 43, 44}
+    assert sample_seed(42, 1, 2) == sample_seed(42, 1, 2) != sample_seed(7, 1, 2)
