@@ -26,7 +26,7 @@ SCRIPT = str(REPO_ROOT / "distill_streaming_model.py")
 # 21 frames = 6 latent frames = 2 blocks of 3; tiny everything, one thread (see run())
 TINY = dict(SEQUENCE_LENGTH=21, CLIP_STRIDE=8, BATCH_SIZE=1, DF_STEPS=4, DMD_STEPS=6, GENERATOR_EVERY=2,
             DF_LEARNING_RATE=1e-3, GENERATOR_LR=1e-3, CRITIC_LR=1e-3, EMA_DECAY=0.5, EMA_START_STEP=2,
-            VAL_EVERY_STEPS=100, VAL_CLIPS=1, TEACHER_STEPS=3, VAL_PREVIEW=False, SAVE_EVERY_STEPS=2,
+            VAL_EVERY_STEPS=100, VAL_CLIPS=1, VAL_SAMPLES=2, TEACHER_STEPS=3, VAL_PREVIEW=False, SAVE_EVERY_STEPS=2,
             LOG_EVERY_STEPS=1, MIXED_PRECISION="fp32", GRADIENT_CHECKPOINTING=False, NUM_WORKERS=0, DEVICE="cpu")
 
 
@@ -94,12 +94,15 @@ def test_stage_a_then_b_write_a_student_that_play_world_loads(stage_a, tmp_path)
     assert names == ["metrics.csv", "previews", "student", "training_info.txt", "training_state.pt"]
     assert [h["step"] for h in summary["history"]] == [0, 4]
     assert all(h["teacher_distance"] > 0 and h["fps"] > 0 for h in summary["history"])
+    # two noises per clip: both sides' spreads, the teacher's made once for the run
+    assert all(h["distribution_distance"] is not None and h["student_spread"] > 0 for h in summary["history"])
+    assert len({h["teacher_spread"] for h in summary["history"]}) == 1 and summary["history"][0]["teacher_spread"] > 0
     assert list((out / "previews").glob("step4.*"))
     rows = (out / METRICS_FILE).read_text().splitlines()
     assert rows[0].split(",") == list(ds.METRICS_COLUMNS) and len(rows) == 1 + 4
     info = (out / ds.INFO_FILE).read_text()
     for field in ("stage causal_init", "teacher:", "window 6", "diffusion forcing", "step 4: teacher distance",
-                  "action score", "frames/s", "students: student", "status: finished"):
+                  "distribution distance", "action score", "frames/s", "students: student", "status: finished"):
         assert field in info, field
 
     b = dict(s, STAGE="dmd", STUDENT_DIR=str(out / "student"), CHECKPOINT_DIR=str(tmp_path / "dmd"), DMD_STEPS=4)
