@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_choices, check_ranges
-from demo_world.distill_demo import DISTILL_DEMO_SETTINGS, demo_stage_settings, missing_demo_inputs
+from demo_world.distill_demo import DEMO_STAGES, DISTILL_DEMO_SETTINGS, demo_stage_settings, missing_demo_inputs
 from generation.errors import GenerationError
 from generation.finetuned import load_model
 from latents.cache import CACHE_DTYPES, CacheError
@@ -733,7 +733,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
 # --demo and --plan
 
 def run_demo(s: dict, ranks: Ranks, device) -> dict:
-    """Stage A, then stage B from its student, on the fine-tuning demo's outputs."""
+    """Stage A, then B from its student, then C from B's, on the fine-tuning demo's outputs."""
     missing = missing_demo_inputs(s)
     if missing:
         raise SettingsError(f"--demo distils the outputs of `python finetune_base_model.py --demo`, run from this "
@@ -741,17 +741,19 @@ def run_demo(s: dict, ranks: Ranks, device) -> dict:
     # Tiny models gain nothing from more threads, and lose much when the cores are shared.
     torch.set_num_threads(1)
     summaries = {}
-    for stage in ("causal_init", "dmd"):
+    for stage in DEMO_STAGES:
         stage_settings = {**s, **demo_stage_settings(stage)}
         check_settings(stage_settings)
         if ranks.main:
             print(f"\n=== demo: stage {stage} into {stage_settings['CHECKPOINT_DIR']} ===")
         summaries[stage] = train(stage_settings, ranks, device)
-    first, last = summaries["dmd"]["history"][0], summaries["dmd"]["history"][-1]
+    before, after_b = summaries["dmd"]["history"][0], summaries["dmd"]["history"][-1]
+    after_c = summaries["long_tune"]["history"][-1]
     if ranks.main:
-        print(f"\ndemo: the stage-A student's 3-step stream is {first['teacher_distance']:.4f} from the teacher's "
-              f"50-step video; after stage B, {last['teacher_distance']:.4f}. Play it: python play_world.py --demo")
-    return summaries["dmd"]
+        print(f"\ndemo: the stage-A student's 3-step stream is {before['teacher_distance']:.4f} from the teacher's "
+              f"50-step video; after stage B, {after_b['teacher_distance']:.4f}; after stage C, "
+              f"{after_c['teacher_distance']:.4f}. Play it: python play_world.py --demo")
+    return summaries["long_tune"]
 
 
 def plan(s: dict) -> str:
