@@ -3,8 +3,10 @@
     python distill_streaming_model.py --STAGE=causal_init                  # A: the causal student
     python distill_streaming_model.py --STAGE=dmd --STUDENT_DIR=distill/causal_init/student \\
         --CHECKPOINT_DIR=distill/dmd                                       # B: few-step DMD
-    python play_world.py --MODEL_DIR=distill/dmd/student                   # play it
-    python distill_streaming_model.py --demo      # A then B on the tiny demo models, CPU (demo_run/distill/)
+    python distill_streaming_model.py --STAGE=long_tune --STUDENT_DIR=distill/dmd/student \
+        --CHECKPOINT_DIR=distill/long_tune                                 # C: long streams
+    python play_world.py --MODEL_DIR=distill/long_tune/student             # play it
+    python distill_streaming_model.py --demo      # A, B, C on the tiny demo models, CPU (demo_run/distill/)
     python distill_streaming_model.py --plan      # GPU memory of each stage, on 1 and on 8 GPUs
     python distill_streaming_model.py --help      # every setting, its value and meaning
     torchrun --nproc_per_node=8 distill_streaming_model.py --STAGE=dmd ...  # several GPUs (FSDP)
@@ -21,10 +23,14 @@ cache, each block under the player's latest keys and mouse. It is made in stages
                   your clips' first frames under their recorded actions, exactly as it
                   will when played; the frozen fine-tuned model (the teacher) and a trained
                   copy of it (the critic) pull those videos towards the teacher's.
-
-(The public recipe's third stage, streaming long tuning on 39-latent-frame streams, is not
-here yet: stage B's clips already roll the student's window when SEQUENCE_LENGTH gives more
-latent frames than LOCAL_ATTN_SIZE, as the default 57 frames = 15 latent frames do.)
+  C  long_tune    streaming long tuning: stage B's method on streams as long as play -
+                  each stream lives across iterations and grows from its KV cache by
+                  STREAM_CHUNK_LATENTS - STREAM_OVERLAP_LATENTS latent frames per
+                  iteration up to STREAM_MAX_LATENTS (39 = 153 frames), so the student
+                  learns from its own long-horizon states (rolled window, drift); teacher
+                  and critic judge the stream's last STREAM_CHUNK_LATENTS frames, anchored
+                  on the decoded stream, the new frames only (training/long_tuning.py).
+                  Its runs save where a stream ends (every few iterations), not mid-stream.
 
 Each stage writes CHECKPOINT_DIR/student/, a streaming model folder that play_world.py
 (and the next stage's STUDENT_DIR) loads like the official students. Read
@@ -33,7 +39,7 @@ its distance to the teacher's 50-step video, its action-following score and its 
 per second are recorded, with a preview video.
 
 train() below reads as its phases; the method lives in training/ (diffusion_forcing.py,
-rollout.py, dmd.py, streaming_validation.py), the run folder in runs/.
+rollout.py, dmd.py, long_tuning.py, streaming_validation.py), the run folder in runs/.
 """
 
 import datetime

@@ -22,6 +22,7 @@ from play.model import load_play_model
 from runs.folder import METRICS_FILE, STATE_FILE
 from wan.config import tiny_config
 from wan.loading import STREAMING_WEIGHTS_NAME
+from wan.vae import VAEConfig, WanVAE
 
 SCRIPT = str(REPO_ROOT / "distill_streaming_model.py")
 # 21 frames = 6 latent frames = 2 blocks of 3; tiny everything, one thread (see run())
@@ -260,5 +261,12 @@ def test_the_plan_counts_three_models_and_shards_what_fsdp_shards():
     assert b.peak > a.peak and b.flops > a.flops > 0
     sharded = sum(b.breakdown.get(label, 0) for label in (memory.WEIGHTS, memory.OPTIMIZER_STATE, memory.GRADIENTS))
     assert per_gpu(b, 1) == b.peak and per_gpu(b, 4) == pytest.approx(b.peak - sharded * 3 / 4)
+    # stage C: stage B's models plus the VAE (bf16 like the teacher) for the anchors
+    c = plan.stages["long_tune"]
+    with torch.device("meta"):
+        vae = list(WanVAE(VAEConfig()).parameters())
+    vae_bytes, vae_slack = sum(p.numel() for p in vae) * 2, 512 * len(vae)
+    assert abs(c.breakdown[memory.WEIGHTS] - b.breakdown[memory.WEIGHTS] - vae_bytes) <= vae_slack
+    assert c.breakdown[memory.OPTIMIZER_STATE] == b.breakdown[memory.OPTIMIZER_STATE] and c.flops > 0
     text = plan.format()
-    assert "Stage A" in text and "Stage B" in text and "fits" in text and "H100" in text
+    assert "Stage A" in text and "Stage B" in text and "Stage C" in text and "fits" in text and "H100" in text
