@@ -397,6 +397,15 @@ def diffusion_forcing_step(s: dict, roles: Roles, dataset, step: int, ranks: Ran
     return StepResult(total / samples, None, sigma_total / samples, None)
 
 
+def matching_result(s: dict, ranks: Ranks, sums: list, generator_step: bool, exit_step: int | None) -> StepResult:
+    """Stages B and C: this rank's sums of (student loss, critic loss, critic sigma) over its
+    samples, as means over every rank's."""
+    total = ranks.sum(sums)
+    samples = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
+    return StepResult(total[0] / samples if generator_step else None, total[1] / samples, total[2] / samples,
+                      exit_step)
+
+
 def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, device, autocast,
                                rollout_settings: RolloutSettings) -> StepResult:
     """Stage B: in every micro-batch, on a generator step, a rollout with gradients and the
@@ -424,10 +433,7 @@ def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks:
                                         autocast, scale)
         sums[1] += judged["losses"].sum().item()
         sums[2] += judged["sigma"].sum().item()
-    total = ranks.sum(sums)
-    samples = s["BATCH_SIZE"] * accum * ranks.world
-    return StepResult(total[0] / samples if generator_step else None, total[1] / samples, total[2] / samples,
-                      exit_step)
+    return matching_result(s, ranks, sums, generator_step, exit_step)
 
 
 def long_tuning_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, device, autocast,
@@ -465,10 +471,7 @@ def long_tuning_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, de
                                  scale, window.mask)
         sums[1] += judged["losses"].sum().item()
         sums[2] += judged["sigma"].sum().item()
-    total = ranks.sum(sums)
-    samples = s["BATCH_SIZE"] * accum * ranks.world
-    return StepResult(total[0] / samples if generator_step else None, total[1] / samples, total[2] / samples,
-                      exit_step)
+    return matching_result(s, ranks, sums, generator_step, exit_step)
 
 
 # -----------------------------------------------------------------------------

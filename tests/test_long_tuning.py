@@ -7,35 +7,19 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import test_distillation
 from model_helpers import perturb_, tiny_model
+from test_distillation import H, W, conditions
 from training.dmd import DistillationModels, RolloutSettings, critic_loss, generator_loss
 from training.long_tuning import StreamPlan, advance, new_stream
-from training.rollout import Conditions, FewStepSchedule, SampleNoise, rollout
+from training.rollout import FewStepSchedule, SampleNoise, rollout
 from wan.causal import causal_from
-from wan.conditioning import cond_concat_from_latent
 from wan.shapes import video_frame_count
 from wan.vae import VAEConfig, WanVAE
 
-H, W = 4, 6
 SCHEDULE = FewStepSchedule.of((1000, 666, 333), 5.0)
 SMALL = StreamPlan(chunk=6, overlap=3, max_latents=12)  # 6 new, then 3 and 3: three iterations
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def conditions(batch=1, frames=12, seed=0) -> Conditions:
-    g = torch.Generator().manual_seed(seed)
-    rows = video_frame_count(frames)
-    return Conditions(cond_concat_from_latent(torch.randn(batch, 16, frames, H, W, generator=g)),
-                      torch.randn(batch, 5, 32, generator=g),
-                      (torch.rand(batch, rows, 4, generator=g) > 0.5).float(),
-                      torch.randn(batch, rows, 2, generator=g) * 0.1)
+one_thread = test_distillation.one_thread  # autouse: tiny models on one torch thread
 
 
 def tiny_vae() -> WanVAE:
