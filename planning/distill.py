@@ -185,12 +185,12 @@ def measure_dmd(config: WanConfig, settings: dict, grid: tuple) -> Measurement:
 
 
 def measure_long_tune(config: WanConfig, settings: dict, grid: tuple) -> Measurement:
-    """Stage C's generator iteration after a sequence's first: the three models, two AdamW,
-    the EMA, the VAE and the stream's KV cache resident; the next new latent frames with
-    gradients at the last step of every block, the anchor (VAE decode and encode while
-    their graphs wait), the window's scores and the student's backward, the critic's
-    forward and backward on the same window; clipping and both optimizer steps. (A
-    sequence's first iteration is stage B's step on a clip of STREAM_CHUNK_LATENTS.)"""
+    """Stage C's generator iterations: the three models, two AdamW, the EMA, the VAE and the
+    stream's KV cache resident; a sequence's first iteration (STREAM_CHUNK_LATENTS new
+    latent frames with gradients at the last step of every block, the window's scores and
+    both backwards) and a later one (fewer new frames from the cache, but the anchor's VAE
+    decode and encode while their graphs wait); clipping and both optimizer steps after
+    each. The peak is the heavier's; the FLOPs per step the mean over a sequence."""
     bf16 = settings["MIXED_PRECISION"] == "bf16"
     plan = StreamPlan(settings["STREAM_CHUNK_LATENTS"], settings["STREAM_OVERLAP_LATENTS"],
                       settings["STREAM_MAX_LATENTS"])
@@ -205,17 +205,23 @@ def measure_long_tune(config: WanConfig, settings: dict, grid: tuple) -> Measure
         tracker.track([t for layer in stream.cache.layers for kv in layer.rolling() for t in (kv.k, kv.v)],
                       memory.INPUTS)
         noise, schedule = SampleNoise(0, "long_tune", list(range(batch)), IMITATED_DEVICE), roles.rollout_settings.schedule
-        last_step = len(schedule) - 1
-        with torch.no_grad():  # the sequence's first iteration: the stream so far
-            advance(roles.student, stream, plan, 0, noise, schedule, last_step, roles.autocast, False)
         tracker.reset_peak()
-        with tracker.phase(memory.ACTIVATIONS):
-            window = advance(roles.student, stream, plan, 1, noise, schedule, last_step, roles.autocast, True)
-            generator_loss(roles.models, window.latents, window.conditions(stream), noise, roles.rollout_settings,
-                           roles.autocast, 1.0, window.mask)
-            critic_loss(roles.models, window.latents, window.conditions(stream), noise, roles.rollout_settings,
-                        roles.autocast, 1.0, window.mask)
-        return roles.step(tracker)
+        flops = [tracker.flops]
+        for iteration in (0, 1):
+            with tracker.phase(memory.ACTIVATIONS):
+                window = advance(roles.student, stream, plan, iteration, noise, schedule, len(schedule) - 1,
+                                 roles.autocast, True)
+                generator_loss(roles.models, window.latents, window.conditions(stream), noise, roles.rollout_settings,
+                               roles.autocast, 1.0, window.mask)
+                critic_loss(roles.models, window.latents, window.conditions(stream), noise, roles.rollout_settings,
+                            roles.autocast, 1.0, window.mask)
+            _step(tracker, [(roles.student_trainable, roles.student_optimizer),
+                            (roles.critic_trainable, roles.critic_optimizer)])
+            flops.append(tracker.flops)
+        first, later = flops[1] - flops[0], flops[2] - flops[1]
+        measured = roles.step(tracker)
+        n = plan.iterations_per_sequence
+        return Measurement(measured.peak, measured.breakdown, measured.peak_op, (first + (n - 1) * later) / n)
 
 
 @dataclass
@@ -248,8 +254,8 @@ class DistillationPlan:
                          "(rollout, scores, both backwards)",
                   "long_tune": f"Stage C (long_tune), windows of {s['STREAM_CHUNK_LATENTS']} latent frames in streams "
                                f"of {s['STREAM_MAX_LATENTS']}: stage B's models + the VAE + the stream's KV cache; a "
-                               f"generator iteration ({s['STREAM_CHUNK_LATENTS'] - s['STREAM_OVERLAP_LATENTS']} new "
-                               "frames from the cache, the anchor, scores, both backwards)"}
+                               "sequence's first generator iteration and a later one (new frames from the cache, the "
+                               "anchor, scores, both backwards)"}
         for stage, m in self.stages.items():
             lines += ["", titles[stage], f"  peak on one GPU: {gib(m.peak):.2f} GiB ({gib(with_margin(m.peak)):.2f} "
                       f"GiB with a margin of {MARGIN_FRACTION:.0%} + {MARGIN_FIXED_GIB} GiB)"]
