@@ -3,8 +3,10 @@
     python distill_streaming_model.py --STAGE=causal_init                  # A: the causal student
     python distill_streaming_model.py --STAGE=dmd --STUDENT_DIR=distill/causal_init/student \\
         --CHECKPOINT_DIR=distill/dmd                                       # B: few-step DMD
-    python play_world.py --MODEL_DIR=distill/dmd/student                   # play it
-    python distill_streaming_model.py --demo      # A then B on the tiny demo models, CPU (demo_run/distill/)
+    python distill_streaming_model.py --STAGE=long_tune --STUDENT_DIR=distill/dmd/student \
+        --CHECKPOINT_DIR=distill/long_tune                                 # C: long streams
+    python play_world.py --MODEL_DIR=distill/long_tune/student             # play it
+    python distill_streaming_model.py --demo      # A, B, C on the tiny demo models, CPU (demo_run/distill/)
     python distill_streaming_model.py --plan      # GPU memory of each stage, on 1 and on 8 GPUs
     python distill_streaming_model.py --help      # every setting, its value and meaning
     torchrun --nproc_per_node=8 distill_streaming_model.py --STAGE=dmd ...  # several GPUs (FSDP)
@@ -21,10 +23,14 @@ cache, each block under the player's latest keys and mouse. It is made in stages
                   your clips' first frames under their recorded actions, exactly as it
                   will when played; the frozen fine-tuned model (the teacher) and a trained
                   copy of it (the critic) pull those videos towards the teacher's.
-
-(The public recipe's third stage, streaming long tuning on 39-latent-frame streams, is not
-here yet: stage B's clips already roll the student's window when SEQUENCE_LENGTH gives more
-latent frames than LOCAL_ATTN_SIZE, as the default 57 frames = 15 latent frames do.)
+  C  long_tune    streaming long tuning: stage B's method on streams as long as play -
+                  each stream lives across iterations and grows from its KV cache by
+                  STREAM_CHUNK_LATENTS - STREAM_OVERLAP_LATENTS latent frames per
+                  iteration up to STREAM_MAX_LATENTS (39 = 153 frames), so the student
+                  learns from its own long-horizon states (rolled window, drift); teacher
+                  and critic judge the stream's last STREAM_CHUNK_LATENTS frames, anchored
+                  on the decoded stream, the new frames only (training/long_tuning.py).
+                  Its runs save where a stream ends (every few iterations), not mid-stream.
 
 Each stage writes CHECKPOINT_DIR/student/, a streaming model folder that play_world.py
 (and the next stage's STUDENT_DIR) loads like the official students. Read
@@ -33,7 +39,7 @@ its distance to the teacher's 50-step video, its action-following score and its 
 per second are recorded, with a preview video.
 
 train() below reads as its phases; the method lives in training/ (diffusion_forcing.py,
-rollout.py, dmd.py, streaming_validation.py), the run folder in runs/.
+rollout.py, dmd.py, long_tuning.py, streaming_validation.py), the run folder in runs/.
 """
 
 import datetime
@@ -50,7 +56,8 @@ import torch.distributed as dist
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_choices, check_ranges
-from demo_world.distill_demo import DISTILL_DEMO_SETTINGS, demo_stage_settings, missing_demo_inputs
+from demo_world.distill_demo import (DEMO_STAGES, DISTILL_DEMO_SETTINGS, clear_demo_runs, demo_stage_settings,
+                                     missing_demo_inputs)
 from generation.errors import GenerationError
 from generation.finetuned import load_model
 from latents.cache import CACHE_DTYPES, CacheError
@@ -60,7 +67,8 @@ from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training import diffusion_forcing as df
 from training.data import prepare_data
-from training.dmd import DistillationModels, RolloutSettings, critic_micro_batch, generator_micro_batch
+from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
+                          generator_micro_batch)
 from training.ema import EMA
 from training.epochs import actions_digest, stream_item
 from training.flow_matching import model_inputs, prepare_trainable
@@ -69,22 +77,23 @@ from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
                             wrap_for_ranks)
 from training.recipe import TrainingRecipe
+from training.long_tuning import StreamPlan, advance, new_stream
 from training.rollout import FewStepSchedule, SampleNoise, conditions_from_batch, exit_step_for
 from training.schedule import LRSchedule, apply_learning_rate
 from training.streaming_validation import prepare_validation, validate_student
 from wan.causal import CausalWanModel, causal_from
 from wan.clip import read_clip_file
 from wan.config import FRAMES_PER_BLOCK
-from wan.device import pick_device
+from wan.device import pick_device, run_dtype
 from wan.files import check_output_folder
 from wan.loading import CheckpointError, inspect_base_model, load_streaming_model, save_streaming_model
-from wan.shapes import latent_frame_count
-from wan.vae import read_vae_file
+from wan.shapes import latent_frame_count, video_frame_count
+from wan.vae import load_vae, read_vae_file
 
 # -----------------------------------------------------------------------------
 # Settings: edit them here, or override any of them with --NAME=value.
 # what to distil
-STAGE = "causal_init"                    # "causal_init" (A) or "dmd" (B); see the top of this file
+STAGE = "causal_init"                    # "causal_init" (A), "dmd" (B) or "long_tune" (C); see the top of this file
 BASE_MODEL_DIR = "models/base_model"     # the base model folder the fine-tuning started from
 CHECKPOINT = "checkpoints/base_finetuned_final.safetensors"  # your fine-tuned file over it ("": the base alone): the teacher
 KEYBOARD_KEYS = data.KEYBOARD_KEYS       # the keyboard columns the fine-tuning used
@@ -92,13 +101,13 @@ STUDENT_DIR = ""                         # the student's start, a streaming mode
 VAE_PATH = data.VAE_PATH                 # the Wan2.1 VAE (validation decodes; the cache encodes)
 CLIP_PATH = data.CLIP_PATH               # the CLIP image encoder (the cache)
 CHECKPOINT_DIR = "distill/causal_init"   # where this run writes everything (one run per folder)
-# data: the latent cache of your recordings (stage A trains on the latents; B reads only first frames and actions)
+# data: the latent cache of your recordings (stage A trains on the latents; B and C read only first frames and actions)
 DATA_DIR = data.DATA_DIR                 # one recording or a folder of recordings
 CACHE_DIR = data.CACHE_DIR               # shared with the fine-tuning: clips of the same settings are not encoded again
 CACHE_DTYPE = data.CACHE_DTYPE           # "bf16" or "fp32"
 VIDEO_HEIGHT = data.VIDEO_HEIGHT         # frame height, as in fine-tuning
 VIDEO_WIDTH = data.VIDEO_WIDTH           # frame width, as in fine-tuning
-SEQUENCE_LENGTH = data.SEQUENCE_LENGTH   # frames per clip = the window the teacher judges; its latent frames must be whole blocks of 3 (57 = 15 latent frames)
+SEQUENCE_LENGTH = data.SEQUENCE_LENGTH   # frames per clip of stages A and B = the window the teacher judges; its latent frames must be whole blocks of 3 (57 = 15 latent frames); stage C's clips: STREAM_MAX_LATENTS
 CLIP_STRIDE = data.CLIP_STRIDE           # None: SEQUENCE_LENGTH // 2
 MOUSE_SCALE = data.MOUSE_SCALE           # as in fine-tuning
 SKIP_BAD_FRAMES = data.SKIP_BAD_FRAMES   # as in fine-tuning
@@ -132,6 +141,11 @@ GENERATOR_LR = 3e-6                      # the student's AdamW learning rate
 CRITIC_LR = 3e-7                         # the critic's AdamW learning rate
 SCORE_MIN_TIMESTEP = 20.0                # teacher and critic judge the student's videos at timesteps in [MIN, MAX] ...
 SCORE_MAX_TIMESTEP = 980.0               # ... (the reference and FastVideo's stage C: 20, 980; FastVideo's stage B: 0, 1000)
+# stage C: streaming long tuning (stage B's student, optimizers, scores and GENERATOR_EVERY, on long streams)
+LONG_TUNE_STEPS = 3000                   # stage C iterations (one critic update each); whole sequences (see STREAM_MAX_LATENTS)
+STREAM_CHUNK_LATENTS = 9                 # latent frames teacher and critic judge per iteration, the stream's last ones (the recipe: 9)
+STREAM_OVERLAP_LATENTS = 3               # of those, the ones the previous iteration judged: no loss (so 9 - 3 = 6 new ones per iteration)
+STREAM_MAX_LATENTS = 39                  # a stream's length before a new clip starts (39 = 153 video frames: clips of that length)
 # validation: fixed clips streamed through the real streaming loop
 VAL_EVERY_STEPS = 100                    # and before the first step and after the last
 VAL_CLIPS = 4                            # the most active validation clips
@@ -154,8 +168,8 @@ SEED = 42                                # data order and every noise draw
 
 SETTINGS = ScriptSettings.of(globals())
 SETTING_NAMES = SETTINGS.names
-STAGES = ("causal_init", "dmd")
-FLAGS = {"--demo": "stage A then stage B on the tiny models of `python finetune_base_model.py --demo`, on CPU "
+STAGES = ("causal_init", "dmd", "long_tune")
+FLAGS = {"--demo": "stages A, B and C on the tiny models of `python finetune_base_model.py --demo`, on CPU "
                    "(writes demo_run/distill/; play the result with `python play_world.py --demo`)",
          "--plan": "predict each stage's GPU memory on 1 and on several GPUs, and what fits GPU_MEMORY_GB (no GPU "
                    "needed; minutes for the real model)"}
@@ -174,7 +188,8 @@ RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KE
                      "DF_MAX_SIGMA", "GENERATOR_EVERY", "GENERATOR_LR", "CRITIC_LR", "SCORE_MIN_TIMESTEP",
                      "SCORE_MAX_TIMESTEP", "VAL_CLIPS", "VAL_SAMPLES",
                      "TEACHER_STEPS", "MIXED_PRECISION", "SEED")
-STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS"}
+STREAM_MUST_MATCH = ("STREAM_CHUNK_LATENTS", "STREAM_OVERLAP_LATENTS", "STREAM_MAX_LATENTS")  # stage C's too
+STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS", "long_tune": "LONG_TUNE_STEPS"}
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +230,8 @@ def check_settings(s: dict) -> None:
             df.index_bounds(s["DF_MIN_SIGMA"], s["DF_MAX_SIGMA"], s["DF_SHIFT"])
         except ValueError as error:
             problems.append(f"DF_MIN_SIGMA/DF_MAX_SIGMA: {error}")
+        if s["STAGE"] == "long_tune":
+            problems += long_tune_problems(s)
     if s["STAGE"] != "causal_init" and not s["STUDENT_DIR"]:
         problems.append(f"STAGE={s['STAGE']} starts from a streaming student: set STUDENT_DIR to the previous stage's "
                         f"{STUDENT_FOLDER}/ folder (or an official student's folder)")
@@ -229,6 +246,29 @@ def check_settings(s: dict) -> None:
         problems.append(str(error))
     if problems:
         raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
+
+
+def stream_plan(s: dict) -> StreamPlan:
+    return StreamPlan(s["STREAM_CHUNK_LATENTS"], s["STREAM_OVERLAP_LATENTS"], s["STREAM_MAX_LATENTS"])
+
+
+def long_tune_problems(s: dict) -> list[str]:
+    plan = stream_plan(s)
+    problems = plan.problems(FRAMES_PER_BLOCK)
+    n = plan.iterations_per_sequence
+    if not problems and s["LONG_TUNE_STEPS"] % n:
+        problems.append(f"LONG_TUNE_STEPS={s['LONG_TUNE_STEPS']}: whole sequences of {n} iterations (a stream's KV "
+                        f"cache is not saved, so a run saves and ends where a sequence ends), e.g. "
+                        f"{s['LONG_TUNE_STEPS'] // n * n or n} or {(s['LONG_TUNE_STEPS'] // n + 1) * n}")
+    return problems
+
+
+def clip_settings(s: dict) -> dict:
+    """The settings the clips are cut with: stage C streams clips of STREAM_MAX_LATENTS
+    latent frames (first frame and actions), the other stages SEQUENCE_LENGTH frames."""
+    if s["STAGE"] == "long_tune":
+        return dict(s, SEQUENCE_LENGTH=video_frame_count(s["STREAM_MAX_LATENTS"]))
+    return s
 
 
 def check_model_files(s: dict) -> None:
@@ -359,6 +399,15 @@ def diffusion_forcing_step(s: dict, roles: Roles, dataset, step: int, ranks: Ran
     return StepResult(total / samples, None, sigma_total / samples, None)
 
 
+def matching_result(s: dict, ranks: Ranks, sums: list, generator_step: bool, exit_step: int | None) -> StepResult:
+    """Stages B and C: this rank's sums of (student loss, critic loss, critic sigma) over its
+    samples, as means over every rank's."""
+    total = ranks.sum(sums)
+    samples = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
+    return StepResult(total[0] / samples if generator_step else None, total[1] / samples, total[2] / samples,
+                      exit_step)
+
+
 def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, device, autocast,
                                rollout_settings: RolloutSettings) -> StepResult:
     """Stage B: in every micro-batch, on a generator step, a rollout with gradients and the
@@ -386,10 +435,45 @@ def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks:
                                         autocast, scale)
         sums[1] += judged["losses"].sum().item()
         sums[2] += judged["sigma"].sum().item()
-    total = ranks.sum(sums)
-    samples = s["BATCH_SIZE"] * accum * ranks.world
-    return StepResult(total[0] / samples if generator_step else None, total[1] / samples, total[2] / samples,
-                      exit_step)
+    return matching_result(s, ranks, sums, generator_step, exit_step)
+
+
+def long_tuning_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, device, autocast,
+                     rollout_settings: RolloutSettings, streams: list, vae) -> StepResult:
+    """Stage C: every micro-batch's stream advances by its next new latent frames (with
+    gradients on a generator step, then the masked DMD loss of its window into the
+    student); the critic always learns the same (detached) window. A sequence's first
+    iteration starts the streams of its clips."""
+    accum, steps = s["GRAD_ACCUM_STEPS"], len(rollout_settings.schedule)
+    generator_step = (step + 1) % s["GENERATOR_EVERY"] == 0
+    models = DistillationModels(roles.student, roles.teacher, roles.critic)
+    action = roles.student.config.action_config
+    plan = stream_plan(s)
+    sequence, iteration = plan.position(step)
+    scale = ranks.world / (s["BATCH_SIZE"] * accum * ranks.world)
+    sums = [0.0, 0.0, 0.0]  # student loss, critic loss, critic sigma
+    exit_step = exit_step_for(s["SEED"], "long_tune", step, 0, steps)  # one per step: every stream and rank
+    for micro, positions in enumerate(micro_batches(sequence, accum, s["BATCH_SIZE"], ranks)):
+        if iteration == 0:
+            streams[micro] = None  # the finished stream's cache goes before the next one's is made
+            conditions = conditions_from_batch(load_batch(dataset, positions, s["SEED"]), device,
+                                               action.enable_keyboard, action.enable_mouse)
+            streams[micro] = new_stream(roles.student, conditions, vae, rollout_settings.cache_dtype)
+        stream, last = streams[micro], micro == accum - 1
+        noise = SampleNoise(s["SEED"], f"long_tune:{step}", positions, device)
+        with gradient_sync(roles.student, roles.student, enabled=last):
+            window = advance(roles.student, stream, plan, iteration, noise, rollout_settings.schedule, exit_step,
+                             autocast, with_grad=generator_step)
+            if generator_step:
+                made = generator_loss(models, window.latents, window.conditions(stream), noise, rollout_settings,
+                                      autocast, scale, window.mask)
+                sums[0] += made["losses"].sum().item()
+        with gradient_sync(roles.critic, roles.critic, enabled=last):
+            judged = critic_loss(models, window.latents, window.conditions(stream), noise, rollout_settings, autocast,
+                                 scale, window.mask)
+        sums[1] += judged["losses"].sum().item()
+        sums[2] += judged["sigma"].sum().item()
+    return matching_result(s, ranks, sums, generator_step, exit_step)
 
 
 # -----------------------------------------------------------------------------
@@ -398,6 +482,7 @@ def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks:
 def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared, total_steps: int,
                effective_batch: int) -> list[str]:
     student_params = sum(p.numel() for p in roles.student.parameters())
+    clip_frames = clip_settings(s)["SEQUENCE_LENGTH"]
     config = roles.student.config
     lines = [
         f"Matrix-Game 2.0 streaming distillation, stage {s['STAGE']} - "
@@ -410,7 +495,7 @@ def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared,
         f"window {config.local_attn_size} (sink {config.sink_size}), {len(s['DENOISING_STEPS'])} steps "
         f"{', '.join(map(str, s['DENOISING_STEPS']))} (warped), keyboard {', '.join(roles.keys)}",
         f"data: {len(prepared.split.train)} training clips, {len(prepared.split.val)} validation clips of "
-        f"{s['SEQUENCE_LENGTH']} frames ({latent_frame_count(s['SEQUENCE_LENGTH'])} latent frames) at "
+        f"{clip_frames} frames ({latent_frame_count(clip_frames)} latent frames) at "
         f"{prepared.width}x{prepared.height}",
         f"optimisation: {total_steps} steps, effective batch {effective_batch} (BATCH_SIZE {s['BATCH_SIZE']} x "
         f"GRAD_ACCUM_STEPS {s['GRAD_ACCUM_STEPS']} x {ranks.world} rank(s))",
@@ -419,6 +504,12 @@ def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared,
         lines.append(f"objective: diffusion forcing, one noise level per block (shift {s['DF_SHIFT']}, weighting "
                      f"{s['DF_WEIGHTING']}), learning rate {s['DF_LEARNING_RATE']:g}")
     else:
+        if s["STAGE"] == "long_tune":
+            plan = stream_plan(s)
+            lines.append(f"streams: {plan.max_latents} latent frames per clip, {plan.chunk} in the first iteration "
+                         f"then {plan.new_per_iteration} per iteration ({plan.iterations_per_sequence} iterations per "
+                         f"sequence); teacher and critic judge the last {plan.chunk} ({plan.overlap} overlap frames "
+                         "without loss, the first re-encoded as an anchor)")
         lines.append(f"objective: Self-Forcing DMD; student every {s['GENERATOR_EVERY']} steps at {s['GENERATOR_LR']:g}, "
                      f"critic every step at {s['CRITIC_LR']:g}; scores at timesteps "
                      f"[{s['SCORE_MIN_TIMESTEP']:g}, {s['SCORE_MAX_TIMESTEP']:g}]")
@@ -468,7 +559,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
     with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, METRICS_COLUMNS) as run:
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
-        run.check_same_run(dict(s, EFFECTIVE_BATCH=effective_batch), RESUME_MUST_MATCH)
+        stage = s["STAGE"]
+        run.check_same_run(dict(s, EFFECTIVE_BATCH=effective_batch),
+                           RESUME_MUST_MATCH + (STREAM_MUST_MATCH if stage == "long_tune" else ()))
         check_model_files(s)
         torch.manual_seed(s["SEED"])
         precision = choose_precision(s["MIXED_PRECISION"], device)
@@ -476,10 +569,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             torch.cuda.reset_peak_memory_stats(device)
 
         # --- data and models
-        prepared = prepare_data(s, data.data_settings(s), ranks, device, log)
+        prepared = prepare_data(s, data.data_settings(clip_settings(s)), ranks, device, log)
         train_set, val_set = prepared.train_set, prepared.val_set
         roles = prepare_roles(s, ranks, device, precision)
-        stage = s["STAGE"]
         total_steps = s[STEPS_SETTING[stage]]
         schedule = LRSchedule(s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"])
         student_lr = s["DF_LEARNING_RATE"] if stage == "causal_init" else s["GENERATOR_LR"]
@@ -492,6 +584,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                                            cache_dtype)
         df_weights = df.bell_weights(s["DF_SHIFT"], s["DF_WEIGHTING"])
         df_bounds = df.index_bounds(s["DF_MIN_SIGMA"], s["DF_MAX_SIGMA"], s["DF_SHIFT"])
+        # stage C: the VAE makes the windows' anchors; one persistent stream per micro-batch
+        vae = load_vae(s["VAE_PATH"], device, run_dtype(device)) if stage == "long_tune" else None
+        streams = [None] * s["GRAD_ACCUM_STEPS"]
+        save_due = False
 
         # --- resume: the saved tensors, optimizers, EMA and place in the stream
         step, history, ema, ema_updates = 0, [], None, 0
@@ -585,9 +681,12 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             if stage == "causal_init":
                 result = diffusion_forcing_step(s, roles, train_set, step, ranks, device, precision.autocast,
                                                 df_weights, df_bounds)
-            else:
+            elif stage == "dmd":
                 result = distribution_matching_step(s, roles, train_set, step, ranks, device, precision.autocast,
                                                     rollout_settings)
+            else:
+                result = long_tuning_step(s, roles, train_set, step, ranks, device, precision.autocast,
+                                          rollout_settings, streams, vae)
             values = [v for v in (result.loss, result.critic_loss) if v is not None]
             if not all(math.isfinite(v) for v in values):
                 raise TrainingError(f"the loss became {values} at step {step + 1}; training stopped before applying "
@@ -627,7 +726,12 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 validate()
             if s["EXPORT_EVERY_STEPS"] and step % s["EXPORT_EVERY_STEPS"] == 0 and step < total_steps:
                 export(f"{STUDENT_FOLDER}_step{step}")
-            if (s["SAVE_EVERY_STEPS"] and step % s["SAVE_EVERY_STEPS"] == 0) or step == total_steps:
+            save_due |= bool(s["SAVE_EVERY_STEPS"] and step % s["SAVE_EVERY_STEPS"] == 0) or step == total_steps
+            # stage C saves where its sequences end: a stream's KV cache holds keys and values that
+            # the student's weights of earlier steps computed, which a resumed run cannot remake
+            # (and at 480x832 it is ~1.7 GB per GPU); LONG_TUNE_STEPS is whole sequences
+            if save_due and (stage != "long_tune" or stream_plan(s).position(step)[1] == 0):
+                save_due = False
                 save_state()
                 write_info("training" if step < total_steps else "finishing")
 
@@ -646,32 +750,37 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
 # --demo and --plan
 
 def run_demo(s: dict, ranks: Ranks, device) -> dict:
-    """Stage A, then stage B from its student, on the fine-tuning demo's outputs."""
+    """Stage A, then B from its student, then C from B's, on the fine-tuning demo's outputs."""
     missing = missing_demo_inputs(s)
     if missing:
         raise SettingsError(f"--demo distils the outputs of `python finetune_base_model.py --demo`, run from this "
                             f"folder; these are missing: {', '.join(missing)}. Run the training demo first.")
     # Tiny models gain nothing from more threads, and lose much when the cores are shared.
     torch.set_num_threads(1)
+    if ranks.main:
+        clear_demo_runs()
+    ranks.barrier()
     summaries = {}
-    for stage in ("causal_init", "dmd"):
+    for stage in DEMO_STAGES:
         stage_settings = {**s, **demo_stage_settings(stage)}
         check_settings(stage_settings)
         if ranks.main:
             print(f"\n=== demo: stage {stage} into {stage_settings['CHECKPOINT_DIR']} ===")
         summaries[stage] = train(stage_settings, ranks, device)
-    first, last = summaries["dmd"]["history"][0], summaries["dmd"]["history"][-1]
+    before, after_b = summaries["dmd"]["history"][0], summaries["dmd"]["history"][-1]
+    after_c = summaries["long_tune"]["history"][-1]
 
     def shown(entry: dict, name: str) -> str:
         return "n/a" if entry.get(name) is None else f"{entry[name]:.4f}"
 
     if ranks.main:  # the distribution distance is the one DMD lowers (training/streaming_validation.py says why)
-        print(f"\ndemo: the stage-A student's 3-step streams are {shown(first, 'distribution_distance')} from the "
+        print(f"\ndemo: the stage-A student's 3-step streams are {shown(before, 'distribution_distance')} from the "
               f"teacher's 50-step videos in distribution (energy distance over {s['VAL_SAMPLES']} noises per clip); "
-              f"after stage B, {shown(last, 'distribution_distance')}. The RMS difference of one stream to one "
-              f"teacher video: {shown(first, 'teacher_distance')}, then {shown(last, 'teacher_distance')} (two of the "
-              f"teacher's own videos: {shown(last, 'teacher_spread')}). Play it: python play_world.py --demo")
-    return summaries["dmd"]
+              f"after stage B, {shown(after_b, 'distribution_distance')}; after stage C (its own longer streams), "
+              f"{shown(after_c, 'distribution_distance')}. The RMS difference of one stream to one teacher video: "
+              f"{shown(before, 'teacher_distance')}, then {shown(after_b, 'teacher_distance')} after B (two of the "
+              f"teacher's own videos: {shown(after_b, 'teacher_spread')}). Play it: python play_world.py --demo")
+    return summaries["long_tune"]
 
 
 def plan(s: dict) -> str:

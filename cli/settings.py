@@ -306,8 +306,8 @@ SETTING_RULES = {
     "DF_MAX_SIGMA": in_range(0, 1), "DMD_STEPS": at_least(1), "GENERATOR_EVERY": at_least(1), "GENERATOR_LR": positive,
     "CRITIC_LR": positive, "SCORE_MIN_TIMESTEP": in_range(0, 1000), "SCORE_MAX_TIMESTEP": in_range(0, 1000),
     "VAL_EVERY_STEPS": at_least(1), "VAL_CLIPS": at_least(1), "VAL_SAMPLES": at_least(1),
-    "TEACHER_STEPS": at_least(1),
-    "EXPORT_EVERY_STEPS": at_least(0),
+    "TEACHER_STEPS": at_least(1), "EXPORT_EVERY_STEPS": at_least(0), "STREAM_CHUNK_LATENTS": at_least(1),
+    "STREAM_OVERLAP_LATENTS": at_least(1), "STREAM_MAX_LATENTS": at_least(1), "LONG_TUNE_STEPS": at_least(1),
 }
 
 

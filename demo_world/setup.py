@@ -35,10 +35,11 @@ TRAINING_DEMO_SETTINGS = dict(
     SAVE_EVERY_EPOCHS=5, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=15,
 )
 # What `play_world.py --demo` plays: the student `distill_streaming_model.py --demo` distils
-# from the training demo's model; until that has run, the training demo's base model with
-# its final checkpoint over it, run causally but not distilled.
+# from the training demo's model, the last stage's (C, else B) that exists; until that has
+# run, the training demo's base model with its final checkpoint over it, run causally but
+# not distilled.
 DISTILL_DEMO_DIR = f"{DEMO_DIR}/distill"
-PLAY_DEMO_MODEL_DIR = f"{DISTILL_DEMO_DIR}/dmd/student"
+PLAY_DEMO_MODEL_DIRS = (f"{DISTILL_DEMO_DIR}/long_tune/student", f"{DISTILL_DEMO_DIR}/dmd/student")
 PLAY_DEMO_CHECKPOINT = ""                # a student has no checkpoint over it
 PLAY_DEMO_FALLBACK_MODEL_DIR = TRAINING_DEMO_SETTINGS["BASE_MODEL_DIR"]
 PLAY_DEMO_FALLBACK_CHECKPOINT = f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}"

@@ -10,8 +10,10 @@ backward. Stage B holds the student, the teacher and the critic (trained like th
 student); its heaviest step is a generator iteration: a rollout whose exit steps keep
 their graphs, teacher and critic scores, the student's backward, then the critic's fresh
 rollout, forward and backward while the student's gradients wait for the optimizer step.
-Stage C's step is stage B's on a window of the same length (plus the VAE for the anchor),
-so stage B's numbers stand for it.
+Stage C holds the same and its stream (the VAE for the anchors, the KV cache); its step
+makes the stream's next new latent frames from the cache, decodes and re-encodes the
+anchor while their graphs wait, and scores a STREAM_CHUNK_LATENTS window (no fresh
+rollout for the critic).
 
 Several GPUs: FSDP shards each model's weights, gradients and optimizer state (and the
 EMA) across them; activations and the temporaries of the step are per GPU. So a GPU
@@ -32,15 +34,18 @@ from planning.measure import GPU_DTYPE, Measurement, materialise, meta_module, t
 from planning.memory import MemoryTracker
 from planning.plan import GIB, MARGIN_FIXED_GIB, MARGIN_FRACTION, NOT_COUNTED, gib, model_config, with_margin
 from training import diffusion_forcing as df
-from training.dmd import DistillationModels, RolloutSettings, critic_micro_batch, generator_micro_batch
+from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
+                          generator_micro_batch)
 from training.ema import EMA
 from training.optim import build_adamw
 from training.rollout import Conditions, FewStepSchedule, SampleNoise
 from training.flow_matching import prepare_trainable
+from training.long_tuning import StreamPlan, advance, new_stream
 from wan.causal import CausalWanModel
 from wan.config import WanConfig
 from wan.model import WanModel
 from wan.shapes import latent_frame_count, latent_size, tokens_per_latent_frame
+from wan.vae import VAEConfig, WanVAE
 
 SHARDED = (memory.WEIGHTS, memory.OPTIMIZER_STATE, memory.GRADIENTS)
 GPU_COUNTS = (1, 2, 4, 8)
@@ -116,44 +121,107 @@ def measure_causal_init(config: WanConfig, settings: dict, grid: tuple) -> Measu
         return _measurement(tracker)
 
 
+class ThreeModels:
+    """Stages B and C resident: the float32 student with AdamW (and the EMA), the float32
+    critic with AdamW, the frozen teacher (bf16 under bf16), all tracked; made inside the
+    caller's fake mode."""
+
+    def __init__(self, config: WanConfig, settings: dict, tracker: MemoryTracker):
+        bf16 = settings["MIXED_PRECISION"] == "bf16"
+        student = meta_module(lambda: CausalWanModel(student_config(config, settings)))
+        teacher, critic = meta_module(lambda: WanModel(config)), meta_module(lambda: WanModel(config))
+        self.student = materialise(student, IMITATED_DEVICE, torch.float32)
+        self.student_trainable, self.student_optimizer = _trained(self.student, settings, tracker,
+                                                                  settings["GENERATOR_LR"])
+        if settings["EMA_DECAY"] > 0:
+            tracker.track(list(EMA(self.student_trainable, settings["EMA_DECAY"]).shadow.values()),
+                          memory.OPTIMIZER_STATE)
+        self.critic = materialise(critic, IMITATED_DEVICE, torch.float32)
+        self.critic.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
+        self.critic_trainable, self.critic_optimizer = _trained(self.critic, settings, tracker, settings["CRITIC_LR"])
+        self.teacher = materialise(teacher, IMITATED_DEVICE, GPU_DTYPE if bf16 else torch.float32)
+        tracker.track(list(self.teacher.requires_grad_(False).eval().parameters()), memory.WEIGHTS)
+        self.models = DistillationModels(self.student, self.teacher, self.critic)
+        self.rollout_settings = RolloutSettings(FewStepSchedule.of(settings["DENOISING_STEPS"],
+                                                                   settings["TIMESTEP_SHIFT"]),
+                                                settings["TIMESTEP_SHIFT"], settings["SCORE_MIN_TIMESTEP"],
+                                                settings["SCORE_MAX_TIMESTEP"], GPU_DTYPE if bf16 else None)
+        self.autocast = imitated_autocast(bf16)
+        self.hooks = (_count_gradients(self.student_trainable, tracker)
+                      + _count_gradients(self.critic_trainable, tracker))
+
+    def step(self, tracker: MemoryTracker) -> Measurement:
+        """Clipping and both optimizer steps; the step's measurement."""
+        _step(tracker, [(self.student_trainable, self.student_optimizer),
+                        (self.critic_trainable, self.critic_optimizer)])
+        for hook in self.hooks:
+            hook.remove()
+        return _measurement(tracker)
+
+
+def conditions_for(config: WanConfig, batch: int, grid: tuple) -> Conditions:
+    made, _, _ = training_inputs(config, batch, *grid, IMITATED_DEVICE)
+    return Conditions(made["cond_concat"], made["visual_context"], made["keyboard"], made["mouse"])
+
+
 def measure_dmd(config: WanConfig, settings: dict, grid: tuple) -> Measurement:
     """Stage B's generator iteration (the heavier kind): the three models, two AdamW and the
     EMA resident; a rollout with gradients at the last denoising step of every block, the
     scores, the student's backward; a fresh rollout and the critic's forward and backward;
     clipping and both optimizer steps."""
-    bf16 = settings["MIXED_PRECISION"] == "bf16"
-    student = meta_module(lambda: CausalWanModel(student_config(config, settings)))
-    teacher, critic = meta_module(lambda: WanModel(config)), meta_module(lambda: WanModel(config))
-    schedule = FewStepSchedule.of(settings["DENOISING_STEPS"], settings["TIMESTEP_SHIFT"])
-    rollout_settings = RolloutSettings(schedule, settings["TIMESTEP_SHIFT"], settings["SCORE_MIN_TIMESTEP"],
-                                       settings["SCORE_MAX_TIMESTEP"], GPU_DTYPE if bf16 else None)
     batch = settings["BATCH_SIZE"]
     with fake_tensors(top_mode=MemoryTracker(IMITATED_DEVICE, count_flops=True)) as tracker:
-        student = materialise(student, IMITATED_DEVICE, torch.float32)
-        student_trainable, student_optimizer = _trained(student, settings, tracker, settings["GENERATOR_LR"])
-        if settings["EMA_DECAY"] > 0:
-            tracker.track(list(EMA(student_trainable, settings["EMA_DECAY"]).shadow.values()),
-                          memory.OPTIMIZER_STATE)
-        critic = materialise(critic, IMITATED_DEVICE, torch.float32)
-        critic.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
-        critic_trainable, critic_optimizer = _trained(critic, settings, tracker, settings["CRITIC_LR"])
-        teacher = materialise(teacher, IMITATED_DEVICE, GPU_DTYPE if bf16 else torch.float32)
-        tracker.track(list(teacher.requires_grad_(False).eval().parameters()), memory.WEIGHTS)
-        made, _, _ = training_inputs(config, batch, *grid, IMITATED_DEVICE)
-        conditions = Conditions(made["cond_concat"], made["visual_context"], made["keyboard"], made["mouse"])
-        models = DistillationModels(student, teacher, critic)
-        hooks = _count_gradients(student_trainable, tracker) + _count_gradients(critic_trainable, tracker)
+        roles = ThreeModels(config, settings, tracker)
+        conditions = conditions_for(config, batch, grid)
+        last_step = len(roles.rollout_settings.schedule) - 1
         tracker.reset_peak()
-        autocast = imitated_autocast(bf16)
         with tracker.phase(memory.ACTIVATIONS):
-            generator_micro_batch(models, conditions, SampleNoise(0, "generator", list(range(batch)), IMITATED_DEVICE),
-                                  len(schedule) - 1, rollout_settings, autocast, 1.0)
-            critic_micro_batch(models, conditions, SampleNoise(0, "critic", list(range(batch)), IMITATED_DEVICE),
-                               len(schedule) - 1, rollout_settings, autocast, 1.0)
-        _step(tracker, [(student_trainable, student_optimizer), (critic_trainable, critic_optimizer)])
-        for hook in hooks:
-            hook.remove()
-        return _measurement(tracker)
+            generator_micro_batch(roles.models, conditions, SampleNoise(0, "generator", list(range(batch)),
+                                                                        IMITATED_DEVICE),
+                                  last_step, roles.rollout_settings, roles.autocast, 1.0)
+            critic_micro_batch(roles.models, conditions, SampleNoise(0, "critic", list(range(batch)), IMITATED_DEVICE),
+                               last_step, roles.rollout_settings, roles.autocast, 1.0)
+        return roles.step(tracker)
+
+
+def measure_long_tune(config: WanConfig, settings: dict, grid: tuple) -> Measurement:
+    """Stage C's generator iterations: the three models, two AdamW, the EMA, the VAE and the
+    stream's KV cache resident; a sequence's first iteration (STREAM_CHUNK_LATENTS new
+    latent frames with gradients at the last step of every block, the window's scores and
+    both backwards) and a later one (fewer new frames from the cache, but the anchor's VAE
+    decode and encode while their graphs wait); clipping and both optimizer steps after
+    each. The peak is the heavier's; the FLOPs per step the mean over a sequence."""
+    bf16 = settings["MIXED_PRECISION"] == "bf16"
+    plan = StreamPlan(settings["STREAM_CHUNK_LATENTS"], settings["STREAM_OVERLAP_LATENTS"],
+                      settings["STREAM_MAX_LATENTS"])
+    batch = settings["BATCH_SIZE"]
+    vae = meta_module(lambda: WanVAE(VAEConfig()))
+    with fake_tensors(top_mode=MemoryTracker(IMITATED_DEVICE, count_flops=True)) as tracker:
+        roles = ThreeModels(config, settings, tracker)
+        vae = materialise(vae, IMITATED_DEVICE, GPU_DTYPE if bf16 else torch.float32).requires_grad_(False)
+        tracker.track(list(vae.parameters()), memory.WEIGHTS)
+        stream = new_stream(roles.student, conditions_for(config, batch, (plan.max_latents, *grid[1:])), vae,
+                            roles.rollout_settings.cache_dtype)
+        tracker.track([t for layer in stream.cache.layers for kv in layer.rolling() for t in (kv.k, kv.v)],
+                      memory.INPUTS)
+        noise, schedule = SampleNoise(0, "long_tune", list(range(batch)), IMITATED_DEVICE), roles.rollout_settings.schedule
+        tracker.reset_peak()
+        flops = [tracker.flops]
+        for iteration in (0, 1):
+            with tracker.phase(memory.ACTIVATIONS):
+                window = advance(roles.student, stream, plan, iteration, noise, schedule, len(schedule) - 1,
+                                 roles.autocast, True)
+                generator_loss(roles.models, window.latents, window.conditions(stream), noise, roles.rollout_settings,
+                               roles.autocast, 1.0, window.mask)
+                critic_loss(roles.models, window.latents, window.conditions(stream), noise, roles.rollout_settings,
+                            roles.autocast, 1.0, window.mask)
+            _step(tracker, [(roles.student_trainable, roles.student_optimizer),
+                            (roles.critic_trainable, roles.critic_optimizer)])
+            flops.append(tracker.flops)
+        first, later = flops[1] - flops[0], flops[2] - flops[1]
+        measured = roles.step(tracker)
+        n = plan.iterations_per_sequence
+        return Measurement(measured.peak, measured.breakdown, measured.peak_op, (first + (n - 1) * later) / n)
 
 
 @dataclass
@@ -182,8 +250,12 @@ class DistillationPlan:
         ]
         titles = {"causal_init": "Stage A (causal_init): student + EMA + AdamW, the teacher for validation; one "
                                  "diffusion-forcing step",
-                  "dmd": "Stage B (dmd), and C on the same window: student + EMA + AdamW, critic + AdamW, teacher; a "
-                         "generator iteration (rollout, scores, both backwards)"}
+                  "dmd": "Stage B (dmd): student + EMA + AdamW, critic + AdamW, teacher; a generator iteration "
+                         "(rollout, scores, both backwards)",
+                  "long_tune": f"Stage C (long_tune), windows of {s['STREAM_CHUNK_LATENTS']} latent frames in streams "
+                               f"of {s['STREAM_MAX_LATENTS']}: stage B's models + the VAE + the stream's KV cache; a "
+                               "sequence's first generator iteration and a later one (new frames from the cache, the "
+                               "anchor, scores, both backwards)"}
         for stage, m in self.stages.items():
             lines += ["", titles[stage], f"  peak on one GPU: {gib(m.peak):.2f} GiB ({gib(with_margin(m.peak)):.2f} "
                       f"GiB with a margin of {MARGIN_FRACTION:.0%} + {MARGIN_FIXED_GIB} GiB)"]
@@ -201,7 +273,7 @@ class DistillationPlan:
             lines.append("  " + f"{gpus:>5}" + "".join(f"{c:>22}" for c in cells))
         lines += ["", "Time floor per step at each card's dense bf16 peak (real runs reach 30-60% of it), "
                       f"BATCH_SIZE {s['BATCH_SIZE']} x GRAD_ACCUM_STEPS {s['GRAD_ACCUM_STEPS']} clips per GPU:"]
-        steps = {"causal_init": s["DF_STEPS"], "dmd": s["DMD_STEPS"]}
+        steps = {"causal_init": s["DF_STEPS"], "dmd": s["DMD_STEPS"], "long_tune": s["LONG_TUNE_STEPS"]}
         lines.append(f"  {'card':<10}" + "".join(f"{stage + ' s/step':>20}{'h/run':>8}" for stage in self.stages))
         for c in CARDS:
             row = f"  {c.name:<10}"
@@ -209,14 +281,14 @@ class DistillationPlan:
                 per_step = m.flops * s["GRAD_ACCUM_STEPS"] / (c.bf16_tflops * 1e12)
                 row += f"{per_step:>20.2f}{per_step * steps[stage] / 3600:>8.1f}"
             lines.append(row)
-        lines.append("  (stage B's steps are costed as generator iterations, an upper bound: four in five are "
-                     "critic-only; the per-step time does not shrink with more GPUs, the clips per step grow)")
+        lines.append("  (stages B and C's steps are costed as generator iterations, an upper bound: four in five "
+                     "are critic-only; the per-step time does not shrink with more GPUs, the clips per step grow)")
         lines += [f"  {NOT_COUNTED}; the margin stands for them"]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
 def plan_distillation(settings: dict, config: WanConfig | None = None,
-                      stages=("causal_init", "dmd")) -> DistillationPlan:
+                      stages=("causal_init", "dmd", "long_tune")) -> DistillationPlan:
     """Plan the distillation the settings describe (all of distill_streaming_model.py's
     settings; config: instead of BASE_MODEL_DIR's, as tests do)."""
     started = time.perf_counter()
@@ -226,7 +298,7 @@ def plan_distillation(settings: dict, config: WanConfig | None = None,
         config, source = model_config(s)
     frames = latent_frame_count(s["SEQUENCE_LENGTH"])
     grid = (frames, *latent_size(s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"]))
-    measure = {"causal_init": measure_causal_init, "dmd": measure_dmd}
+    measure = {"causal_init": measure_causal_init, "dmd": measure_dmd, "long_tune": measure_long_tune}
     measured = {stage: measure[stage](config, s, grid) for stage in stages}
     tokens = frames * tokens_per_latent_frame(*grid[1:])
     return DistillationPlan(s, source, tokens, frames, measured, time.perf_counter() - started)

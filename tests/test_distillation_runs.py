@@ -1,6 +1,7 @@
 """distill_streaming_model.py end to end on the tiny assets: stage A then stage B write a
-student that play_world.py loads, a killed run resumes to the same bits, two gloo ranks
-(FSDP) train what one rank does, bad settings are named; and the plan's counts."""
+student that play_world.py loads, so does stage C, a killed run (B or C) resumes to the
+same bits, two gloo ranks (FSDP) train what one rank does, bad settings are named; and
+the plan's counts."""
 
 import os
 import signal
@@ -21,6 +22,7 @@ from play.model import load_play_model
 from runs.folder import METRICS_FILE, STATE_FILE
 from wan.config import tiny_config
 from wan.loading import STREAMING_WEIGHTS_NAME
+from wan.vae import VAEConfig, WanVAE
 
 SCRIPT = str(REPO_ROOT / "distill_streaming_model.py")
 # 21 frames = 6 latent frames = 2 blocks of 3; tiny everything, one thread (see run())
@@ -65,7 +67,7 @@ def stage_a(tiny_assets, tmp_path_factory):
 @pytest.mark.parametrize("override,message", [
     ("--SEQUENCE_LENGTH=17", "5 latent frames; the student makes blocks of 3.*e.g. "),
     ("--STAGE=dmd", "STAGE=dmd starts from a streaming student: set STUDENT_DIR"),
-    ("--STAGE=long", "STAGE='long': choose one of causal_init, dmd"),
+    ("--STAGE=long", "STAGE='long': choose one of causal_init, dmd, long_tune"),
     ("--SINK_SIZE=4", "SINK_SIZE <= LOCAL_ATTN_SIZE - 3"),
     ("--DENOISING_STEPS=900,500", "DENOISING_STEPS=900,500: whole numbers from 1000 down"),
     ("--SCORE_MIN_TIMESTEP=990", "need 0 <= MIN < MAX <= 1000"),
@@ -75,6 +77,17 @@ def stage_a(tiny_assets, tmp_path_factory):
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         ds.parse_settings([override])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--STREAM_MAX_LATENTS=40"], "STREAM_MAX_LATENTS=40: .*e.g. 9, 15, 21"),
+    (["--STREAM_OVERLAP_LATENTS=2"], "both whole blocks of 3"),
+    (["--LONG_TUNE_STEPS=100"], "LONG_TUNE_STEPS=100: whole sequences of 6 iterations.*e.g. 96 or 102"),
+    (["--STREAM_CHUNK_LATENTS=0"], "STREAM_CHUNK_LATENTS=0: must be at least 1"),
+])
+def test_bad_stream_settings_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ds.parse_settings(["--STAGE=long_tune", "--STUDENT_DIR=student", *overrides])
 
 
 def test_micro_batches_give_the_same_samples_to_any_number_of_ranks():
@@ -136,13 +149,13 @@ import torch
 torch.set_num_threads(1)
 import distill_streaming_model as ds
 at, count = int(sys.argv[1]), [0]
-real = ds.critic_micro_batch
+real = getattr(ds, {critic!r})
 def judged(*a, **k):
     count[0] += 1
     if count[0] == at:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **k)
-ds.critic_micro_batch = judged
+setattr(ds, {critic!r}, judged)
 sys.exit(ds.main(sys.argv[2:]))
 """
 
@@ -155,7 +168,7 @@ def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_pat
     straight = run([sys.executable, SCRIPT, *cli_args(dict(common, CHECKPOINT_DIR=str(tmp_path / "straight")))])
     assert straight.returncode == 0, straight.stderr[-3000:]
     killer = tmp_path / "killer.py"
-    killer.write_text(KILLER.format(repo=str(REPO_ROOT)))
+    killer.write_text(KILLER.format(repo=str(REPO_ROOT), critic="critic_micro_batch"))
     killed = dict(common, CHECKPOINT_DIR=str(tmp_path / "killed"))
     died = run([sys.executable, str(killer), "5", *cli_args(killed)])  # in step 5, after the save at step 4
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
@@ -169,6 +182,47 @@ def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     rows = [(tmp_path / d / METRICS_FILE).read_text().splitlines() for d in ("straight", "killed")]
     assert [r.split(",")[:8] for r in rows[0]] == [r.split(",")[:8] for r in rows[1]]
+
+
+# stage C on the tiny clips: streams of 9 latent frames (6, then 3 more), windows of 6 with 3 overlap
+LONG = dict(STAGE="long_tune", STREAM_CHUNK_LATENTS=6, STREAM_OVERLAP_LATENTS=3, STREAM_MAX_LATENTS=9,
+            LONG_TUNE_STEPS=6, SAVE_EVERY_STEPS=1, VAL_PREVIEW=False, VAL_EVERY_STEPS=100)
+
+
+@pytest.mark.slow
+def test_a_long_tune_run_killed_mid_sequence_resumes_to_the_same_bits_and_plays(stage_a, tmp_path):
+    s, _ = stage_a
+    common = dict(s, **LONG, STUDENT_DIR=str(Path(s["CHECKPOINT_DIR"]) / "student"))
+    straight = run([sys.executable, SCRIPT, *cli_args(dict(common, CHECKPOINT_DIR=str(tmp_path / "straight")))])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "straight"
+    metrics = [r.split(",") for r in (out / METRICS_FILE).read_text().splitlines()[1:]]
+    assert [r[1] != "" for r in metrics] == [False, True] * 3 and all(r[2] != "" for r in metrics)
+    info = (out / ds.INFO_FILE).read_text()
+    for field in ("stage long_tune", "streams: 9 latent frames per clip, 6 in the first iteration then 3",
+                  "clips of 33 frames (9 latent frames)", "step 6: teacher distance", "status: finished"):
+        assert field in info, field
+    loaded = load_play_model(out / "student", "", "universal", (), "cpu", torch.float32)
+    assert loaded.distilled
+    with safe_open(out / "student" / STREAMING_WEIGHTS_NAME, "pt") as f:
+        assert f.metadata()["stage"] == "long_tune"
+
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(repo=str(REPO_ROOT), critic="critic_loss"))
+    killed = dict(common, CHECKPOINT_DIR=str(tmp_path / "killed"))
+    died = run([sys.executable, str(killer), "4", *cli_args(killed)])  # in step 4: sequence 2's second iteration
+    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+    # the save due after step 3 waited for the sequence's end: the last one is step 2's
+    assert torch.load(tmp_path / "killed" / STATE_FILE, weights_only=True)["global_step"] == 2
+    resumed = run([sys.executable, SCRIPT, *cli_args(killed), "--RESUME=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(out / "student" / STREAMING_WEIGHTS_NAME)
+    b = load_file(tmp_path / "killed" / "student" / STREAMING_WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    rows = [(tmp_path / d / METRICS_FILE).read_text().splitlines() for d in ("straight", "killed")]
+    assert [r.split(",")[:8] for r in rows[0]] == [r.split(",")[:8] for r in rows[1]]
+    start = load_file(Path(s["CHECKPOINT_DIR"]) / "student" / STREAMING_WEIGHTS_NAME)
+    assert any(not torch.equal(start[n], a[n]) for n in a)
 
 
 @pytest.mark.slow
@@ -210,5 +264,12 @@ def test_the_plan_counts_three_models_and_shards_what_fsdp_shards():
     assert b.peak > a.peak and b.flops > a.flops > 0
     sharded = sum(b.breakdown.get(label, 0) for label in (memory.WEIGHTS, memory.OPTIMIZER_STATE, memory.GRADIENTS))
     assert per_gpu(b, 1) == b.peak and per_gpu(b, 4) == pytest.approx(b.peak - sharded * 3 / 4)
+    # stage C: stage B's models plus the VAE (bf16 like the teacher) for the anchors
+    c = plan.stages["long_tune"]
+    with torch.device("meta"):
+        vae = list(WanVAE(VAEConfig()).parameters())
+    vae_bytes, vae_slack = sum(p.numel() for p in vae) * 2, 512 * len(vae)
+    assert abs(c.breakdown[memory.WEIGHTS] - b.breakdown[memory.WEIGHTS] - vae_bytes) <= vae_slack
+    assert c.breakdown[memory.OPTIMIZER_STATE] == b.breakdown[memory.OPTIMIZER_STATE] and c.flops > 0
     text = plan.format()
-    assert "Stage A" in text and "Stage B" in text and "fits" in text and "H100" in text
+    assert "Stage A" in text and "Stage B" in text and "Stage C" in text and "fits" in text and "H100" in text

@@ -101,36 +101,55 @@ class RolloutSettings:
     cache_dtype: torch.dtype | None = None
 
 
+def generator_loss(models: DistillationModels, x_gen: torch.Tensor, conditions: dict, noise: SampleNoise,
+                   rollout_settings: RolloutSettings, autocast, loss_scale: float,
+                   mask: torch.Tensor | None = None) -> dict:
+    """Score the student's video x_gen (with its graph) with teacher and critic under the
+    bidirectional conditions, and back-propagate the DMD loss (x loss_scale) into the
+    student. mask [B, F]: the frames whose loss counts (stage C's windows; the normaliser
+    takes every frame, as the reference). Returns per-sample losses [B] and sigmas [B]."""
+    r = rollout_settings
+    sigma = score_sigmas(noise, r.shift, r.min_timestep, r.max_timestep)
+    eps = noise.randn(LATENT_CHANNELS, *x_gen.shape[2:])
+    with torch.no_grad():
+        x_t = flow.add_noise(x_gen.detach(), eps, sigma.to(x_gen.device))
+        direction = dmd_direction(x_gen, denoise(models.teacher, x_t, sigma, conditions, autocast),
+                                  denoise(models.critic, x_t, sigma, conditions, autocast))
+    losses = dmd_losses(x_gen, direction, mask)
+    (losses.sum() * loss_scale).backward()
+    return {"losses": losses.detach(), "sigma": sigma}
+
+
+def critic_loss(models: DistillationModels, x_gen: torch.Tensor, conditions: dict, noise: SampleNoise,
+                rollout_settings: RolloutSettings, autocast, loss_scale: float,
+                mask: torch.Tensor | None = None) -> dict:
+    """The critic's flow-matching loss on the student's (detached) video at a fresh score
+    level, back-propagated (x loss_scale) into the critic; mask as in generator_loss.
+    Returns per-sample losses [B] and sigmas [B]."""
+    r = rollout_settings
+    sigma = score_sigmas(noise, r.shift, r.min_timestep, r.max_timestep)
+    eps = noise.randn(LATENT_CHANNELS, *x_gen.shape[2:])
+    losses = critic_losses(models.critic, x_gen, conditions, sigma, eps, autocast, mask)
+    (losses.sum() * loss_scale).backward()
+    return {"losses": losses.detach(), "sigma": sigma}
+
+
 def generator_micro_batch(models: DistillationModels, conditions: Conditions, noise: SampleNoise, exit_step: int,
                           rollout_settings: RolloutSettings, autocast, loss_scale: float) -> dict:
-    """Roll out with gradients at the exit step, score the video with teacher and critic, and
-    back-propagate the DMD loss (x loss_scale) into the student. Returns per-sample losses [B]
-    and score sigmas [B]."""
+    """Stage B's student half: roll out with gradients at the exit step, then generator_loss
+    on the whole video. Returns per-sample losses [B] and score sigmas [B]."""
     r = rollout_settings
     x_gen = rollout(models.student, conditions, noise, r.schedule, exit_step, conditions.latent_frames, autocast,
                     with_grad=True, cache_dtype=r.cache_dtype)
-    sigma = score_sigmas(noise, r.shift, r.min_timestep, r.max_timestep)
-    eps = noise.randn(LATENT_CHANNELS, *x_gen.shape[2:])
-    whole = conditions.whole()
-    with torch.no_grad():
-        x_t = flow.add_noise(x_gen.detach(), eps, sigma.to(x_gen.device))
-        direction = dmd_direction(x_gen, denoise(models.teacher, x_t, sigma, whole, autocast),
-                                  denoise(models.critic, x_t, sigma, whole, autocast))
-    losses = dmd_losses(x_gen, direction)
-    (losses.sum() * loss_scale).backward()
-    return {"losses": losses.detach(), "sigma": sigma}
+    return generator_loss(models, x_gen, conditions.whole(), noise, r, autocast, loss_scale)
 
 
 def critic_micro_batch(models: DistillationModels, conditions: Conditions, noise: SampleNoise, exit_step: int,
                        rollout_settings: RolloutSettings, autocast, loss_scale: float) -> dict:
-    """A fresh rollout without gradients, then the critic's flow-matching loss on it,
-    back-propagated (x loss_scale) into the critic. Returns per-sample losses and sigmas."""
+    """Stage B's critic half: a fresh rollout without gradients, then critic_loss on it.
+    Returns per-sample losses and sigmas."""
     r = rollout_settings
     with torch.no_grad():
         x_gen = rollout(models.student, conditions, noise, r.schedule, exit_step, conditions.latent_frames,
                         autocast, cache_dtype=r.cache_dtype)
-    sigma = score_sigmas(noise, r.shift, r.min_timestep, r.max_timestep)
-    eps = noise.randn(LATENT_CHANNELS, *x_gen.shape[2:])
-    losses = critic_losses(models.critic, x_gen, conditions.whole(), sigma, eps, autocast)
-    (losses.sum() * loss_scale).backward()
-    return {"losses": losses.detach(), "sigma": sigma}
+    return critic_loss(models, x_gen, conditions.whole(), noise, r, autocast, loss_scale)

@@ -113,6 +113,14 @@ class Conditions:
                     keyboard_cond=None if self.keyboard is None else self.keyboard[:, first:last],
                     mouse_cond=None if self.mouse is None else self.mouse[:, first:last])
 
+    def window(self, start: int, end: int) -> dict:
+        """The keyword conditions of a bidirectional forward over a window [start, end) cut
+        from the middle of a long stream (stage C, DISTILL_SPEC 3.6): the window's action
+        rows, but the stream's own first-frame cond_concat of the window's length (the
+        public recipe's teacher and critic are told the clip's first image, not the
+        window's anchor)."""
+        return dict(self.whole(start, end), cond_concat=self.cond_concat[:, :, :end - start])
+
 
 def conditions_from_batch(batch: dict, device, keyboard: bool = True, mouse: bool = True) -> Conditions:
     """A DataLoader batch of the latent cache (latents.dataset.CachedClipDataset) as Conditions."""
