@@ -103,6 +103,7 @@ TIMESTEP_SAMPLING = "uniform"            # "uniform" over the shifted grid, or "
 MIN_SIGMA = 0.0                          # training noise levels are kept in [MIN_SIGMA, MAX_SIGMA]
 MAX_SIGMA = 1.0                          # (1: pure noise; lower it to skip the noisiest levels)
 VAL_SIGMAS = 4                           # fixed noise levels per validation clip
+VAL_EVERY_EPOCHS = 1                     # validate every N epochs and after the last (short epochs: validation can cost more than training)
 # speed and memory
 GRADIENT_CHECKPOINTING = True            # recompute each block in backward: far less memory, ~1/3 slower
 MIXED_PRECISION = "bf16"                 # "bf16" (CUDA) or "fp32"
@@ -300,11 +301,11 @@ def info_text(header: list, status: str, history: list, metrics: list, ema, devi
               checkpoints: list, settings_text: str, report, cache_report) -> str:
     """training_info.txt: the header, the status, one line per epoch, speed, files, settings, data."""
     lines = header + [f"status: {status}"] + ([describe_controls(history)] if history else []) + ["", "Per epoch:"]
-    lines += [f"  epoch {h['epoch']}: train loss {h['train_loss']:.5f}, val loss "
-              + (f"{h['val_loss']:.5f}" if h.get("val_loss") is not None else "n/a")
-              + ", action gain " + (f"{h['action_gain']:.4f}" if h.get("action_gain") is not None
-                                    else "n/a (needs 2+ validation clips)")
-              + (" (EMA weights)" if ema is not None else "")
+    lines += [f"  epoch {h['epoch']}: train loss {h['train_loss']:.5f}"
+              + ("" if h.get("val_loss") is None else  # not validated (VAL_EVERY_EPOCHS, or no clips)
+                 f", val loss {h['val_loss']:.5f}, action gain "
+                 + (f"{h['action_gain']:.4f}" if h.get("action_gain") is not None else "n/a (needs 2+ validation clips)")
+                 + (" (EMA weights)" if ema is not None else ""))
               + f", {h['seconds']:.0f} s" + (f"; preview {h['preview']}" if h.get("preview") else "")
               for h in history]
     lines += ["", *speed_lines(metrics, device, ranks.world), "checkpoints: " + (", ".join(checkpoints) or "none yet"),
@@ -508,14 +509,15 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             # --- end of epoch: validate, save, report
             entry = {"epoch": epoch + 1, "train_loss": epoch_loss[0] / max(1, epoch_loss[1]),
                      "seconds": time.time() - epoch_started, "step": global_step}
-            if len(val_set):
+            if len(val_set) and ((epoch + 1) % s["VAL_EVERY_EPOCHS"] == 0 or epoch + 1 == s["NUM_EPOCHS"]):
                 with ema.weights_in(trainable) if ema is not None else nullcontext():
                     entry.update(validate(model, val_set, val_sigmas, s["SEED"], device, precision.autocast,
                                           ranks.rank, ranks.world))
             history.append(entry)
             gain = entry.get("action_gain")
             log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.5f}"
-                + (f", val loss {entry['val_loss']:.5f}" if "val_loss" in entry else ", no validation clips")
+                + (f", val loss {entry['val_loss']:.5f}" if "val_loss" in entry
+                   else "" if len(val_set) else ", no validation clips")
                 + (f", action gain {gain:.4f}" if gain is not None else ""))
             epoch, position, epoch_loss = epoch + 1, 0, [0.0, 0]
             if s["SAVE_EVERY_EPOCHS"] and epoch % s["SAVE_EVERY_EPOCHS"] == 0:

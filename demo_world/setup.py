@@ -29,10 +29,13 @@ TRAINING_DEMO_SETTINGS = dict(
     CLIP_PATH=f"{DEMO_DIR}/models/tiny_clip.pth", DATA_DIR=f"{DEMO_DIR}/data",
     CACHE_DIR=f"{DEMO_DIR}/latent_cache", CHECKPOINT_DIR=f"{DEMO_DIR}/checkpoints", CACHE_DTYPE="fp32",
     VIDEO_HEIGHT=64, VIDEO_WIDTH=112, SEQUENCE_LENGTH=17, CLIP_STRIDE=8, VAL_FRACTION=0.15,
+    # Batches of 32: the keys are a small part of each clip's loss, and the gradients of small
+    # batches bury them (bench/bench_learn_controls.py: batch 2 learns them 5x slower per
+    # minute). Validation every 20 epochs: an epoch of 3 steps costs less than validating it.
     TRAINING_STRATEGY="full",
-    BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, NUM_EPOCHS=15, LEARNING_RATE=2e-3, WARMUP_STEPS=10,
+    BATCH_SIZE=32, GRAD_ACCUM_STEPS=1, NUM_EPOCHS=80, LEARNING_RATE=4e-3, WARMUP_STEPS=10, VAL_EVERY_EPOCHS=20,
     GRADIENT_CHECKPOINTING=False, MIXED_PRECISION="fp32", NUM_WORKERS=0, DEVICE="cpu",
-    SAVE_EVERY_EPOCHS=5, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=15,
+    SAVE_EVERY_EPOCHS=40, LOG_EVERY_STEPS=5, PREVIEW_EVERY_EPOCHS=80,
 )
 # What `play_world.py --demo` plays: the student `distill_streaming_model.py --demo` distils
 # from the training demo's model, the last stage's (C, else B) that exists; until that has

@@ -27,7 +27,7 @@ from wan.model import WanModel
 def run_settings(tiny_assets, tmp_path, *overrides):
     s = dict(tiny_assets, CHECKPOINT_DIR=str(tmp_path / "checkpoints"))
     s.update({"NUM_EPOCHS": 2, "BATCH_SIZE": 2, "GRAD_ACCUM_STEPS": 2, "NUM_WORKERS": 0, "SAVE_EVERY_EPOCHS": 1,
-              "PREVIEW_EVERY_EPOCHS": 0})
+              "PREVIEW_EVERY_EPOCHS": 0, "VAL_EVERY_EPOCHS": 1})
     for item in overrides:
         name, value = item.split("=", 1)
         s[name] = type(TRAINING_DEMO_SETTINGS.get(name, getattr(fb, name)))(value) if not isinstance(
@@ -191,6 +191,15 @@ def test_run_writes_every_output_and_freezes_by_strategy(tiny_assets, tmp_path):
                   "base_finetuned_final.safetensors", "LEARNING_RATE = "):
         assert field in info, field
     assert all("val_loss" in h and h["action_gain"] > 0 for h in summary["history"])
+
+
+def test_validation_every_n_epochs_and_after_the_last(tiny_assets, tmp_path):
+    s = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=3", "VAL_EVERY_EPOCHS=2", "SAVE_EVERY_EPOCHS=0")
+    summary = fb.train(s)
+    assert [("val_loss" in h) for h in summary["history"]] == [False, True, True]
+    info = (Path(s["CHECKPOINT_DIR"]) / fb.INFO_FILE).read_text()
+    epoch_lines = [line for line in info.splitlines() if line.startswith("  epoch ")]
+    assert "val loss" not in epoch_lines[0] and all("val loss" in line for line in epoch_lines[1:]), epoch_lines
 
 
 def test_existing_run_is_not_overwritten_without_resume(tiny_assets, tmp_path):
