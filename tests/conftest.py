@@ -19,12 +19,13 @@ def reference_dir():
 
 
 def demo_settings(root: Path, *overrides: str) -> dict:
-    """The --demo settings with every path under root (and any --NAME=value overrides)."""
+    """The --demo settings with every path under root, validating every epoch (tests compare
+    per-epoch histories), and any --NAME=value overrides."""
     import finetune_base_model as fb
     from demo_world.setup import demo_paths_under
 
     paths = [f"--{name}={value}" for name, value in demo_paths_under(root).items()]
-    settings, _ = fb.parse_settings(["--demo", *paths, *overrides])
+    settings, _ = fb.parse_settings(["--demo", *paths, "--VAL_EVERY_EPOCHS=1", *overrides])
     return settings
 
 

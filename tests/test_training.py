@@ -365,8 +365,8 @@ def test_killed_run_resumes_to_bit_identical_weights(tiny_assets, tmp_path, mode
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "finetune_base_model.py"), "--demo", "--NUM_EPOCHS=8"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "finetune_base_model.py"), "--demo", "--NUM_EPOCHS=8",
+                           "--SAVE_EVERY_EPOCHS=5", "--VAL_EVERY_EPOCHS=1"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / DEMO_DIR / "checkpoints"
     for name in ("base_finetuned_epoch5.safetensors", fb.FINAL_FILE, METRICS_FILE, fb.INFO_FILE, STATE_FILE):
