@@ -464,13 +464,14 @@ def long_tuning_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, de
         with gradient_sync(roles.student, roles.student, enabled=last):
             window = advance(roles.student, stream, plan, iteration, noise, rollout_settings.schedule, exit_step,
                              autocast, with_grad=generator_step)
+            judging = window.conditions(stream)
             if generator_step:
-                made = generator_loss(models, window.latents, window.conditions(stream), noise, rollout_settings,
-                                      autocast, scale, window.mask)
+                made = generator_loss(models, window.latents, judging, noise, rollout_settings, autocast, scale,
+                                      window.mask)
                 sums[0] += made["losses"].sum().item()
         with gradient_sync(roles.critic, roles.critic, enabled=last):
-            judged = critic_loss(models, window.latents, window.conditions(stream), noise, rollout_settings, autocast,
-                                 scale, window.mask)
+            judged = critic_loss(models, window.latents, judging, noise, rollout_settings, autocast, scale,
+                                 window.mask)
         sums[1] += judged["losses"].sum().item()
         sums[2] += judged["sigma"].sum().item()
     return matching_result(s, ranks, sums, generator_step, exit_step)
@@ -516,17 +517,18 @@ def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared,
     return lines
 
 
-def format_validation(entry: dict) -> str:
-    def number(name, fmt):
-        value = entry.get(name)
-        return "n/a" if value is None else format(value, fmt)
+def shown(entry: dict, name: str, fmt: str = ".4f") -> str:
+    """A validation entry's value as printed: fmt, or n/a where it was not measured."""
+    value = entry.get(name)
+    return "n/a" if value is None else format(value, fmt)
 
-    return (f"  step {entry['step']}: teacher distance {number('teacher_distance', '.4f')}, distribution distance "
-            f"{number('distribution_distance', '.4f')} (spread: student {number('student_spread', '.4f')}, teacher "
-            f"{number('teacher_spread', '.4f')}), action score "
-            f"{number('action_score', '.2f')} (teacher {number('teacher_action_score', '.2f')}), "
-            f"{number('fps', '.1f')} frames/s ({entry['weights']} weights)"
-            + (f"; preview {entry['preview']}" if entry.get("preview") else ""))
+
+def format_validation(entry: dict) -> str:
+    return (f"  step {entry['step']}: teacher distance {shown(entry, 'teacher_distance')}, distribution distance "
+            f"{shown(entry, 'distribution_distance')} (spread: student {shown(entry, 'student_spread')}, teacher "
+            f"{shown(entry, 'teacher_spread')}), action score {shown(entry, 'action_score', '.2f')} (teacher "
+            f"{shown(entry, 'teacher_action_score', '.2f')}), {shown(entry, 'fps', '.1f')} frames/s "
+            f"({entry['weights']} weights)" + (f"; preview {entry['preview']}" if entry.get("preview") else ""))
 
 
 def info_text(header: list, status: str, history: list, metrics: list, device, ranks: Ranks, exports: list,
@@ -769,10 +771,6 @@ def run_demo(s: dict, ranks: Ranks, device) -> dict:
         summaries[stage] = train(stage_settings, ranks, device)
     before, after_b = summaries["dmd"]["history"][0], summaries["dmd"]["history"][-1]
     after_c = summaries["long_tune"]["history"][-1]
-
-    def shown(entry: dict, name: str) -> str:
-        return "n/a" if entry.get(name) is None else f"{entry[name]:.4f}"
-
     if ranks.main:  # the distribution distance is the one DMD lowers (training/streaming_validation.py says why)
         print(f"\ndemo: the stage-A student's 3-step streams are {shown(before, 'distribution_distance')} from the "
               f"teacher's 50-step videos in distribution (energy distance over {s['VAL_SAMPLES']} noises per clip); "

@@ -103,7 +103,7 @@ TIMESTEP_SAMPLING = "uniform"            # "uniform" over the shifted grid, or "
 MIN_SIGMA = 0.0                          # training noise levels are kept in [MIN_SIGMA, MAX_SIGMA]
 MAX_SIGMA = 1.0                          # (1: pure noise; lower it to skip the noisiest levels)
 VAL_SIGMAS = 4                           # fixed noise levels per validation clip
-VAL_EVERY_EPOCHS = 1                     # validate every N epochs and after the last (short epochs: validation can cost more than training)
+VAL_EVERY_EPOCHS = 1                     # validate every N epochs and after the last (raise it where validating costs more than an epoch)
 # speed and memory
 GRADIENT_CHECKPOINTING = True            # recompute each block in backward: far less memory, ~1/3 slower
 MIXED_PRECISION = "bf16"                 # "bf16" (CUDA) or "fp32"
@@ -295,6 +295,12 @@ def run_header(s: dict, ranks: Ranks, device, precision, model, trainable: dict,
         + (f"; {dropped_per_epoch} clip(s) per epoch left out so that every rank gets one" if dropped_per_epoch
            else "") + f"; validation sigmas {', '.join(f'{x:.3f}' for x in val_sigmas.tolist())}",
     ]
+
+
+def due_after_epoch(epoch: int, every: int, num_epochs: int) -> bool:
+    """Whether a periodic job (validation, previews) runs after epoch `epoch` (from 1): every
+    `every` epochs and after the last; never when `every` is 0."""
+    return bool(every) and (epoch % every == 0 or epoch == num_epochs)
 
 
 def info_text(header: list, status: str, history: list, metrics: list, ema, device, ranks: Ranks,
@@ -509,7 +515,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             # --- end of epoch: validate, save, report
             entry = {"epoch": epoch + 1, "train_loss": epoch_loss[0] / max(1, epoch_loss[1]),
                      "seconds": time.time() - epoch_started, "step": global_step}
-            if len(val_set) and ((epoch + 1) % s["VAL_EVERY_EPOCHS"] == 0 or epoch + 1 == s["NUM_EPOCHS"]):
+            if len(val_set) and due_after_epoch(epoch + 1, s["VAL_EVERY_EPOCHS"], s["NUM_EPOCHS"]):
                 with ema.weights_in(trainable) if ema is not None else nullcontext():
                     entry.update(validate(model, val_set, val_sigmas, s["SEED"], device, precision.autocast,
                                           ranks.rank, ranks.world))
@@ -526,8 +532,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                     s, epoch, global_step, ema, LORA_CONTENTS if s["TRAINING_STRATEGY"] == "lora" else TRAINED_CONTENTS))
                 checkpoints.append(name)
             fsdp = sharded(s["TRAINING_STRATEGY"], s["SHARD_MODEL"], ranks.world)  # FSDP: every rank takes part
-            if s["PREVIEW_EVERY_EPOCHS"] and (epoch % s["PREVIEW_EVERY_EPOCHS"] == 0 or epoch == s["NUM_EPOCHS"]) \
-                    and (ranks.main or fsdp):
+            if due_after_epoch(epoch, s["PREVIEW_EVERY_EPOCHS"], s["NUM_EPOCHS"]) and (ranks.main or fsdp):
                 with ema.weights_in(trainable) if ema is not None else nullcontext():
                     entry.update(epoch_preview(
                         model, val_set if len(val_set) else train_set, s["VAE_PATH"], prepared.height,

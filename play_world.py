@@ -144,19 +144,21 @@ def denoising_steps(s: dict) -> tuple[int, ...]:
 
 def demo_settings() -> dict:
     """Play the demo's student (the first of PLAY_DEMO_MODEL_DIRS there, distilled by
-    `distill_streaming_model.py --demo`: stage C's, else stage B's; until then the training demo's model, its final checkpoint over the base, run
-    causally) headless on CPU from the first frame of the clip the training previews show,
-    with the recording's own actions: DEMO_BLOCKS blocks beside the real frames."""
+    `distill_streaming_model.py --demo`: stage C's, else stage B's; until then the training
+    demo's model, its final checkpoint over the base, run causally) headless on CPU from the
+    first frame of the clip the training previews show, with the recording's own actions:
+    DEMO_BLOCKS blocks beside the real frames."""
     d = TRAINING_DEMO_SETTINGS
     students = [folder for folder in PLAY_DEMO_MODEL_DIRS if Path(folder).is_dir()]
-    model_dir, checkpoint = (students[0], PLAY_DEMO_CHECKPOINT) if students else (None, None)
-    if model_dir is None:
+    if students:
+        model_dir, checkpoint = students[0], PLAY_DEMO_CHECKPOINT
+        if model_dir != PLAY_DEMO_MODEL_DIRS[0]:
+            print(f"demo: no stage-C student in {PLAY_DEMO_MODEL_DIRS[0]}, so stage B's plays ({model_dir})")
+    else:
         model_dir, checkpoint = PLAY_DEMO_FALLBACK_MODEL_DIR, PLAY_DEMO_FALLBACK_CHECKPOINT
         if Path(model_dir).is_dir():
             print(f"demo: no distilled student in {' or '.join(PLAY_DEMO_MODEL_DIRS)} (`python "
                   f"distill_streaming_model.py --demo` makes them), so the fine-tuned demo model plays, not distilled")
-    elif model_dir != PLAY_DEMO_MODEL_DIRS[0]:
-        print(f"demo: no stage-C student in {PLAY_DEMO_MODEL_DIRS[0]}, so stage B's plays ({model_dir})")
     needed = [Path(model_dir), Path(d["VAE_PATH"]), Path(d["CLIP_PATH"]), Path(d["DATA_DIR"])]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:

@@ -157,7 +157,8 @@ def format_row(row: dict) -> str:
     return (f"{row['epoch']:>5} {row['step']:>6} {number(row['train_loss'], 7, 4)} {number(row['val_loss'], 7, 4)} "
             f"{number(row['action_gain'], 7, 4)} {number(row['run_val_loss'], 7, 4)} "
             f"{number(row['run_action_gain'], 7, 4)} {number(row['preview_true'], 5, 2)} "
-            f"{number(row['preview_shuffled'], 5, 2)} {number(row['preview_truth'], 5, 2)} {number(row.get('preview_recon'), 5, 2)} "
+            f"{number(row['preview_shuffled'], 5, 2)} {number(row['preview_truth'], 5, 2)} "
+            f"{number(row.get('preview_recon'), 5, 2)} "
             f"{number(row['preview_psnr'], 5, 1)}")
 
 

@@ -294,7 +294,8 @@ SETTING_RULES = {
     "WEIGHT_DECAY": in_range(0, 1), "WARMUP_STEPS": at_least(0), "MAX_GRAD_NORM": positive,
     "EMA_DECAY": in_range(0, 1, high_included=False), "TIMESTEP_SHIFT": positive, "MIN_SIGMA": in_range(0, 1),
     "MAX_SIGMA": in_range(0, 1), "VAL_SIGMAS": at_least(1), "NUM_WORKERS": at_least(0),
-    "SAVE_EVERY_EPOCHS": at_least(0), "VAL_EVERY_EPOCHS": at_least(1), "SAVE_EVERY_STEPS": at_least(0), "LOG_EVERY_STEPS": at_least(1),
+    "SAVE_EVERY_EPOCHS": at_least(0), "VAL_EVERY_EPOCHS": at_least(1), "SAVE_EVERY_STEPS": at_least(0),
+    "LOG_EVERY_STEPS": at_least(1),
     "SEED": at_least(0), "PREVIEW_EVERY_EPOCHS": at_least(0), "PREVIEW_STEPS": at_least(1),
     "LORA_RANK": at_least(1), "LORA_ALPHA": positive, "LORA_DROPOUT": in_range(0, 1, high_included=False),
     # previews and play
