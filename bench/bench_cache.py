@@ -1,5 +1,7 @@
 """What the latent cache saves: one training epoch on the demo recording, reading the cache
-vs encoding every clip on the fly; prints seconds per epoch and clips/s for both.
+vs encoding every clip on the fly; prints seconds per epoch and clips/s for both. First,
+how fast the cache builds with 1, 2, 4 and 8 clips per encoder call (latents/cache.py
+encode_batch_size picks one by ENCODE_BATCH_PIXELS).
 
     python bench/bench_cache.py            # the --demo settings (tiny model, VAE, CLIP), CPU
 
@@ -25,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import convert_unreal_data as data  # noqa: E402
 import finetune_base_model as fb  # noqa: E402
 from demo_world.setup import TRAINING_DEMO_SETTINGS, demo_paths_under, prepare_demo  # noqa: E402
-from latents.cache import build_latent_cache  # noqa: E402
+from latents.cache import build_latent_cache, encode_batch_size  # noqa: E402
 from latents.dataset import CachedClipDataset  # noqa: E402
 from latents.encoders import encode_clip_batch, load_encoders  # noqa: E402
 from recordings.clips import RecordingClipDataset  # noqa: E402
@@ -34,6 +36,9 @@ from training.flow_matching import flow_matching_step, prepare_trainable  # noqa
 from wan import flow  # noqa: E402
 from wan.conditioning import cond_concat_from_latent  # noqa: E402
 from wan.loading import load_base_model  # noqa: E402
+
+
+ENCODE_SAMPLE_CLIPS = 32   # clips encoded at each batch size
 
 
 def epoch(model, trainable, batches, prepare) -> float:
@@ -60,6 +65,17 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; demo recording: {len(clips)} training "
           f"clips of {s['SEQUENCE_LENGTH']} frames at {height}x{width}, batch {s['BATCH_SIZE']}")
 
+    vae, clip_model = load_encoders(s["VAE_PATH"], s["CLIP_PATH"], torch.device("cpu"))
+    sample = RecordingClipDataset(clips[:ENCODE_SAMPLE_CLIPS], height, width)
+    with torch.no_grad():
+        for size in (1, 2, 4, 8):
+            start = time.perf_counter()
+            for batch in DataLoader(sample, batch_size=size):
+                encode_clip_batch(vae, clip_model, batch["video"], torch.float32)
+            seconds = time.perf_counter() - start
+            print(f"encoding {len(sample)} clips {size} per call: {seconds:6.2f} s ({len(sample) / seconds:5.2f} clips/s)")
+    print(f"build_latent_cache encodes {encode_batch_size(clips, height, width)} per call at this size")
+
     built = build_latent_cache(clips, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], height, width,
                                             dtype=s["CACHE_DTYPE"], num_workers=0, device="cpu", progress=False)
     print(f"building the cache once: {built.seconds:.1f} s ({built.encoded / built.seconds:.2f} clips/s)")
@@ -70,7 +86,6 @@ def main():
                         batch_size=s["BATCH_SIZE"])
     with_cache = epoch(model, trainable, cached, lambda b: b)
 
-    vae, clip_model = load_encoders(s["VAE_PATH"], s["CLIP_PATH"], torch.device("cpu"))
     raw = DataLoader(RecordingClipDataset(clips, height, width), batch_size=s["BATCH_SIZE"])
 
     def encode(batch):

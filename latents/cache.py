@@ -48,6 +48,12 @@ TENSOR_NAMES = ("latents", "first_frame_latent", "visual_context")
 MANIFEST_NAME = "manifest.json"
 STRAY_AGE_SECONDS = 600   # an unfinished shard this old is a killed build's, not one in progress
 HASH_BLOCK = 16 << 20
+# Clips per VAE/CLIP call: small clips share a call, since every convolution call has a fixed
+# cost that one small clip cannot amortise (the demo's 17 frames of 64x112 encode about 2x
+# faster per clip in fours on the CPU: bench/bench_cache.py). A call holds at most
+# ENCODE_BATCH_PIXELS pixels, so a real-size clip (57 frames of 352x640, 12.8 Mpx) goes alone.
+ENCODE_BATCH_PIXELS = 2_000_000
+MAX_ENCODE_BATCH = 8
 
 
 class CacheError(RuntimeError):
@@ -251,7 +257,7 @@ class CacheReport:
 
 
 def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width: int, dtype: str = "bf16",
-                       device=None, batch_size: int = 1, num_workers: int = 2, rank: int = 0,
+                       device=None, batch_size: int | None = None, num_workers: int = 2, rank: int = 0,
                        world_size: int = 1, progress: bool = True,
                        cache: LatentCache | None = None) -> CacheReport:
     """Encode every clip that has no valid entry yet; reuse the rest.
@@ -262,7 +268,7 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
     what the other ranks have written yet) into its own shards, while the main rank holds
     the lock (cache_lock); once all have finished, cache.rescan() on every rank and
     cache.write_manifest() on one. Pass the same `cache` to CachedClipDataset to skip
-    verifying the shards twice.
+    verifying the shards twice. batch_size: clips per encoder call (default: encode_batch_size).
     """
     started = time.perf_counter()
     settings = EncodingSettings.for_files(vae_path, clip_path, height, width, dtype)
@@ -282,6 +288,7 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
         if mine:
             device = torch.device(device) if device is not None else pick_device("auto")
             report.device = str(device)
+            batch_size = batch_size or encode_batch_size([c for c, _ in mine], height, width)
             encode_clips(cache, mine, vae_path, clip_path, height, width, dtype, device, batch_size, num_workers,
                          f"r{rank}", progress)
             report.encoded = len(mine)
@@ -290,6 +297,15 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
     report.unused_entries = len(set(cache.entries) - set(keys))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def encode_batch_size(clips, height: int, width: int) -> int:
+    """Clips per encoder call: as many as ENCODE_BATCH_PIXELS allow (at most MAX_ENCODE_BATCH),
+    and 1 where the clips differ in length (a batch is one tensor)."""
+    lengths = {clip.num_frames for clip in clips}
+    if len(lengths) != 1:
+        return 1
+    return max(1, min(MAX_ENCODE_BATCH, ENCODE_BATCH_PIXELS // (lengths.pop() * height * width)))
 
 
 def cache_lock(cache_dir) -> FolderLock:

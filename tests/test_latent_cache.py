@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import shutil
 import time
@@ -44,9 +45,13 @@ def test_cached_entries_are_the_real_encodings_and_are_reused(setup):
     vae, clip_model = load_vae(s["VAE_PATH"]), load_clip(s["CLIP_PATH"])
     item = dataset(s, clips, first)[2]
     video = RecordingClipDataset([clips[2]], 32, 64)[0]["video"][None]
-    assert torch.equal(item["latents"], vae.encode(video)[0])
-    assert torch.equal(item["cond_concat"], build_cond_concat(vae, video[:, :, 0], 9)[0])
-    assert torch.equal(item["visual_context"], clip_model.encode_frames(video[:, :, 0])[0])
+    # The build encoded the 4 clips in one call (encode_batch_size): equal to encoding this
+    # clip alone up to the order of floating-point sums.
+    assert latent_cache.encode_batch_size(clips, 32, 64) > 1
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(item["latents"], vae.encode(video)[0], **close)
+    torch.testing.assert_close(item["cond_concat"], build_cond_concat(vae, video[:, :, 0], 9)[0], **close)
+    torch.testing.assert_close(item["visual_context"], clip_model.encode_frames(video[:, :, 0])[0], **close)
     assert torch.equal(item["keyboard"], clips[2].keyboard) and torch.equal(item["mouse"], clips[2].mouse)
     assert (item["recording"], item["first_frame"]) == (clips[2].recording, clips[2].first_frame)
 
@@ -55,6 +60,16 @@ def test_cached_entries_are_the_real_encodings_and_are_reused(setup):
     assert torch.equal(dataset(s, clips, again)[2]["latents"], item["latents"])
     manifest = (latent_cache.LatentCache(s["CACHE_DIR"]).cache_dir / latent_cache.MANIFEST_NAME).read_text()
     assert clips[2].clip_id in manifest
+
+
+def test_encode_batch_size_fills_the_pixel_budget_and_keeps_unequal_clips_apart(setup):
+    _, clips = setup
+    per_clip = 9 * 32 * 64
+    assert latent_cache.encode_batch_size(clips, 32, 64) == min(latent_cache.MAX_ENCODE_BATCH,
+                                                                  latent_cache.ENCODE_BATCH_PIXELS // per_clip)
+    assert latent_cache.encode_batch_size(clips, 352, 640) == 1  # 9 frames of 352x640: 2 Mpx
+    shorter = dataclasses.replace(clips[1], frame_paths=clips[1].frame_paths[:5])
+    assert latent_cache.encode_batch_size([clips[0], shorter], 32, 64) == 1
 
 
 def test_changed_frame_invalidates_exactly_the_clips_that_use_it(setup):
