@@ -118,7 +118,7 @@ def demo_settings() -> dict:
     return dict(BASE_MODEL_DIR=d["BASE_MODEL_DIR"], CHECKPOINT=str(checkpoint), VAE_PATH=d["VAE_PATH"],
                 CLIP_PATH=d["CLIP_PATH"], RECORDING=d["DATA_DIR"], START_FRAME=first,
                 NUM_FRAMES=2 * d["SEQUENCE_LENGTH"] - 1, WINDOW_FRAMES=d["SEQUENCE_LENGTH"],
-                VIDEO_HEIGHT=d["VIDEO_HEIGHT"], VIDEO_WIDTH=d["VIDEO_WIDTH"], DEVICE="cpu", COMPARE=True,
+                VIDEO_HEIGHT=d["VIDEO_HEIGHT"], VIDEO_WIDTH=d["VIDEO_WIDTH"], MOUSE_SCALE=d["MOUSE_SCALE"], DEVICE="cpu", COMPARE=True,
                 OUTPUT=f"{DEMO_DIR}/previews/demo_preview.mp4")
 
 

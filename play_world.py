@@ -173,7 +173,7 @@ def demo_settings() -> dict:
     first = clips[preview_clip_index(clips)].first_frame  # the clip the training previews show
     return dict(MODEL_DIR=model_dir, CHECKPOINT=checkpoint, MODE="universal", VAE_PATH=d["VAE_PATH"],
                 CLIP_PATH=d["CLIP_PATH"], RECORDING=d["DATA_DIR"], START_FRAME=first,
-                VIDEO_HEIGHT=d["VIDEO_HEIGHT"], VIDEO_WIDTH=d["VIDEO_WIDTH"], DEVICE="cpu", HEADLESS=True,
+                VIDEO_HEIGHT=d["VIDEO_HEIGHT"], VIDEO_WIDTH=d["VIDEO_WIDTH"], MOUSE_SCALE=d["MOUSE_SCALE"], DEVICE="cpu", HEADLESS=True,
                 NUM_BLOCKS=DEMO_BLOCKS, OUTPUT=f"{DEMO_DIR}/play/demo_play.mp4")
 
 

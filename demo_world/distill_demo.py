@@ -8,14 +8,15 @@ from pathlib import Path
 from demo_world.setup import DISTILL_DEMO_DIR, PLAY_DEMO_MODEL_DIRS, TRAINING_DEMO_SETTINGS
 from generation.finetuned import FINAL_FILE
 
-_PATHS = ("BASE_MODEL_DIR", "VAE_PATH", "CLIP_PATH", "DATA_DIR", "CACHE_DIR", "CACHE_DTYPE", "VIDEO_HEIGHT",
-          "VIDEO_WIDTH", "VAL_FRACTION")
+# Settings shared with the training demo (its files, data, split and mouse scale).
+_SHARED = ("BASE_MODEL_DIR", "VAE_PATH", "CLIP_PATH", "DATA_DIR", "CACHE_DIR", "CACHE_DTYPE", "VIDEO_HEIGHT",
+           "VIDEO_WIDTH", "VAL_FRACTION", "MOUSE_SCALE")
 # Settings of every stage: the fine-tuning demo's model, data and cache; clips of 33 frames
 # (9 latent frames = 3 blocks, so the 6-frame window rolls within a clip); CPU, float32.
 # Stage C streams those same clips (no new encoding): 6 latent frames, then 3 more, its
 # windows of 6 frames with 3 overlapping.
 DISTILL_DEMO_SETTINGS = dict(
-    {name: TRAINING_DEMO_SETTINGS[name] for name in _PATHS},
+    {name: TRAINING_DEMO_SETTINGS[name] for name in _SHARED},
     CHECKPOINT=f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FINAL_FILE}",
     SEQUENCE_LENGTH=33, CLIP_STRIDE=24, BATCH_SIZE=2, GRAD_ACCUM_STEPS=1,
     EMA_DECAY=0.9, EMA_START_STEP=60, VAL_EVERY_STEPS=100, VAL_CLIPS=2, TEACHER_STEPS=50,

@@ -49,11 +49,12 @@ MANIFEST_NAME = "manifest.json"
 STRAY_AGE_SECONDS = 600   # an unfinished shard this old is a killed build's, not one in progress
 HASH_BLOCK = 16 << 20
 # Clips per VAE/CLIP call: small clips share a call, since every convolution call has a fixed
-# cost that one small clip cannot amortise (the demo's 17 frames of 64x112 encode about 2x
-# faster per clip in fours on the CPU: bench/bench_cache.py). A call holds at most
-# ENCODE_BATCH_PIXELS pixels, so a real-size clip (57 frames of 352x640, 12.8 Mpx) goes alone.
+# cost that one small clip cannot amortise (the demo's 17 frames of 64x112 encode 2.5-3x
+# faster per clip in twos to eights than one at a time on the CPU, no faster in eights than
+# in fours: bench/bench_cache.py). A call holds at most ENCODE_BATCH_PIXELS pixels, so a
+# real-size clip (57 frames of 352x640, 12.8 Mpx) goes alone.
 ENCODE_BATCH_PIXELS = 2_000_000
-MAX_ENCODE_BATCH = 8
+MAX_ENCODE_BATCH = 4
 
 
 class CacheError(RuntimeError):
