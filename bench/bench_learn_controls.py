@@ -173,7 +173,7 @@ def format_row(row: dict) -> str:
 
 PANELS = (("val_loss", "validation loss (fixed sigmas)"),
           ("action_gain", "action gain: fixed sigmas (solid), the training script's (dashed)"),
-          ("preview", "action-following: true keys (solid), other keys (dashed), real (dotted), VAE recon (dots)"),
+          ("preview", "following the keys: true (solid), other (dashed), real (dotted), recon (dots)"),
           ("preview_psnr", "PSNR of generated frames 1-8 (dB)"))
 COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
