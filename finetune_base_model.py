@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import convert_unreal_data as data
 from cli.settings import ScriptSettings, ShowHelp, check_choices, check_ranges, raise_for_problems
-from demo_world.setup import DEMO_CONTROLS_NOTE, TRAINING_DEMO_SETTINGS, prepare_demo
+from demo_world.setup import DEMO_CONTROLS_NOTES, TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE, TRAINED_CONTENTS, merge_lora_file
 from generation.previews import epoch_preview
 from latents.cache import CACHE_DTYPES, CacheError
@@ -596,8 +596,8 @@ def main(argv=None) -> int:
               f"{first['train_loss']:.4f} (epoch 1) -> {last['train_loss']:.4f} (epoch {last['epoch']}); "
               f"outputs in {summary['checkpoint_dir']} (read {INFO_FILE})")
         print(describe_controls(history))
-        if demo and not controls_learned(history):
-            print(DEMO_CONTROLS_NOTE)
+        if demo:
+            print(DEMO_CONTROLS_NOTES[controls_learned(history)])
     return 0
 
 

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 
 import finetune_base_model as fb
 from conftest import REPO_ROOT, data_settings
-from demo_world.setup import DEMO_DIR, TRAINING_DEMO_SETTINGS, prepare_demo
+from demo_world.setup import DEMO_CONTROLS_NOTES, DEMO_DIR, TRAINING_DEMO_SETTINGS, prepare_demo
 from runs.errors import TrainingError
 from runs.folder import METRICS_FILE, STATE_FILE
 from runs.metrics import METRICS_COLUMNS
@@ -381,3 +381,4 @@ def test_demo_end_to_end(tmp_path):
                   "\ncontrols: action gain "):  # the one line on whether the keys were learned, under the status
         assert field in info, field
     assert "\ncontrols: action gain " in done.stdout  # and the last words of the run
+    assert sum(note in done.stdout for note in DEMO_CONTROLS_NOTES.values()) == 1  # then what the demo showed
