@@ -1,7 +1,7 @@
 """Does fine-tuning teach the controls? Train a tiny model on the demo world on CPU and
 measure, epoch by epoch, how much its predictions and its videos depend on the keys.
 
-    python bench/bench_learn_controls.py                    # the recipe below: ~20 minutes on 2 cores
+    python bench/bench_learn_controls.py                    # the recipe below: ~15 minutes on 2 cores
     python bench/bench_learn_controls.py --shifts=1,3,5     # one run per TIMESTEP_SHIFT
     python bench/bench_learn_controls.py --epochs=5 --out=/tmp/lc   # shorter, elsewhere
 
@@ -56,7 +56,7 @@ from wan.vae import load_vae  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The recipe: the --demo settings (MOUSE_SCALE=0.3 among them) with these changes (2-core
-# CPU: about 3 minutes to render and encode the recording, 12 of training, 5 of scoring).
+# CPU: about 2 minutes to render and encode the recording, 10 of training, 3 of scoring).
 # What mattered most, in trial runs of a plain loop on the cached recording (action gain at
 # the fixed sigmas): the scale of the mouse input (demo_world/setup.py says why; 1.021 ->
 # 1.040 after 500 steps), then the batch. The action signal is a small part of each clip's loss, and
@@ -75,7 +75,7 @@ EVAL_EVERY_EPOCHS = 30                 # score every N epochs and the last
 EVAL_SIGMAS = flow.validation_sigmas(8, shift=1.0)  # the quantiles of uniform noise levels
 PREVIEW_CLIPS = 4                      # the most active validation clips
 PREVIEW_STEPS = 20                     # Euler steps per preview (the scores barely change beyond)
-THREADS = 2                            # both cores: at batch 64 a step takes 0.38 s, against 0.52 s on one
+THREADS = 2                            # both cores: at batch 64 a step took 0.38-0.40 s, against 0.52 s on one
 # -----------------------------------------------------------------------------
 
 
@@ -164,7 +164,7 @@ def format_row(row: dict) -> str:
             f"{number(row['action_gain'], 7, 4)} {number(row['script_val_loss'], 7, 4)} "
             f"{number(row['script_action_gain'], 7, 4)} {number(row['preview_true'], 5, 2)} "
             f"{number(row['preview_shuffled'], 5, 2)} {number(row['preview_truth'], 5, 2)} "
-            f"{number(row.get('preview_recon'), 5, 2)} "
+            f"{number(row['preview_recon'], 5, 2)} "
             f"{number(row['preview_psnr'], 5, 1)}")
 
 
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
           "frames (all scored against the true keys); PSNR: generated frames 1-8 vs the real ones")
     for run in runs:
         print(f"\nTIMESTEP_SHIFT={run['shift']:g}: {run['steps']} optimizer steps in {run['train_seconds']:.0f} s "
-              f"(wall time on a shared machine: noisy); {run['train_clips']} training / {run['val_clips']} validation clips")
+              f"of train(), the latent cache's first build included (wall time: noisy where the cores are shared); {run['train_clips']} training / {run['val_clips']} validation clips")
         print(HEADER)
         for row in run["rows"]:
             print(format_row(row))

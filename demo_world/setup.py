@@ -31,10 +31,11 @@ TRAINING_DEMO_SETTINGS = dict(
     VIDEO_HEIGHT=64, VIDEO_WIDTH=112, SEQUENCE_LENGTH=17, CLIP_STRIDE=8, VAL_FRACTION=0.15,
     # Turns reach the model at 0.3 to 0.9 per frame, not the base model's 0.1 (MOUSE_SCALE 0.05):
     # the demo's base model is random, and Adam moves each weight by about the learning rate per
-    # step, so a mouse layer fed 0.1 needs its weights to travel 6 times as far. After 500 steps
-    # of batch 64 on the benchmark's recording the action gain was 1.021 at scale 0.05, 1.040
-    # at 0.3 (1.046 at 1.5, beyond the data check's range); scaling up the mouse layer's
-    # initial weights instead gave 1.020. A pretrained base model reads 0.1 already.
+    # step, so a mouse layer fed 0.1 needs its weights to travel 6 times as far as one fed the
+    # demo's typical 0.6 before the turns matter as much. After 500 steps of batch 64 on the
+    # benchmark's recording the action gain was 1.021 at scale 0.05, 1.040 at 0.3 (1.046 at
+    # 1.5, beyond the data check's range); scaling up the mouse layer's initial weights
+    # instead gave 1.020. A pretrained base model reads 0.1 already.
     MOUSE_SCALE=0.3,
     # Batches of 32: the keys are a small part of each clip's loss, and the gradients of small
     # batches bury them (bench/bench_learn_controls.py: batch 2 learns them 5x slower per
