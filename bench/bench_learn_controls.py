@@ -17,7 +17,9 @@ budget is training alone):
   * previews of PREVIEW_CLIPS validation clips, each generated from the same noise with its
     own actions and with another clip's (generation/previews.other_clip_index), scored by
     the action-following score against the clip's own actions, beside the real frames'
-    score and the PSNR of generated frames 1-8 against the real ones.
+    score and the PSNR of generated frames 1-8 against the real ones. Each video is scored
+    twice: over consecutive frames, and over every 4th frame (the frames the latent frames
+    hold themselves: the motion the model decides, without what the VAE draws in between).
 
 Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with PIL) and
 OUT/learn_controls.json. Progress is measured in optimizer steps and epochs: the wall
@@ -52,6 +54,7 @@ from recordings.report import check_data  # noqa: E402
 from training.flow_matching import validate  # noqa: E402
 from wan import flow  # noqa: E402
 from wan.files import write_atomic, write_json_atomic  # noqa: E402
+from wan.shapes import VAE_TIME_STRIDE  # noqa: E402
 from wan.vae import load_vae  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -91,7 +94,8 @@ def score_epoch(settings: dict, weights: Path, val_set, vae, truths: dict, recon
     script_sigmas = flow.validation_sigmas(settings["VAL_SIGMAS"], settings["TIMESTEP_SAMPLING"], settings["TIMESTEP_SHIFT"],
                                            settings["MIN_SIGMA"], settings["MAX_SIGMA"])
     script = validate(model, val_set, script_sigmas, settings["SEED"], torch.device("cpu"), nullcontext())
-    scores = {"true": [], "shuffled": [], "truth": [], "recon": [], "psnr": []}
+    names = ("true", "shuffled", "truth", "recon")
+    scores = {key: [] for name in names for key in (name, f"{name}_latent")} | {"psnr": []}
     for index, truth in truths.items():
         item = val_set[index]
         other = val_set[other_clip_index(index, len(val_set))]
@@ -103,8 +107,10 @@ def score_epoch(settings: dict, weights: Path, val_set, vae, truths: dict, recon
         videos["truth"] = truth
         videos["recon"] = recons[index]
         panel_scores = score_panels(videos, item["keyboard"], item["mouse"], keys)  # all against the true actions
-        for name in ("true", "shuffled", "truth", "recon"):
+        latent_scores = score_panels(videos, item["keyboard"], item["mouse"], keys, stride=VAE_TIME_STRIDE)
+        for name in names:
             scores[name].append(panel_scores[name]["overall"])
+            scores[f"{name}_latent"].append(latent_scores[name]["overall"])
         scores["psnr"].append(first_frames_psnr(videos["true"], truth))
     return {"val_loss": result["val_loss"], "action_gain": result.get("action_gain"),
             "script_val_loss": script["val_loss"], "script_action_gain": script.get("action_gain"),
@@ -153,7 +159,10 @@ def run_one(base: dict, shift: float, epochs: int, out: Path) -> dict:
 
 
 HEADER = (f"{'epoch':>5} {'step':>6} {'train':>7} {'val':>7} {'gain':>7} {'val*':>7} {'gain*':>7} "
-          f"{'true':>5} {'shuf':>5} {'real':>5} {'recon':>5} {'PSNR':>5}")
+          f"{'true':>5} {'shuf':>5} {'real':>5} {'recon':>5} {'true4':>5} {'shuf4':>5} {'real4':>5} {'rec4':>5} "
+          f"{'PSNR':>5}")
+PREVIEW_COLUMNS = ("true", "shuffled", "truth", "recon", "true_latent", "shuffled_latent", "truth_latent",
+                   "recon_latent")
 
 
 def format_row(row: dict) -> str:
@@ -162,10 +171,9 @@ def format_row(row: dict) -> str:
 
     return (f"{row['epoch']:>5} {row['step']:>6} {number(row['train_loss'], 7, 4)} {number(row['val_loss'], 7, 4)} "
             f"{number(row['action_gain'], 7, 4)} {number(row['script_val_loss'], 7, 4)} "
-            f"{number(row['script_action_gain'], 7, 4)} {number(row['preview_true'], 5, 2)} "
-            f"{number(row['preview_shuffled'], 5, 2)} {number(row['preview_truth'], 5, 2)} "
-            f"{number(row['preview_recon'], 5, 2)} "
-            f"{number(row['preview_psnr'], 5, 1)}")
+            f"{number(row['script_action_gain'], 7, 4)} "
+            + "".join(f"{number(row[f'preview_{name}'], 5, 2)} " for name in PREVIEW_COLUMNS)
+            + f"{number(row['preview_psnr'], 5, 1)}")
 
 
 # -----------------------------------------------------------------------------
@@ -173,28 +181,33 @@ def format_row(row: dict) -> str:
 
 PANELS = (("val_loss", "validation loss (fixed sigmas)"),
           ("action_gain", "action gain: fixed sigmas (solid), the training script's (dashed)"),
+          ("preview_psnr", "PSNR of generated frames 1-8 (dB)"),
           ("preview", "following the keys: true (solid), other (dashed), real (dotted), recon (dots)"),
-          ("preview_psnr", "PSNR of generated frames 1-8 (dB)"))
+          ("preview_latent", "the same, every 4th frame (the latent frames' own)"))
+COLUMNS = 3
 COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
 
 def plot(runs: list[dict], path: Path) -> Path:
     """One panel per measure, one line per run, epochs along x."""
     panel_w, panel_h, margin = 460, 260, 46
-    image = Image.new("RGB", (2 * panel_w, 2 * panel_h + 30), "white")
+    rows = math.ceil(len(PANELS) / COLUMNS)
+    image = Image.new("RGB", (COLUMNS * panel_w, rows * panel_h + 30), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
     x = 10
     for r, run in enumerate(runs):  # each run's name in its colour
         label = f"TIMESTEP_SHIFT={run['shift']:g}"
-        draw.text((x, 2 * panel_h + 8), label, fill=COLOURS[r % len(COLOURS)], font=font)
+        draw.text((x, rows * panel_h + 8), label, fill=COLOURS[r % len(COLOURS)], font=font)
         x += draw.textlength(label, font=font) + 20
     for k, (name, title) in enumerate(PANELS):
-        x0, y0 = (k % 2) * panel_w, (k // 2) * panel_h
+        x0, y0 = (k % COLUMNS) * panel_w, (k // COLUMNS) * panel_h
         series = []  # (run index, style, [(epoch, value)])
         for r, run in enumerate(runs):
             keys = {"preview": (("preview_true", "solid"), ("preview_shuffled", "dashed"), ("preview_truth", "dotted"),
                                 ("preview_recon", "points")),
+                    "preview_latent": (("preview_true_latent", "solid"), ("preview_shuffled_latent", "dashed"),
+                                       ("preview_truth_latent", "dotted"), ("preview_recon_latent", "points")),
                     "action_gain": (("action_gain", "solid"), ("script_action_gain", "dashed"))}.get(name, ((name, "solid"),))
             for key, style in keys:
                 points = [(row["epoch"], row[key]) for row in run["rows"] if row.get(key) is not None]
@@ -269,8 +282,9 @@ def main(argv=None) -> int:
         plot(runs, out / "learn_controls.png")
         write_json_atomic(out / "learn_controls.json", {"recipe": RECIPE, "recording_frames": args.frames, "runs": runs})
     print("\nval/gain: at the fixed sigmas; val*/gain*: the training script's own validation (sigmas of its shift);"
-          "\ntrue/shuf/real: action-following of previews with the true keys, another clip's keys, and the real "
-          "frames (all scored against the true keys); PSNR: generated frames 1-8 vs the real ones")
+          "\ntrue/shuf/real/recon: action-following of previews with the true keys, another clip's keys, the real "
+          "frames and the VAE's reconstruction of them (all scored against the true keys); true4...rec4: the same "
+          "over every 4th frame; PSNR: generated frames 1-8 vs the real ones")
     for run in runs:
         print(f"\nTIMESTEP_SHIFT={run['shift']:g}: {run['steps']} optimizer steps in {run['train_seconds']:.0f} s "
               f"of train(), the latent cache's first build included (wall time: noisy where the cores are shared); {run['train_clips']} training / {run['val_clips']} validation clips")

@@ -18,8 +18,14 @@ from wan.shapes import FPS
 from wan.vae import load_vae
 
 
-def score_panels(panels: dict[str, torch.Tensor], keyboard: torch.Tensor, mouse: torch.Tensor, keys) -> dict:
-    return {label: action_following_score(frames, keyboard, mouse, tuple(str(k).upper() for k in keys))
+def score_panels(panels: dict[str, torch.Tensor], keyboard: torch.Tensor, mouse: torch.Tensor, keys,
+                 stride: int = 1) -> dict:
+    """The action-following score of every panel {label: frames [T, 3, H, W]} against the same
+    actions. With stride > 1 only every stride-th frame and action row is scored: at
+    VAE_TIME_STRIDE these are the frames the latent frames hold themselves, so the score
+    measures the motion the model decided, not what the VAE draws between latent frames."""
+    keys = tuple(str(k).upper() for k in keys)
+    return {label: action_following_score(frames[::stride], keyboard[::stride], mouse[::stride], keys)
             for label, frames in panels.items()}
 
 

@@ -417,3 +417,15 @@ def test_demo_recording_scores_above_its_shuffled_actions(tmp_path):
         order = torch.cat([blocks[i] for i in torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))])
         shuffled = previews.score_panels({"x": inputs.truth}, inputs.keyboard[order], inputs.mouse[order], KEYS)["x"]
         assert shuffled["overall"] < truth - 0.3, (seed, truth, shuffled["overall"])
+
+
+def test_scoring_every_fourth_frame_measures_the_motion_across_four_frames(tmp_path):
+    write_demo_recording(tmp_path / "rec", 40, 64, 112)
+    s = {name: getattr(gp, name) for name in gp.SETTINGS.names}
+    s.update(RECORDING=str(tmp_path / "rec"), START_FRAME=1, NUM_FRAMES=33, VIDEO_HEIGHT=64, VIDEO_WIDTH=112)
+    inputs = gp.load_inputs(s)
+    every = previews.score_panels({"x": inputs.truth}, inputs.keyboard, inputs.mouse, KEYS)["x"]
+    fourth = previews.score_panels({"x": inputs.truth}, inputs.keyboard, inputs.mouse, KEYS, stride=4)["x"]
+    steps = torch.tensor(every["motion"]["dx"]).view(8, 4).sum(1)  # four frames' shifts add up
+    assert len(fourth["motion"]["dx"]) == 8 and steps.abs().max() > 2
+    assert torch.allclose(torch.tensor(fourth["motion"]["dx"]), steps, atol=1.0), (fourth["motion"]["dx"], steps)
