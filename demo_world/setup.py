@@ -100,7 +100,7 @@ def write_demo_vae(path) -> None:
     if DEMO_VAE_FILE.is_file():
         write_atomic(path, lambda temporary: shutil.copyfile(DEMO_VAE_FILE, temporary))
         return
-    print(f"demo: {DEMO_VAE_FILE} is missing; training the demo VAE on demo-world frames (a few minutes)")
+    print(f"demo: {DEMO_VAE_FILE} is missing; training the demo VAE on demo-world frames (about half an hour on one CPU thread)")
     save_vae(train_demo_vae(), path)
 
 

@@ -47,4 +47,4 @@ def test_the_shipped_demo_vae_reconstructs_the_demo_world():
         pytest.skip(f"{DEMO_VAE_FILE} is not shipped in this checkout")
     vae = load_vae(DEMO_VAE_FILE)
     videos = torch.stack([random_walk_clip(random.Random(500 + i), 5, 64, 112) for i in range(2)])
-    assert reconstruction_psnr(vae, videos) > 15.0  # 17.9 dB on these clips; a random VAE of its size 11.3
+    assert reconstruction_psnr(vae, videos) > 19.0  # 22.4 dB on these clips (600 steps: 17.9); a random VAE 11.3
