@@ -1,7 +1,7 @@
 """Does fine-tuning teach the controls? Train a tiny model on the demo world on CPU and
 measure, epoch by epoch, how much its predictions and its videos depend on the keys.
 
-    python bench/bench_learn_controls.py                    # the recipe below: ~15 minutes on 2 cores
+    python bench/bench_learn_controls.py                    # the recipe below: ~13 minutes on 2 cores
     python bench/bench_learn_controls.py --shifts=1,3,5     # one run per TIMESTEP_SHIFT
     python bench/bench_learn_controls.py --epochs=5 --out=/tmp/lc   # shorter, elsewhere
 
@@ -59,7 +59,7 @@ from wan.vae import load_vae  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The recipe: the --demo settings (MOUSE_SCALE=0.3 among them) with these changes (2-core
-# CPU: about 2 minutes to render and encode the recording, 10 of training, 3 of scoring).
+# CPU: about 2 minutes to render and encode the recording, 8 of training, 3 of scoring).
 # What mattered most, in trial runs of a plain loop on the cached recording (action gain at
 # the fixed sigmas): the scale of the mouse input (demo_world/setup.py says why; 1.021 ->
 # 1.040 after 500 steps), then the batch. The action signal is a small part of each clip's loss, and

@@ -57,11 +57,12 @@ PLAY_DEMO_FALLBACK_CHECKPOINT = f"{TRAINING_DEMO_SETTINGS['CHECKPOINT_DIR']}/{FI
 DEMO_RECORDING_FRAMES = 900              # 36 s of play: enough variety that validation means something
 # What the demo says after its controls line. Its recording is short (a model can memorise
 # how each clip moves instead of reading the keys), and even where the predictions follow
-# the keys, the previews do not move with them yet (bench/RESULTS.md says why).
+# the keys, the previews do not follow them yet (bench/RESULTS.md says why).
 DEMO_CONTROLS_NOTES = {
-    True: ("demo: the predictions follow the keys and mouse, but the generated preview does not move with them "
-           "yet: that takes longer training (bench/bench_learn_controls.py) and a VAE that keeps the motion within "
-           "each latent frame (bench/RESULTS.md)"),
+    True: ("demo: the predictions follow the keys and mouse, but the generated preview does not follow them yet "
+           "(it scores about as well with another clip's keys): a few CPU minutes teach the tiny model what the "
+           "keys do to its predictions, not to drive; bench/bench_learn_controls.py trains longer, and "
+           "bench/RESULTS.md says how far that gets"),
     False: ("demo: a few minutes on the short demo recording teach the keys only a little; "
             "bench/bench_learn_controls.py trains longer on a longer recording and plots how the action gain grows"),
 }
