@@ -33,7 +33,7 @@ TRAINING_DEMO_SETTINGS = dict(
     # the demo's base model is random, and Adam moves each weight by about the learning rate per
     # step, so a mouse layer fed 0.1 needs its weights to travel 6 times as far as one fed the
     # demo's typical 0.6 before the turns matter as much. After 500 steps of batch 64 on the
-    # benchmark's recording the action gain was 1.021 at scale 0.05, 1.040 at 0.3 (1.046 at
+    # benchmark's recording (600-step demo VAE) the action gain was 1.021 at 0.05, 1.040 at 0.3 (1.046 at
     # 1.5, beyond the data check's range); scaling up the mouse layer's initial weights
     # instead gave 1.020. A pretrained base model reads 0.1 already.
     MOUSE_SCALE=0.3,
@@ -101,7 +101,8 @@ def write_demo_vae(path) -> None:
     if DEMO_VAE_FILE.is_file():
         write_atomic(path, lambda temporary: shutil.copyfile(DEMO_VAE_FILE, temporary))
         return
-    print(f"demo: {DEMO_VAE_FILE} is missing; training the demo VAE on demo-world frames (about half an hour on one CPU thread)")
+    print(f"demo: {DEMO_VAE_FILE} is missing; training the demo VAE on demo-world frames "
+          "(about half an hour on one CPU thread)")
     save_vae(train_demo_vae(), path)
 
 
