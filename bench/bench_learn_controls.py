@@ -78,6 +78,12 @@ EVAL_EVERY_EPOCHS = 30                 # score every N epochs and the last
 EVAL_SIGMAS = flow.validation_sigmas(8, shift=1.0)  # the quantiles of uniform noise levels
 PREVIEW_CLIPS = 4                      # the most active validation clips
 PREVIEW_STEPS = 20                     # Euler steps per preview (the scores barely change beyond)
+# The videos each preview scores, all against the clip's own keys, in the plot's line styles:
+# generated with its keys, generated with another clip's, the real frames, the VAE's
+# reconstruction of them. Each over consecutive frames, and with LATENT_SUFFIX over every 4th.
+PREVIEW_VIDEOS = {"true": "solid", "shuffled": "dashed", "truth": "dotted", "recon": "points"}
+LATENT_SUFFIX = "_latent"
+PREVIEW_COLUMNS = (*PREVIEW_VIDEOS, *(name + LATENT_SUFFIX for name in PREVIEW_VIDEOS))
 THREADS = 2                            # both cores: at batch 64 a step took 0.38-0.40 s, against 0.52 s on one
 # -----------------------------------------------------------------------------
 
@@ -94,8 +100,7 @@ def score_epoch(settings: dict, weights: Path, val_set, vae, truths: dict, recon
     script_sigmas = flow.validation_sigmas(settings["VAL_SIGMAS"], settings["TIMESTEP_SAMPLING"], settings["TIMESTEP_SHIFT"],
                                            settings["MIN_SIGMA"], settings["MAX_SIGMA"])
     script = validate(model, val_set, script_sigmas, settings["SEED"], torch.device("cpu"), nullcontext())
-    names = ("true", "shuffled", "truth", "recon")
-    scores = {key: [] for name in names for key in (name, f"{name}_latent")} | {"psnr": []}
+    scores = {key: [] for key in PREVIEW_COLUMNS} | {"psnr": []}
     for index, truth in truths.items():
         item = val_set[index]
         other = val_set[other_clip_index(index, len(val_set))]
@@ -108,9 +113,9 @@ def score_epoch(settings: dict, weights: Path, val_set, vae, truths: dict, recon
         videos["recon"] = recons[index]
         panel_scores = score_panels(videos, item["keyboard"], item["mouse"], keys)  # all against the true actions
         latent_scores = score_panels(videos, item["keyboard"], item["mouse"], keys, stride=VAE_TIME_STRIDE)
-        for name in names:
+        for name in PREVIEW_VIDEOS:
             scores[name].append(panel_scores[name]["overall"])
-            scores[f"{name}_latent"].append(latent_scores[name]["overall"])
+            scores[name + LATENT_SUFFIX].append(latent_scores[name]["overall"])
         scores["psnr"].append(first_frames_psnr(videos["true"], truth))
     return {"val_loss": result["val_loss"], "action_gain": result.get("action_gain"),
             "script_val_loss": script["val_loss"], "script_action_gain": script.get("action_gain"),
@@ -161,8 +166,6 @@ def run_one(base: dict, shift: float, epochs: int, out: Path) -> dict:
 HEADER = (f"{'epoch':>5} {'step':>6} {'train':>7} {'val':>7} {'gain':>7} {'val*':>7} {'gain*':>7} "
           f"{'true':>5} {'shuf':>5} {'real':>5} {'recon':>5} {'true4':>5} {'shuf4':>5} {'real4':>5} {'rec4':>5} "
           f"{'PSNR':>5}")
-PREVIEW_COLUMNS = ("true", "shuffled", "truth", "recon", "true_latent", "shuffled_latent", "truth_latent",
-                   "recon_latent")
 
 
 def format_row(row: dict) -> str:
@@ -204,10 +207,9 @@ def plot(runs: list[dict], path: Path) -> Path:
         x0, y0 = (k % COLUMNS) * panel_w, (k // COLUMNS) * panel_h
         series = []  # (run index, style, [(epoch, value)])
         for r, run in enumerate(runs):
-            keys = {"preview": (("preview_true", "solid"), ("preview_shuffled", "dashed"), ("preview_truth", "dotted"),
-                                ("preview_recon", "points")),
-                    "preview_latent": (("preview_true_latent", "solid"), ("preview_shuffled_latent", "dashed"),
-                                       ("preview_truth_latent", "dotted"), ("preview_recon_latent", "points")),
+            keys = {"preview": tuple((f"preview_{video}", style) for video, style in PREVIEW_VIDEOS.items()),
+                    "preview_latent": tuple((f"preview_{video}{LATENT_SUFFIX}", style)
+                                            for video, style in PREVIEW_VIDEOS.items()),
                     "action_gain": (("action_gain", "solid"), ("script_action_gain", "dashed"))}.get(name, ((name, "solid"),))
             for key, style in keys:
                 points = [(row["epoch"], row[key]) for row in run["rows"] if row.get(key) is not None]
