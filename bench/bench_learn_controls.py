@@ -44,7 +44,7 @@ import convert_unreal_data as data  # noqa: E402
 import finetune_base_model as fb  # noqa: E402
 from demo_world.setup import DEMO_RECORDING_FRAMES, demo_paths_under, prepare_demo  # noqa: E402
 from generation.bidirectional import decode_frames  # noqa: E402
-from generation.finetuned import load_model  # noqa: E402
+from generation.finetuned import FINAL_FILE, load_model  # noqa: E402
 from generation.previews import (first_frames_psnr, generate_cached_clip, most_active_clips,  # noqa: E402
                                  other_clip_index, score_panels)
 from latents.cache import EncodingSettings, LatentCache  # noqa: E402
@@ -154,7 +154,10 @@ def run_one(base: dict, shift: float, epochs: int, out: Path) -> dict:
     epochs_scored = sorted({e for e in history if e % EVAL_EVERY_EPOCHS == 0} | {max(history)})
     rows = []
     for epoch in epochs_scored:
-        weights = run_dir / f"base_finetuned_epoch{epoch}.safetensors"
+        # Epoch files come every EVAL_EVERY_EPOCHS (SAVE_EVERY_EPOCHS above); a last epoch off that
+        # beat has only the final file.
+        weights = run_dir / (f"base_finetuned_epoch{epoch}.safetensors" if epoch % EVAL_EVERY_EPOCHS == 0
+                             else FINAL_FILE)
         row = {"epoch": epoch, "step": history[epoch]["step"], "train_loss": history[epoch]["train_loss"],
                **score_epoch(settings, weights, val_set, vae, truths, recons)}
         rows.append(row)
