@@ -33,7 +33,7 @@ from wan.vae import VAEConfig, WanVAE, load_vae, save_vae
 DEMO_VAE_DIM = 8                     # VAEConfig.tiny(): the Wan2.1 structure at 1/12 of its width
 DEMO_VAE_FILE = Path(__file__).with_name("demo_vae.pth")  # shipped; written by main()
 DEMO_VAE_SEED = 0
-# 3000 steps (about 33 minutes on one thread): at 600 the VAE reconstructed held-out clips at
+# 3000 steps (35 minutes on one thread): at 600 the VAE reconstructed held-out clips at
 # 18.4 dB and kept little motion between latent frames (its reconstruction of real video
 # scored 0.16 on the action-following score, the video itself 0.76); at 3000, 21.6 dB and
 # 0.43, and the demo model learns the keys faster on its latents (bench/RESULTS.md).
