@@ -19,7 +19,9 @@ budget is training alone):
     the action-following score against the clip's own actions, beside the real frames'
     score and the PSNR of generated frames 1-8 against the real ones. Each video is scored
     twice: over consecutive frames, and over every 4th frame (the frames the latent frames
-    hold themselves: the motion the model decides, without what the VAE draws in between).
+    hold themselves: the motion the model decides, without what the VAE draws in between);
+    and how far its content moves per frame, in pixels (video/action_score.mean_shift): a
+    video that morphs without moving scores near 0 there, whatever its action scores say.
 
 Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with PIL) and
 OUT/learn_controls.json. Progress is measured in optimizer steps and epochs: the wall
@@ -52,6 +54,7 @@ from latents.dataset import CachedClipDataset  # noqa: E402
 from recordings.clips import RecordingClipDataset  # noqa: E402
 from recordings.report import check_data  # noqa: E402
 from training.flow_matching import validate  # noqa: E402
+from video.action_score import mean_shift  # noqa: E402
 from wan import flow  # noqa: E402
 from wan.files import write_atomic, write_json_atomic  # noqa: E402
 from wan.shapes import VAE_TIME_STRIDE  # noqa: E402
@@ -83,7 +86,8 @@ PREVIEW_STEPS = 20                     # Euler steps per preview (the scores bar
 # reconstruction of them. Each over consecutive frames, and with LATENT_SUFFIX over every 4th.
 PREVIEW_VIDEOS = {"true": "solid", "shuffled": "dashed", "truth": "dotted", "recon": "points"}
 LATENT_SUFFIX = "_latent"
-PREVIEW_COLUMNS = (*PREVIEW_VIDEOS, *(name + LATENT_SUFFIX for name in PREVIEW_VIDEOS))
+MOTION_SUFFIX = "_px"                  # the video's image motion per frame (pixels), not a score
+PREVIEW_COLUMNS = tuple(name + suffix for suffix in ("", LATENT_SUFFIX, MOTION_SUFFIX) for name in PREVIEW_VIDEOS)
 THREADS = 2                            # both cores: at batch 64 a step took 0.38-0.40 s, against 0.52 s on one
 # -----------------------------------------------------------------------------
 
@@ -116,6 +120,7 @@ def score_epoch(settings: dict, weights: Path, val_set, vae, truths: dict, recon
         for name in PREVIEW_VIDEOS:
             scores[name].append(panel_scores[name]["overall"])
             scores[name + LATENT_SUFFIX].append(latent_scores[name]["overall"])
+            scores[name + MOTION_SUFFIX].append(mean_shift(panel_scores[name]["motion"]))
         scores["psnr"].append(first_frames_psnr(videos["true"], truth))
     return {"val_loss": result["val_loss"], "action_gain": result.get("action_gain"),
             "script_val_loss": script["val_loss"], "script_action_gain": script.get("action_gain"),
@@ -168,7 +173,7 @@ def run_one(base: dict, shift: float, epochs: int, out: Path) -> dict:
 
 HEADER = (f"{'epoch':>5} {'step':>6} {'train':>7} {'val':>7} {'gain':>7} {'val*':>7} {'gain*':>7} "
           f"{'true':>5} {'shuf':>5} {'real':>5} {'recon':>5} {'true4':>5} {'shuf4':>5} {'real4':>5} {'rec4':>5} "
-          f"{'PSNR':>5}")
+          f"{'pxT':>5} {'pxS':>5} {'pxR':>5} {'pxV':>5} {'PSNR':>5}")
 
 
 def format_row(row: dict) -> str:
@@ -189,7 +194,8 @@ PANELS = (("val_loss", "validation loss (fixed sigmas)"),
           ("action_gain", "action gain: fixed sigmas (solid), the training script's (dashed)"),
           ("preview_psnr", "PSNR of generated frames 1-8 (dB)"),
           ("preview", "following the keys: true (solid), other (dashed), real (dotted), recon (dots)"),
-          ("preview_latent", "the same, every 4th frame (the latent frames' own)"))
+          ("preview_latent", "the same, every 4th frame (the latent frames' own)"),
+          ("preview_motion", "image motion per frame (px) of the same videos"))
 COLUMNS = 3
 COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
@@ -212,6 +218,8 @@ def plot(runs: list[dict], path: Path) -> Path:
         for r, run in enumerate(runs):
             keys = {"preview": tuple((f"preview_{video}", style) for video, style in PREVIEW_VIDEOS.items()),
                     "preview_latent": tuple((f"preview_{video}{LATENT_SUFFIX}", style)
+                                            for video, style in PREVIEW_VIDEOS.items()),
+                    "preview_motion": tuple((f"preview_{video}{MOTION_SUFFIX}", style)
                                             for video, style in PREVIEW_VIDEOS.items()),
                     "action_gain": (("action_gain", "solid"), ("script_action_gain", "dashed"))}.get(name, ((name, "solid"),))
             for key, style in keys:
@@ -289,7 +297,8 @@ def main(argv=None) -> int:
     print("\nval/gain: at the fixed sigmas; val*/gain*: the training script's own validation (sigmas of its shift);"
           "\ntrue/shuf/real/recon: action-following of previews with the true keys, another clip's keys, the real "
           "frames and the VAE's reconstruction of them (all scored against the true keys); true4...rec4: the same "
-          "over every 4th frame; PSNR: generated frames 1-8 vs the real ones")
+          "over every 4th frame; pxT...pxV: how far the content of those four videos moves per frame (pixels); "
+          "PSNR: generated frames 1-8 vs the real ones")
     for run in runs:
         print(f"\nTIMESTEP_SHIFT={run['shift']:g}: {run['steps']} optimizer steps in {run['train_seconds']:.0f} s "
               f"of train(), the latent cache's first build included (wall time: noisy where the cores are shared); {run['train_clips']} training / {run['val_clips']} validation clips")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from video.action_score import action_following_score, estimate_motion, phase_correlation
+from video.action_score import action_following_score, estimate_motion, mean_shift, phase_correlation
 
 KEYS = ("W", "S", "A", "D")
 
@@ -173,6 +173,14 @@ def test_static_video_scores_zero(recording):
     score = action_following_score(frames, keyboard, mouse, KEYS)
     assert score["overall"] == 0.0
     assert score["yaw"]["correlation"] is None  # no measured motion to correlate
+
+
+def test_mean_shift_is_the_mean_distance_moved_per_pair():
+    frames = torch.stack([render(384.0 - 3 * t, 256.0 - 4 * t, 1.0) for t in range(4)])  # 5 px per frame
+    assert mean_shift(estimate_motion(frames)) == pytest.approx(5.0, abs=0.2)
+    still = render(384.0, 256.0, 1.0).expand(4, -1, -1, -1)
+    assert mean_shift(estimate_motion(still)) < 0.05
+    assert mean_shift({"dx": [3.0, 0.0], "dy": [4.0, -1.0]}) == pytest.approx(3.0)  # a score's lists
 
 
 def test_keys_are_found_by_name_and_absent_kinds_are_skipped():

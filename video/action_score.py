@@ -185,6 +185,14 @@ def estimate_motion(frames: torch.Tensor, refinements: int = 2) -> dict[str, tor
     return {"dx": params[:, 0] * factor, "dy": params[:, 1] * factor, "zoom": 1 + params[:, 2]}
 
 
+def mean_shift(motion: dict) -> float:
+    """Mean length of the per-pair shift (dx, dy) in pixels of estimate_motion's output (or a
+    score's "motion"): how far a video's content moves per frame pair, whichever way. A video
+    that changes without moving (a blur that morphs) measures near 0 here."""
+    return float(torch.as_tensor(motion["dx"], dtype=torch.float64).hypot(
+        torch.as_tensor(motion["dy"], dtype=torch.float64)).mean())
+
+
 def _agreement(measured: torch.Tensor, command: torch.Tensor, deadzone: float) -> dict:
     """Shares of the commanded pairs (weighted by |command|) moving the commanded way and the other way."""
     weight = command.abs()
