@@ -20,8 +20,9 @@ budget is training alone):
     score and the PSNR of generated frames 1-8 against the real ones. Each video is scored
     twice: over consecutive frames, and over every 4th frame (the frames the latent frames
     hold themselves: the motion the model decides, without what the VAE draws in between);
-    and how far its content moves per frame, in pixels (video/action_score.mean_shift): a
-    video that morphs without moving scores near 0 there, whatever its action scores say.
+    and how far its content moves from one frame to the next, in pixels
+    (video/action_score.mean_shift), which tells a video that moves the wrong way from one
+    that barely moves.
 
 Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with PIL) and
 OUT/learn_controls.json. Progress is measured in optimizer steps and epochs: the wall

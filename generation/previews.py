@@ -23,7 +23,9 @@ def score_panels(panels: dict[str, torch.Tensor], keyboard: torch.Tensor, mouse:
     """The action-following score of every panel {label: frames [T, 3, H, W]} against the same
     actions. With stride > 1 only every stride-th frame and action row is scored: at
     VAE_TIME_STRIDE these are the frames the latent frames hold themselves, so the score
-    measures the motion the model decided, not what the VAE draws between latent frames."""
+    measures the motion the model decided, not what the VAE draws between latent frames -
+    where the pictures move: frames that far apart that change shape instead give large
+    shift estimates in random directions (bench/RESULTS.md, "what caps the previews")."""
     keys = tuple(str(k).upper() for k in keys)
     return {label: action_following_score(frames[::stride], keyboard[::stride], mouse[::stride], keys)
             for label, frames in panels.items()}

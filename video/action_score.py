@@ -187,8 +187,9 @@ def estimate_motion(frames: torch.Tensor, refinements: int = 2) -> dict[str, tor
 
 def mean_shift(motion: dict) -> float:
     """Mean length of the per-pair shift (dx, dy) in pixels of estimate_motion's output (or a
-    score's "motion"): how far a video's content moves per frame pair, whichever way. A video
-    that changes without moving (a blur that morphs) measures near 0 here."""
+    score's "motion"): how far a video's content moves per frame pair, whichever way. Only as
+    good as those estimates: between frames whose pictures differ in shape, not just in place
+    (a morphing blur's, four frames apart), they can read a large shift where nothing moved."""
     return float(torch.as_tensor(motion["dx"], dtype=torch.float64).hypot(
         torch.as_tensor(motion["dy"], dtype=torch.float64)).mean())
 
