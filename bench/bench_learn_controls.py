@@ -191,12 +191,20 @@ def format_row(row: dict) -> str:
 # -----------------------------------------------------------------------------
 # The plot (PIL: no plotting library is a dependency)
 
-PANELS = (("val_loss", "validation loss (fixed sigmas)"),
-          ("action_gain", "action gain: fixed sigmas (solid), the training script's (dashed)"),
-          ("preview_psnr", "PSNR of generated frames 1-8 (dB)"),
-          ("preview", "following the keys: true (solid), other (dashed), real (dotted), recon (dots)"),
-          ("preview_latent", "the same, every 4th frame (the latent frames' own)"),
-          ("preview_motion", "image motion per frame (px) of the same videos"))
+def preview_series(suffix: str) -> tuple:
+    """(row key, line style) of every preview video's measure with that suffix."""
+    return tuple((f"preview_{video}{suffix}", style) for video, style in PREVIEW_VIDEOS.items())
+
+
+# (name, title, the series drawn: (row key, line style) each)
+PANELS = (("val_loss", "validation loss (fixed sigmas)", (("val_loss", "solid"),)),
+          ("action_gain", "action gain: fixed sigmas (solid), the training script's (dashed)",
+           (("action_gain", "solid"), ("script_action_gain", "dashed"))),
+          ("preview_psnr", "PSNR of generated frames 1-8 (dB)", (("preview_psnr", "solid"),)),
+          ("preview", "following the keys: true (solid), other (dashed), real (dotted), recon (dots)",
+           preview_series("")),
+          ("preview_latent", "the same, every 4th frame (the latent frames' own)", preview_series(LATENT_SUFFIX)),
+          ("preview_motion", "image motion per frame (px) of the same videos", preview_series(MOTION_SUFFIX)))
 COLUMNS = 3
 COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
@@ -213,16 +221,10 @@ def plot(runs: list[dict], path: Path) -> Path:
         label = f"TIMESTEP_SHIFT={run['shift']:g}"
         draw.text((x, rows * panel_h + 8), label, fill=COLOURS[r % len(COLOURS)], font=font)
         x += draw.textlength(label, font=font) + 20
-    for k, (name, title) in enumerate(PANELS):
+    for k, (name, title, keys) in enumerate(PANELS):
         x0, y0 = (k % COLUMNS) * panel_w, (k // COLUMNS) * panel_h
         series = []  # (run index, style, [(epoch, value)])
         for r, run in enumerate(runs):
-            keys = {"preview": tuple((f"preview_{video}", style) for video, style in PREVIEW_VIDEOS.items()),
-                    "preview_latent": tuple((f"preview_{video}{LATENT_SUFFIX}", style)
-                                            for video, style in PREVIEW_VIDEOS.items()),
-                    "preview_motion": tuple((f"preview_{video}{MOTION_SUFFIX}", style)
-                                            for video, style in PREVIEW_VIDEOS.items()),
-                    "action_gain": (("action_gain", "solid"), ("script_action_gain", "dashed"))}.get(name, ((name, "solid"),))
             for key, style in keys:
                 points = [(row["epoch"], row[key]) for row in run["rows"] if row.get(key) is not None]
                 if points:
