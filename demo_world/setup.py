@@ -85,14 +85,20 @@ def prepare_demo(settings: dict, num_frames: int = DEMO_RECORDING_FRAMES) -> Non
         save_clip(CLIPVisionTower(clip_config), settings["CLIP_PATH"])
     model_dir = Path(settings["BASE_MODEL_DIR"])
     if not (model_dir / CONFIG_NAME).is_file():  # written last: its absence means an unfinished set-up
-        config = tiny_config(keyboard_dim=len(settings["KEYBOARD_KEYS"]), clip_dim=clip_config.width, **DEMO_MODEL)
-        model = WanModel(config)
-        with torch.no_grad():  # like a pretrained model, no zero output layers (any strategy can learn)
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        save_base_model(model, model_dir)
+        write_demo_base_model(model_dir, len(settings["KEYBOARD_KEYS"]))
     if not settings["RESUME"] and settings["CHECKPOINT_DIR"] == TRAINING_DEMO_SETTINGS["CHECKPOINT_DIR"]:
         shutil.rmtree(settings["CHECKPOINT_DIR"], ignore_errors=True)  # only the demo's own folder
+
+
+def write_demo_base_model(model_dir, keyboard_dim: int, model: dict = DEMO_MODEL) -> None:
+    """A random tiny base model (tiny_config(**model)) in the official format at model_dir,
+    drawn from torch's global generator."""
+    config = tiny_config(keyboard_dim=keyboard_dim, clip_dim=CLIPVisionConfig.tiny().width, **model)
+    network = WanModel(config)
+    with torch.no_grad():  # like a pretrained model, no zero output layers (any strategy can learn)
+        for p in network.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_base_model(network, model_dir)
 
 
 def write_demo_vae(path) -> None:

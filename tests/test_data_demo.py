@@ -167,3 +167,25 @@ def test_demo_cli(tmp_path, capsys):
     assert "wrote 12 frames of 64x32" in capsys.readouterr().out
     assert data.main([str(tmp_path / "d"), "--SEQUENCE_LENGTH=9"]) == 0
     assert "Problems: none" in capsys.readouterr().out
+
+
+def test_demo_base_model_has_the_asked_size_and_random_weights(tmp_path):
+    """write_demo_base_model: a loadable model of the requested widths, seeded by torch's generator."""
+    import torch
+
+    from demo_world.setup import write_demo_base_model
+    from wan.loading import load_base_model
+
+    size = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
+    for name in ("a", "b"):
+        torch.manual_seed(7)
+        write_demo_base_model(tmp_path / name, 4, size)
+    torch.manual_seed(8)
+    write_demo_base_model(tmp_path / "c", 4, size)
+    a, b, c = (load_base_model(tmp_path / name)[0] for name in ("a", "b", "c"))
+    assert (a.config.dim, a.config.num_layers, a.config.num_heads, a.config.ffn_dim) == (32, 1, 2, 64)
+    assert a.config.action_config.keyboard_dim_in == 4
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(a.state_dict()["head.head.weight"], c.state_dict()["head.head.weight"])
+    assert a.state_dict()["head.head.weight"].abs().min() > 0  # no zero output layer: any strategy can learn
