@@ -7,9 +7,8 @@ measure, epoch by epoch, how much its predictions and its videos depend on the k
 
 Training is finetune_base_model.train() itself, on the --demo set-up (demo_world/setup.py:
 the demo recording, the trained demo VAE) with the recipe's settings, from a random tiny base
-model wider than the demo's (MODEL); it saves the weights
-of every evaluated epoch. Each of those is then scored (after training, so the training
-budget is training alone):
+model wider than the demo's (MODEL); it saves the weights of every evaluated epoch. Each of
+those is then scored (after training, so the training budget is training alone):
 
   * validation loss and action gain (training/flow_matching.validate: validation loss with
     another clip's actions / with the true ones) at EVAL_SIGMAS fixed noise levels, the same
@@ -100,7 +99,7 @@ PREVIEW_VIDEOS = {"true": "solid", "shuffled": "dashed", "truth": "dotted", "rec
 LATENT_SUFFIX = "_latent"
 MOTION_SUFFIX = "_px"                  # the video's image motion per frame (pixels), not a score
 PREVIEW_COLUMNS = tuple(name + suffix for suffix in ("", LATENT_SUFFIX, MOTION_SUFFIX) for name in PREVIEW_VIDEOS)
-THREADS = 2                            # both cores: at batch 64 a step took 0.38-0.40 s, against 0.52 s on one
+THREADS = 2                            # both cores: at batch 64 a step of the demo's model took 0.38-0.40 s, 0.52 s on one
 # -----------------------------------------------------------------------------
 
 

@@ -1,17 +1,20 @@
-"""The demo recording: Unreal format, parses to exactly its actions, and the actions drive the motion."""
+"""The demo recording: Unreal format, parses to exactly its actions, and the actions drive the motion; and the demo's random base model."""
 
 import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import convert_unreal_data as data
 from conftest import data_settings
 from demo_world.recording import DEMO_MAX_PITCH, demo_actions, write_demo_recording
+from demo_world.setup import write_demo_base_model
 from demo_world.world import DemoCamera, render_demo_frame
 from recordings.errors import DataError
 from recordings.report import check_data
+from wan.loading import load_base_model
 
 H, W = 96, 176
 
@@ -171,11 +174,6 @@ def test_demo_cli(tmp_path, capsys):
 
 def test_demo_base_model_has_the_asked_size_and_random_weights(tmp_path):
     """write_demo_base_model: a loadable model of the requested widths, seeded by torch's generator."""
-    import torch
-
-    from demo_world.setup import write_demo_base_model
-    from wan.loading import load_base_model
-
     size = dict(dim=32, num_layers=1, num_heads=2, ffn_dim=64)
     for name in ("a", "b"):
         torch.manual_seed(7)
