@@ -4,11 +4,14 @@ measure, epoch by epoch, how much its predictions and its videos depend on the k
     python bench/bench_learn_controls.py                    # the recipe below: ~16 minutes on 2 cores
     python bench/bench_learn_controls.py --shifts=1,3,5     # one run per TIMESTEP_SHIFT
     python bench/bench_learn_controls.py --epochs=5 --out=/tmp/lc   # shorter, elsewhere
+    python bench/bench_learn_controls.py --world=turns      # the camera only turns, from one spot
 
 Training is finetune_base_model.train() itself, on the --demo set-up (demo_world/setup.py:
 the demo recording, the trained demo VAE) with the recipe's settings, from a random tiny base
-model wider than the demo's (MODEL); it saves the weights of every evaluated epoch. Each of
-those is then scored (after training, so the training budget is training alone):
+model wider than the demo's (MODEL); it saves the weights of every evaluated epoch. The
+recording is one of WORLDS: the demo's own script (walks, strafes, turns, looks), or the same
+world seen by a camera that only turns where it stands. Each saved epoch is then scored
+(after training, so the training budget is training alone):
 
   * validation loss and action gain (training/flow_matching.validate: validation loss with
     another clip's actions / with the true ones) at EVAL_SIGMAS fixed noise levels, the same
@@ -25,7 +28,7 @@ those is then scored (after training, so the training budget is training alone):
     that barely moves.
 
 Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with PIL) and
-OUT/learn_controls.json. Progress is measured in optimizer steps and epochs: the wall
+OUT/learn_controls.json (learn_controls_turns.* for --world=turns). Progress is measured in optimizer steps and epochs: the wall
 times printed depend on what else the machine runs.
 """
 
@@ -45,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import convert_unreal_data as data  # noqa: E402
 import finetune_base_model as fb  # noqa: E402
+from demo_world.recording import DEMO_RUNS  # noqa: E402
 from demo_world.setup import DEMO_RECORDING_FRAMES, demo_paths_under, prepare_demo, write_demo_base_model  # noqa: E402
 from generation.bidirectional import decode_frames  # noqa: E402
 from generation.finetuned import FINAL_FILE, load_model  # noqa: E402
@@ -88,6 +92,13 @@ BENCH_MODEL_FOLDER = "bench_base_model"
 # batch 2) but not on validation (1.000): it memorises how each clip moves. On 3600 frames
 # the validation gain grows steadily.
 RECORDING_FRAMES = 4 * DEMO_RECORDING_FRAMES
+# The recordings, as decks of demo_world.recording's runs. "full": the demo's own. "turns":
+# the camera stays where it starts and turns left or right at 1-3 degrees per frame. In
+# trial runs (12 minutes on one thread, 8 validation clips) only "turns" made previews that
+# follow the keys: from one spot the model learns the world's panorama and draws it turned
+# as the mouse says; wherever the camera also walks it does not learn to draw the picture
+# moved in 10 minutes (bench/RESULTS.md).
+WORLDS = {"full": DEMO_RUNS, "turns": ("turn",)}
 EVAL_EVERY_EPOCHS = 25                 # score every N epochs and the last
 EVAL_SIGMAS = flow.validation_sigmas(8, shift=1.0)  # the quantiles of uniform noise levels
 PREVIEW_CLIPS = 4                      # the most active validation clips
@@ -143,9 +154,9 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_one(base: dict, shift: float, epochs: int, out: Path) -> dict:
+def run_one(base: dict, shift: float, epochs: int, world_dir: Path) -> dict:
     """Train with TIMESTEP_SHIFT=shift, then score the saved epochs. Returns the run's record."""
-    run_dir = out / f"shift{shift:g}"
+    run_dir = world_dir / f"shift{shift:g}"
     settings = dict(base, TIMESTEP_SHIFT=shift, NUM_EPOCHS=epochs, CHECKPOINT_DIR=str(run_dir),
                     SAVE_EVERY_EPOCHS=EVAL_EVERY_EPOCHS, PREVIEW_EVERY_EPOCHS=0, RESUME=False)
     fb.check_settings(settings)
@@ -292,24 +303,31 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=RECORDING_FRAMES,
                         help=f"frames of the demo recording (default {RECORDING_FRAMES})")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch CPU threads (default {THREADS})")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="full",
+                        help="the recording's deck of runs: the demo's (full) or turns only (default full)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
-    settings, _ = fb.parse_settings(["--demo", *(f"--{name}={value}" for name, value in demo_paths_under(out / "demo").items())])
+    # The demo's deck in OUT itself (as before worlds existed: its latent cache is reused), another under OUT/WORLD.
+    world_dir = out if args.world == "full" else out / args.world
+    results = "learn_controls" if args.world == "full" else f"learn_controls_{args.world}"
+    settings, _ = fb.parse_settings(["--demo", *(f"--{name}={value}" for name, value in demo_paths_under(world_dir / "demo").items())])
     settings.update(RECIPE)
     shifts = [float(s) for s in args.shifts.split(",")] if args.shifts else [settings["TIMESTEP_SHIFT"]]
     epochs = args.epochs or settings["NUM_EPOCHS"]
-    prepare_demo(settings, args.frames)
-    settings["BASE_MODEL_DIR"] = str(out / BENCH_MODEL_FOLDER)
+    prepare_demo(settings, args.frames, WORLDS[args.world])
+    settings["BASE_MODEL_DIR"] = str(world_dir / BENCH_MODEL_FOLDER)
     torch.manual_seed(settings["SEED"])
     write_demo_base_model(settings["BASE_MODEL_DIR"], len(settings["KEYBOARD_KEYS"]), MODEL)
-    print(f"torch {torch.__version__}, {args.threads} thread(s); model: {MODEL}; recipe: {RECIPE}; {args.frames} recorded frames; "
+    print(f"torch {torch.__version__}, {args.threads} thread(s); model: {MODEL}; recipe: {RECIPE}; {args.frames} recorded frames "
+          f"of the {args.world!r} world {WORLDS[args.world]}; "
           f"scored every {EVAL_EVERY_EPOCHS} epochs at sigmas {', '.join(f'{s:.2f}' for s in EVAL_SIGMAS.tolist())}")
     runs = []
     for shift in shifts:
-        runs.append(run_one(settings, shift, epochs, out))
-        plot(runs, out / "learn_controls.png")
-        write_json_atomic(out / "learn_controls.json", {"model": MODEL, "recipe": RECIPE, "recording_frames": args.frames, "runs": runs})
+        runs.append(run_one(settings, shift, epochs, world_dir))
+        plot(runs, out / f"{results}.png")
+        write_json_atomic(out / f"{results}.json", {"model": MODEL, "recipe": RECIPE, "recording_frames": args.frames,
+                                                    "world": args.world, "deck": WORLDS[args.world], "runs": runs})
     print("\nval/gain: at the fixed sigmas; val*/gain*: the training script's own validation (sigmas of its shift);"
           "\ntrue/shuf/real/recon: action-following of previews with the true keys, another clip's keys, the real "
           "frames and the VAE's reconstruction of them (all scored against the true keys); true4...rec4: the same "
@@ -321,7 +339,7 @@ def main(argv=None) -> int:
         print(HEADER)
         for row in run["rows"]:
             print(format_row(row))
-    print(f"\nplot: {out / 'learn_controls.png'}")
+    print(f"\nplot: {out / (results + '.png')}")
     return 0
 
 

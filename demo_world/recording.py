@@ -27,15 +27,17 @@ DEMO_RUN_FRAMES = (6, 24)            # a run holds its action this many frames (
 DEMO_TURN_SPEED = (1.0, 3.0)         # degrees per frame of a turn
 
 
-def demo_actions(num_frames: int = DEMO_FRAMES, seed: int = DEMO_SEED) -> list[tuple[str, float, float]]:
+def demo_actions(num_frames: int = DEMO_FRAMES, seed: int = DEMO_SEED,
+                 runs: tuple[str, ...] = DEMO_RUNS) -> list[tuple[str, float, float]]:
     """A seeded script of (keys, mouse_x, mouse_y) per frame: runs of 6-24 frames drawn from a
-    shuffled deck of DEMO_RUNS, so every kind (walking, strafing, combinations, idling,
-    turning, turning while walking, looking up or down) recurs about every 200 frames."""
+    shuffled deck of `runs` (kinds named as in DEMO_RUNS), so that with DEMO_RUNS every kind
+    (walking, strafing, combinations, idling, turning, turning while walking, looking up or
+    down) recurs about every 200 frames."""
     rng = random.Random(seed)
     actions, camera, deck = [], DemoCamera(), []
     while len(actions) < num_frames:
         if not deck:
-            deck = list(DEMO_RUNS)
+            deck = list(runs)
             rng.shuffle(deck)
         kind, length = deck.pop(), rng.randint(*DEMO_RUN_FRAMES)
         keys, mouse_x, mouse_y = "", 0.0, 0.0
@@ -62,10 +64,30 @@ def demo_actions(num_frames: int = DEMO_FRAMES, seed: int = DEMO_SEED) -> list[t
     return actions
 
 
+def demo_csv_text(actions: list[tuple[str, float, float]]) -> str:
+    """The recording's input.csv for these actions (key,time,frame,mouse_x,mouse_y at 25 fps;
+    mouse in degrees per frame; "=" for no key)."""
+    lines = ["key,time,frame,mouse_x,mouse_y"] + [
+        f"{keys or '='},{(frame - 1) / FPS:.2f},{frame},{mouse_x:.2f},{mouse_y:.2f}"
+        for frame, (keys, mouse_x, mouse_y) in enumerate(actions, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def is_current_demo_recording(data_dir, num_frames: int, seed: int = DEMO_SEED,
+                              runs: tuple[str, ...] = DEMO_RUNS) -> bool:
+    """Whether data_dir's input.csv is the one this version of the script writes (a recording
+    from an older script would train the model on another deck of actions)."""
+    try:
+        written = (Path(data_dir) / CSV_NAME).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return written == demo_csv_text(demo_actions(num_frames, seed, runs))
+
+
 def write_demo_recording(out_dir, num_frames: int = DEMO_FRAMES, height: int = DEMO_HEIGHT,
-                         width: int = DEMO_WIDTH, seed: int = DEMO_SEED,
-                         progress: bool = False) -> list[tuple[str, float, float]]:
-    """Render demo_actions(num_frames, seed) into out_dir as frame_0001.png ... and input.csv
+                         width: int = DEMO_WIDTH, seed: int = DEMO_SEED, progress: bool = False,
+                         runs: tuple[str, ...] = DEMO_RUNS) -> list[tuple[str, float, float]]:
+    """Render demo_actions(num_frames, seed, runs) into out_dir as frame_0001.png ... and input.csv
     (key,time,frame,mouse_x,mouse_y at 25 fps; mouse in degrees per frame). The row of frame f
     holds the input that moved the camera from frame f - 1 to frame f. The folder appears
     whole or not at all; it must not exist yet or be empty. Returns the actions."""
@@ -84,7 +106,7 @@ def write_demo_recording(out_dir, num_frames: int = DEMO_FRAMES, height: int = D
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the recording is an ordinary folder
     try:
-        actions = demo_actions(num_frames, seed)
+        actions = demo_actions(num_frames, seed, runs)
         cameras, camera = [], DemoCamera()
         for action in actions:
             camera = camera.step(*action)
@@ -95,10 +117,7 @@ def write_demo_recording(out_dir, num_frames: int = DEMO_FRAMES, height: int = D
         for frame in tqdm(frames, desc="rendering demo", unit="frame") if progress else frames:
             Image.fromarray(render_demo_frame(cameras[frame - 1], height, width)).save(
                 staging / f"frame_{frame:0{digits}d}.png", compress_level=1)
-        lines = ["key,time,frame,mouse_x,mouse_y"] + [
-            f"{keys or '='},{(frame - 1) / FPS:.2f},{frame},{mouse_x:.2f},{mouse_y:.2f}"
-            for frame, (keys, mouse_x, mouse_y) in enumerate(actions, 1)]
-        (staging / CSV_NAME).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (staging / CSV_NAME).write_text(demo_csv_text(actions), encoding="utf-8")
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from demo_world.recording import write_demo_recording
+from demo_world.recording import DEMO_RUNS, is_current_demo_recording, write_demo_recording
 from demo_world.vae_training import DEMO_VAE_FILE, train_demo_vae
 from generation.finetuned import FINAL_FILE
+from recordings.errors import DataError
 from recordings.input_csv import CSV_NAME
 from wan.clip import CLIPVisionConfig, CLIPVisionTower, save_clip
 from wan.config import tiny_config
@@ -69,14 +70,23 @@ DEMO_CONTROLS_NOTES = {
 DEMO_MODEL = dict(dim=64, num_layers=3, num_heads=4, ffn_dim=128)  # tiny_config() arguments
 
 
-def prepare_demo(settings: dict, num_frames: int = DEMO_RECORDING_FRAMES) -> None:
+def prepare_demo(settings: dict, num_frames: int = DEMO_RECORDING_FRAMES, runs: tuple[str, ...] = DEMO_RUNS) -> None:
     """Write the demo recording and the tiny models in the real file formats (once; later
     demo runs reuse them and their latent cache), and clear demo_run/checkpoints (a
-    CHECKPOINT_DIR given on the command line is never cleared)."""
+    CHECKPOINT_DIR given on the command line is never cleared). A recording from an older
+    demo script (or another deck of `runs`) is rendered again in demo_run/data, and refused
+    anywhere else."""
     data_dir = Path(settings["DATA_DIR"])
+    if (data_dir / CSV_NAME).is_file() and not is_current_demo_recording(data_dir, num_frames, runs=runs):
+        if data_dir != Path(TRAINING_DEMO_SETTINGS["DATA_DIR"]):  # never delete a folder we were pointed at
+            raise DataError(f"{data_dir / CSV_NAME}: not the demo recording this version writes ({num_frames} frames "
+                            "of the current demo script and its deck of runs); delete the folder or choose another "
+                            "DATA_DIR")
+        print(f"demo: {data_dir} holds a recording of an older demo script; rendering it again")
+        shutil.rmtree(data_dir)
     if not (data_dir / CSV_NAME).is_file():
         print(f"demo: rendering {num_frames} frames of the synthetic recording into {data_dir}")
-        write_demo_recording(data_dir, num_frames, settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"])
+        write_demo_recording(data_dir, num_frames, settings["VIDEO_HEIGHT"], settings["VIDEO_WIDTH"], runs=runs)
     if not Path(settings["VAE_PATH"]).is_file():
         write_demo_vae(settings["VAE_PATH"])
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """The demo recording: Unreal format, parses to exactly its actions, and the actions drive the motion; and the demo's random base model."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,11 +9,13 @@ import torch
 from PIL import Image
 
 import convert_unreal_data as data
-from conftest import data_settings
-from demo_world.recording import DEMO_MAX_PITCH, demo_actions, write_demo_recording
-from demo_world.setup import write_demo_base_model
+import finetune_base_model as fb
+from conftest import data_settings, demo_settings
+from demo_world.recording import DEMO_MAX_PITCH, demo_actions, is_current_demo_recording, write_demo_recording
+from demo_world.setup import prepare_demo, write_demo_base_model
 from demo_world.world import DemoCamera, render_demo_frame
 from recordings.errors import DataError
+from recordings.input_csv import CSV_NAME
 from recordings.report import check_data
 from wan.loading import load_base_model
 
@@ -187,3 +190,52 @@ def test_demo_base_model_has_the_asked_size_and_random_weights(tmp_path):
         assert torch.equal(p, q), name
     assert not torch.equal(a.state_dict()["head.head.weight"], c.state_dict()["head.head.weight"])
     assert a.state_dict()["head.head.weight"].abs().min() > 0  # no zero output layer: any strategy can learn
+
+
+def test_demo_recognises_its_own_recording(demo_dir):
+    folder, _ = demo_dir
+    assert is_current_demo_recording(folder, 100)
+    assert not is_current_demo_recording(folder, 99)  # another length is another script's output
+    assert not is_current_demo_recording(folder.parent / "nothing_here", 100)
+
+
+def stale_demo_recording(data_dir, num_frames: int) -> None:
+    """A recording in data_dir whose input.csv is not the current script's (one mouse value changed)."""
+    write_demo_recording(data_dir, num_frames, height=32, width=64)
+    csv = data_dir / CSV_NAME
+    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[1] = lines[1].rsplit(",", 1)[0] + ",0.77\n"
+    csv.write_text("".join(lines), encoding="utf-8")
+
+
+def test_demo_refuses_an_older_recording_outside_its_own_folder(tmp_path):
+    settings = demo_settings(tmp_path / "run", "--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64")
+    stale_demo_recording(Path(settings["DATA_DIR"]), 12)
+    before = (Path(settings["DATA_DIR"]) / CSV_NAME).read_text(encoding="utf-8")
+    with pytest.raises(DataError, match=f"{CSV_NAME}: not the demo recording this version writes"):
+        prepare_demo(settings, num_frames=12)
+    assert (Path(settings["DATA_DIR"]) / CSV_NAME).read_text(encoding="utf-8") == before  # untouched
+
+
+def test_demo_renders_an_older_recording_in_its_own_folder_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo's own relative folders, under tmp_path
+    settings, _ = fb.parse_settings(["--demo", "--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64"])
+    data_dir = Path(settings["DATA_DIR"])
+    stale_demo_recording(data_dir, 12)
+    prepare_demo(settings, num_frames=12)
+    assert "older demo script; rendering it again" in capsys.readouterr().out
+    assert is_current_demo_recording(data_dir, 12) and len(list(data_dir.glob("frame_*.png"))) == 12
+
+
+def test_a_deck_of_turns_only_turns_where_it_stands():
+    actions = demo_actions(300, seed=0, runs=("turn",))
+    assert all(keys == "" and y == 0 and 1 <= abs(x) <= 3 for keys, x, y in actions)
+    assert {x > 0 for _, x, _ in actions} == {True, False}  # both ways
+    assert actions != demo_actions(300, seed=0)
+
+
+def test_a_recording_of_another_deck_is_not_the_demo_recording(tmp_path):
+    folder = tmp_path / "turns"
+    write_demo_recording(folder, 20, height=32, width=64, runs=("turn",))
+    assert is_current_demo_recording(folder, 20, runs=("turn",))
+    assert not is_current_demo_recording(folder, 20)
