@@ -62,8 +62,8 @@ DEMO_RECORDING_FRAMES = 900              # 36 s of play: enough variety that val
 DEMO_CONTROLS_NOTES = {
     True: ("demo: the predictions follow the keys and mouse, but the generated preview does not follow them yet "
            "(it scores about as well with another clip's keys): a few CPU minutes teach the tiny model what the "
-           "keys do to its predictions, not to drive; bench/bench_learn_controls.py trains longer, and "
-           "bench/RESULTS.md says how far that gets"),
+           "keys do to its predictions, not to drive; in 10 minutes bench/bench_learn_controls.py --world=turns "
+           "teaches a wider one to turn with the mouse (bench/RESULTS.md)"),
     False: ("demo: a few minutes on the short demo recording teach the keys only a little; "
             "bench/bench_learn_controls.py trains longer on a longer recording and plots how the action gain grows"),
 }
