@@ -239,7 +239,7 @@ def plot(runs: list[dict], path: Path) -> Path:
     font = ImageFont.load_default(size=12)
     x = 10
     for r, run in enumerate(runs):  # each run's name in its colour
-        label = f"TIMESTEP_SHIFT={run['shift']:g}"
+        label = f"{run['world']} world, TIMESTEP_SHIFT={run['shift']:g}"
         draw.text((x, rows * panel_h + 8), label, fill=COLOURS[r % len(COLOURS)], font=font)
         x += draw.textlength(label, font=font) + 20
     for k, (name, title, keys) in enumerate(PANELS):
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
           f"scored every {EVAL_EVERY_EPOCHS} epochs at sigmas {', '.join(f'{s:.2f}' for s in EVAL_SIGMAS.tolist())}")
     runs = []
     for shift in shifts:
-        runs.append(run_one(settings, shift, epochs, world_dir))
+        runs.append({"world": args.world, **run_one(settings, shift, epochs, world_dir)})
         plot(runs, out / f"{results}.png")
         write_json_atomic(out / f"{results}.json", {"model": MODEL, "recipe": RECIPE, "recording_frames": args.frames,
                                                     "world": args.world, "deck": WORLDS[args.world], "runs": runs})
