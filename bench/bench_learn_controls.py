@@ -28,8 +28,8 @@ world seen by a camera that only turns where it stands. Each saved epoch is then
     that barely moves.
 
 Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with PIL) and
-OUT/learn_controls.json (learn_controls_turns.* for --world=turns). Progress is measured in optimizer steps and epochs: the wall
-times printed depend on what else the machine runs.
+OUT/learn_controls.json (learn_controls_turns.* for --world=turns). Progress is measured in
+optimizer steps and epochs: the wall times printed depend on what else the machine runs.
 """
 
 import argparse
