@@ -45,7 +45,7 @@ from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training.controls import controls_learned, describe_controls
 from training.data import prepare_data
-from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise
+from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise, seed_global_generators
 from training.flow_matching import model_inputs, validate
 from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
@@ -198,7 +198,7 @@ def prepare_model(s: dict, ranks: Ranks, device: torch.device, precision) -> Pre
     """Load the model, re-initialise the keyboard if its width differs, freeze by strategy,
     and wrap it for the ranks."""
     model, reinitialised = load_base_model(s["BASE_MODEL_DIR"], keyboard_dim=len(s["KEYBOARD_KEYS"]),
-                                           device=device, dtype=precision.model_dtype)
+                                           device=device, dtype=precision.model_dtype, seed=s["SEED"])
     trainable = RECIPE.prepare(model, s)
     model.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
     if s["COMPILE"]:
@@ -329,7 +329,7 @@ def checkpoint_metadata(s: dict, epoch: int, step: int, ema, contents: str) -> d
 def describe_savers(s: dict) -> str:
     savers = Savers.of(s)
     used = ([f"OPTIMIZER {savers.optimizer}"] if savers.optimizer != "adamw" else []) + [
-        name for name, on in (("OPTIMIZER_IN_BACKWARD (per-tensor clipping)", savers.in_backward),
+        name for name, on in (("OPTIMIZER_IN_BACKWARD (two backward passes: global clipping)", savers.in_backward),
                               ("OFFLOAD_OPTIMIZER", savers.offload_optimizer),
                               ("OFFLOAD_FROZEN", savers.offload_frozen)) if on]
     return ", ".join(used) or "none (float32 AdamW on the GPU)"
@@ -467,6 +467,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 step_samples = sum(len(per_rank) for micro in step for per_rank in micro)
                 step_loss, step_sigma = 0.0, 0.0
                 lr = apply_learning_rate(optimizer, s["LEARNING_RATE"], schedule, global_step)
+                seed_global_generators(s["SEED"], "step", global_step, ranks.rank)  # LoRA's dropout, exactly on resume
                 for micro_index, micro in enumerate(step):
                     batch = next(loader)
                     inputs = model_inputs(batch, device)
@@ -475,7 +476,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                     sigma = torch.cat([d[0] for d in drawn])
                     noise = torch.stack([d[1] for d in drawn])
                     with gradient_sync(wrapped, model, enabled=micro_index == len(step) - 1):
-                        losses = RECIPE.micro_batch(wrapped, inputs, sigma, noise, precision.autocast,
+                        losses = RECIPE.micro_batch(wrapped, optimizer, inputs, sigma, noise, precision.autocast,
                                                     ranks.world / step_samples)
                     finite, loss_sum, sigma_sum = ranks.sum([float(torch.isfinite(losses).all()),
                                                              losses.sum().item(), sigma.sum().item()])

@@ -76,7 +76,7 @@ def one_case(config_name: str, strategy: str, frames: int, height: int, width: i
     def step():
         sigma = flow.sample_sigmas(1, generator=g)
         noise = torch.randn(inputs["latents"].shape, generator=g)
-        recipe.micro_batch(model, inputs, sigma, noise, autocast, 1.0)
+        recipe.micro_batch(model, optimizer, inputs, sigma, noise, autocast, 1.0)
         recipe.clip_gradients(optimizer, trainable, settings)
         recipe.optimizer_step(optimizer, None, trainable, 0)
 

@@ -134,7 +134,7 @@ def measure_training(config: WanConfig, settings: dict, latent_frames: int, late
         hooks = [p.register_post_accumulate_grad_hook(gradient_made) for p in trainable.values()]
         tracker.reset_peak()
         with tracker.phase(memory.ACTIVATIONS):
-            recipe.micro_batch(model, inputs, sigma, noise, imitated_autocast(settings["MIXED_PRECISION"] == "bf16"),
+            recipe.micro_batch(model, optimizer, inputs, sigma, noise, imitated_autocast(settings["MIXED_PRECISION"] == "bf16"),
                                1.0 / (settings["BATCH_SIZE"] * settings["GRAD_ACCUM_STEPS"]))
         saved = (tracker.at_backward_start or tracker.by_label)[memory.ACTIVATIONS]
         micro_batch_flops = tracker.flops

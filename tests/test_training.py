@@ -331,10 +331,12 @@ def cli_args(s: dict) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,at", [("step", 11), ("save", 3)])
-def test_killed_run_resumes_to_bit_identical_weights(tiny_assets, tmp_path, mode, at):
+@pytest.mark.parametrize("mode,at,savers", [("step", 11, ("OFFLOAD_OPTIMIZER=true",)), ("save", 3, ())])
+def test_killed_run_resumes_to_bit_identical_weights(tiny_assets, tmp_path, mode, at, savers):
+    """Killed with SIGKILL in a step (with the optimizer offloaded, whose host copies must be
+    taken from the resumed weights) or while the state is being written."""
     common = run_settings(tiny_assets, tmp_path, "NUM_EPOCHS=3", "SAVE_EVERY_STEPS=2", "TRAINING_STRATEGY=full",
-                          "EMA_DECAY=0.9")
+                          "EMA_DECAY=0.9", *savers)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     straight = dict(common, CHECKPOINT_DIR=str(tmp_path / "straight"))
     done = subprocess.run([sys.executable, str(REPO_ROOT / "finetune_base_model.py"), *cli_args(straight)],

@@ -44,6 +44,13 @@ def seeded_generator(seed: int, *keys) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
+def seed_global_generators(seed: int, *keys) -> None:
+    """Seed torch's global generators (the CPU's and every GPU's) from (seed, *keys), e.g. at each
+    optimizer step: whatever draws from them inside the step (LoRA's dropout) then draws the
+    same after a resume as in a run that was never stopped."""
+    torch.manual_seed(seeded_generator(seed, *keys).initial_seed())
+
+
 def stream_item(position: int, num_items: int, seed: int) -> tuple[int, int]:
     """(epoch, item index) of the position-th sample of an endless stream of seeded epochs:
     what a trainer that counts steps rather than epochs reads at that position."""

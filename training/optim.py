@@ -10,11 +10,15 @@ projections and are decayed like the other weight matrices.)
 
 Memory savers (see training/recipe.py's Savers for the settings):
 - "adamw_8bit": torchao's AdamW8bit, both moments quantised block-wise to 8 bits (2 bytes
-  per trained number instead of 8);
+  per trained number instead of 8), the second moment on a map without zero (see
+  adamw_8bit_class);
 - OffloadedOptimizer: the optimizer state, and the float32 copy of the trained tensors it
   steps, in host memory; each step copies the gradients out and the new weights back;
 - StepInBackward: each tensor's optimizer step as soon as its gradient is complete, so the
   whole model's gradients never exist at once.
+
+Resuming: load_named_state puts a saved state (by parameter name) into any of them without
+stepping the optimizer, so a resumed run continues exactly where the saved one stopped.
 """
 
 import math
@@ -22,8 +26,15 @@ from contextlib import nullcontext
 
 import torch
 
+from runs.errors import TrainingError
+
 BETAS = (0.9, 0.999)
 OPTIMIZERS = ("adamw", "adamw_8bit")
+# Numbers per scale of the 8-bit moments (torchao's default is 256). Smaller blocks round less:
+# after 50 steps on the savers test's model the largest distance to float32 AdamW was 0.118
+# of the way travelled at 256, 0.082 at 128 and at 64. A block's float32 scale costs 1/32
+# byte per number per moment at 128.
+EIGHT_BIT_BLOCK = 128
 
 
 def decays(name: str, tensor: torch.Tensor) -> bool:
@@ -42,14 +53,43 @@ def build_adamw(trainable: dict, lr: float, weight_decay: float, device: torch.d
     return build_optimizer(parameter_groups(trainable, weight_decay), "adamw", lr, device, betas)
 
 
+def zero_free_map(qmap: torch.Tensor) -> torch.Tensor:
+    """An unsigned 8-bit quantisation map whose lowest code stands for half its next value
+    instead of zero.
+
+    AdamW divides by the square root of the second moment. With block-wise scaling, a
+    second moment under half the map's smallest step (3.3e-7 of its block's largest, i.e. a
+    gradient 4e-4 times the block's largest) is stored as zero; the next step then divides
+    by the root of one step's share of g^2 alone, and a weight moved up to 33x the learning
+    rate in one step (float32 AdamW: at most 1.02x) - the "zero-point problem" of quantised
+    second moments (Li, Chen and Zhu, "Memory Efficient Optimizers with 4-bit States",
+    NeurIPS 2023, who exclude zero from the second moment's map). Without zero a tiny second
+    moment is over-estimated, which only shortens that weight's step
+    (tests/test_savers.py and bench/bench_savers.py --eight-bit measure both maps).
+    """
+    assert qmap[0] == 0 and qmap[1] > 0, "expects torchao's unsigned dynamic map"
+    free = qmap.clone()
+    free[0] = qmap[1] / 2
+    return free
+
+
 def adamw_8bit_class():
-    """torchao's AdamW8bit, made to take the schedule's float learning rates and to run eagerly
-    off CUDA (imported on first use: torchao is only needed for OPTIMIZER="adamw_8bit")."""
+    """torchao's AdamW8bit, made to take the schedule's float learning rates, to run eagerly
+    off CUDA, and to keep its second moments on zero_free_map (imported on first use:
+    torchao is only needed for OPTIMIZER="adamw_8bit")."""
     from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+    from torchao.optim.subclass_8bit import OptimState8bit
 
     class AdamW8bit(TorchaoAdamW8bit):
         """Its update is torch.compile'd on CUDA (as torchao runs it) and eager elsewhere:
         compiling needs a C++ toolchain on a CPU, and the planner's fake tensors run eagerly."""
+
+        @staticmethod
+        def _subclass_zeros(p: torch.Tensor, signed: bool, block_size: int):
+            state = OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=p.dtype)
+            if not signed:  # the second moment (the first is signed: zero there only shortens a step)
+                state.qmap = zero_free_map(state.qmap)
+            return state
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -70,7 +110,7 @@ def build_optimizer(groups: list[dict], kind: str, lr: float, device: torch.devi
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=device.type == "cuda")
     if kind == "adamw_8bit":
-        return adamw_8bit_class()(groups, lr=lr, betas=tuple(betas))
+        return adamw_8bit_class()(groups, lr=lr, betas=tuple(betas), block_size=EIGHT_BIT_BLOCK)
     raise ValueError(f"OPTIMIZER={kind!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -83,6 +123,12 @@ class OffloadedOptimizer(torch.optim.Optimizer):
     state_dict() is the inner optimizer's, in the same order: torch.distributed.checkpoint
     names it by the model's parameters, so a saved state is the same whether or not the
     optimizer was offloaded.
+
+    The host copies are the weights the next step starts from: load_state_dict() takes them
+    afresh from the model's tensors, so load those first (restore() does). Never load it
+    through torch.distributed.checkpoint's set_optimizer_state_dict: that steps an optimizer
+    without state once to create it, which here would copy the host copies over the model
+    (load_named_state does not step).
     """
 
     def __init__(self, groups: list[dict], make_inner, host: torch.device, pin: bool = False):
@@ -113,50 +159,118 @@ class OffloadedOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         return self.inner.state_dict()
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict):
         self.inner.load_state_dict(state_dict)
         self.state = self.inner.state
+        for p, copy in self.copies.items():
+            copy.copy_(p.detach())
+
+
+def load_named_state(optimizer, names: dict, saved: dict) -> None:
+    """Load an optimizer state saved by parameter name (torch.distributed.checkpoint's full
+    state dict: {"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]})
+    into an unsharded optimizer, without stepping it. names: parameter -> its name.
+
+    Saved groups must list the same tensors in the same order as the optimizer's (a resumed
+    run checks its trained tensors first); a tensor that never had a gradient has no state
+    and is left without one.
+    """
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise TrainingError(f"the saved optimizer state has {len(saved_groups)} parameter group(s), this run's "
+                            f"optimizer {len(optimizer.param_groups)}: it is not this run's state")
+    state, groups, position = {}, [], 0
+    for number, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        ours = [names[p] for p in group["params"]]
+        if ours != list(saved_group["params"]):
+            raise TrainingError(f"the saved optimizer state's group {number} holds other tensors than this run's "
+                                f"({len(saved_group['params'])} saved, {len(ours)} here): it is not this run's state")
+        for name in ours:
+            if name in saved["state"]:
+                state[position] = saved["state"][name]
+            position += 1
+        groups.append({**saved_group, "params": list(range(position - len(ours), position))})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@torch.no_grad()
+def step_tensor(optimizer, p: torch.Tensor, group_index: int) -> None:
+    """optimizer.step() for p alone, in the time of one tensor's step: torch's and torchao's
+    optimizers walk every tensor of their groups, so the groups are narrowed to p for the call."""
+    kept = [group["params"] for group in optimizer.param_groups]
+    for index, group in enumerate(optimizer.param_groups):
+        group["params"] = [p] if index == group_index else []
+    try:
+        optimizer.step()
+    finally:
+        for group, params in zip(optimizer.param_groups, kept):
+            group["params"] = params
 
 
 class StepInBackward:
-    """The optimizer's step for each trained tensor as soon as its gradient is complete (a hook
-    after gradient accumulation), then the gradient is dropped: the model's whole gradient
-    never exists at once. One optimizer step per backward, so no gradient accumulation.
+    """Each trained tensor's optimizer step as soon as its gradient is complete (a hook after
+    gradient accumulation), then the gradient is dropped: the model's whole gradient never
+    exists at once. One optimizer step per backward, so no gradient accumulation.
 
-    Clipping is per tensor: each tensor's gradient is clipped to max_norm on its own (the
-    global norm is only known when the backward ends, after every step). Whenever the whole
-    gradient's norm is within max_norm nothing is clipped, as with global clipping, since no
-    tensor's norm exceeds the whole's. The whole gradient's norm before clipping is still
-    summed up for the metrics and the finite check (after the fact: a non-finite step has
-    been applied in memory, and the run stops before saving anything of it).
+    Clipping is global, as clip_grad_norm_ does it, which needs the whole gradient's norm
+    before the first tensor steps. So backward() runs the backward twice over the same graph:
+    the first pass only sums each tensor's squared norm as its gradient arrives and drops the
+    gradient; the second clips every gradient by the coefficient of the whole norm and steps
+    its tensor. No gradient is kept longer than its hook, so the memory stays that of one
+    backward; the cost is a second backward (bench/bench_savers.py --time measures it).
 
     A tensor's hook runs once its last use in the backward is done (every weight of this
     model is used once per forward), so stepping it cannot change what the rest of the
-    backward computes; a gradient that arrives twice in one backward is an error.
+    backward computes; a gradient that arrives twice in one pass is an error.
     """
 
     def __init__(self, optimizer, trainable: dict, max_norm: float):
         self.optimizer, self.max_norm = optimizer, max_norm
         self.names = {p: name for name, p in trainable.items()}
-        self.squares, self.stepped = None, set()
-        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in trainable.values()]
+        self.group_of = {p: index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        self.pass_kind, self.coefficient, self.norm = None, None, None
+        self.norms, self.seen = [], set()
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in trainable.values()]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The micro-batch's backward: the measuring pass, then the stepping pass."""
+        self._begin("measure")
+        loss.backward(retain_graph=True)
+        self.norm = (torch.linalg.vector_norm(torch.stack(self.norms)) if self.norms
+                     else torch.zeros((), device=loss.device))
+        self.coefficient = torch.clamp(self.max_norm / (self.norm + 1e-6), max=1.0)  # as clip_grad_norm_
+        self._begin("step")
+        try:
+            loss.backward()
+        finally:
+            self.pass_kind = None
+
+    def _begin(self, kind: str) -> None:
+        self.pass_kind, self.seen = kind, set()
+        if kind == "measure":
+            self.norms = []
 
     @torch.no_grad()
-    def _step(self, p: torch.Tensor) -> None:
-        if p in self.stepped:
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        if self.pass_kind is None:
+            raise RuntimeError(f"{self.names[p]} got a gradient outside StepInBackward.backward(): with "
+                               "OPTIMIZER_IN_BACKWARD the backward must run through the recipe's micro_batch")
+        if p in self.seen:
             raise RuntimeError(f"{self.names[p]} got a second gradient in one backward: it is used twice, so its "
                                "optimizer step cannot run inside the backward (set OPTIMIZER_IN_BACKWARD=false)")
-        self.stepped.add(p)
-        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-        self.squares = norm.square() if self.squares is None else self.squares + norm.square()
-        p.grad.mul_(torch.clamp(self.max_norm / (norm + 1e-6), max=1.0).to(p.grad.dtype))  # as clip_grad_norm_
-        self.optimizer.step()  # steps p alone: every other tensor's gradient is None now
+        self.seen.add(p)
+        if self.pass_kind == "measure":
+            self.norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
+        else:
+            p.grad.mul_(self.coefficient.to(p.grad.device, p.grad.dtype))
+            step_tensor(self.optimizer, p, self.group_of[p])
         p.grad = None
 
     def take_norm(self) -> float:
         """The norm of the step's whole gradient before clipping (a sync on a GPU); resets it."""
-        norm = 0.0 if self.squares is None else math.sqrt(self.squares.item())
-        self.squares, self.stepped = None, set()
+        norm = 0.0 if self.norm is None else self.norm.item()
+        self.norm = None
         return norm
 
     def remove(self) -> None:

@@ -7,8 +7,9 @@ How a change plugs in:
 - another optimizer: override make_optimizer (and optimizer_state / load_optimizer_state
   if its state is not a torch optimizer's);
 - the optimizer step fused into the backward (a step per parameter as its gradient is
-  ready): make_optimizer registers the hooks, clip_gradients and optimizer_step only
-  report and average (Savers.in_backward below);
+  ready): make_optimizer registers the hooks, micro_batch runs the backward through them
+  (twice: the first pass measures the whole gradient's norm, for global clipping),
+  clip_gradients and optimizer_step only report and average (Savers.in_backward below);
 - CPU offload: keep host-side tensors on the `host` device prepare, make_optimizer and
   make_ema are given (the planner passes the meta device, so that they are not counted as
   GPU memory).
@@ -24,7 +25,8 @@ from torch.distributed.tensor import DTensor
 from training.ema import EMA
 from training.flow_matching import flow_matching_step, prepare_trainable
 from training.offload import FrozenBlocksOffload
-from training.optim import OPTIMIZERS, OffloadedOptimizer, StepInBackward, build_optimizer, parameter_groups
+from training.optim import (OPTIMIZERS, OffloadedOptimizer, StepInBackward, build_optimizer, load_named_state,
+                            parameter_groups)
 from wan.lora import LoRAConfig
 
 
@@ -120,16 +122,22 @@ class TrainingRecipe:
         return EMA(trainable, settings["EMA_DECAY"], settings["EMA_WARMUP"],
                    device=host if Savers.of(settings).offload_optimizer else None)
 
-    def micro_batch(self, model, inputs: dict, sigma, noise, autocast, loss_scale: float) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns the per-sample losses [B]."""
+    def micro_batch(self, model, optimizer, inputs: dict, sigma, noise, autocast, loss_scale: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the per-sample losses [B]. With
+        OPTIMIZER_IN_BACKWARD the backward steps the optimizer (so it needs the optimizer)."""
         losses = flow_matching_step(model, inputs, sigma, noise, autocast)
-        (losses.sum() * loss_scale).backward()
+        loss = losses.sum() * loss_scale
+        if hasattr(optimizer, "in_backward"):
+            optimizer.in_backward.backward(loss)
+        else:
+            loss.backward()
         return losses
 
     def clip_gradients(self, optimizer, trainable: dict, settings: dict) -> float:
         """Clip the step's gradients to MAX_GRAD_NORM; returns their norm before clipping
         (a synchronisation on a GPU: the loop checks it is finite before stepping). In the
-        backward: each tensor was clipped already; returns the whole gradient's norm."""
+        backward: every tensor was clipped and stepped already; returns the whole gradient's
+        norm (a non-finite one has been applied in memory, and the run stops before saving it)."""
         if hasattr(optimizer, "in_backward"):
             return optimizer.in_backward.take_norm()
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), settings["MAX_GRAD_NORM"])
@@ -153,6 +161,13 @@ class TrainingRecipe:
                                                                                    cpu_offload=True))
 
     def load_optimizer_state(self, model, optimizer, state: dict) -> None:
-        # strict=False: the action modules' norm weights are never used, so never get a state
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True,
-                                                                                   strict=False))
+        """A state from optimizer_state() into this run's optimizer, never stepping it: load the
+        trained tensors first (the offloaded optimizer takes its host copies from them). FSDP's
+        sharded tensors go through torch.distributed.checkpoint (plain AdamW only there: its
+        state-creating step runs at learning rate 0 and changes nothing)."""
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            # strict=False: the action modules' norm weights are never used, so never get a state
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True,
+                                                                                       strict=False))
+        else:
+            load_named_state(optimizer, {p: name for name, p in model.named_parameters()}, state)

@@ -169,19 +169,23 @@ def inspect_base_model(model_dir, keyboard_dim: int | None = None) -> BaseModelF
 
 
 def load_base_model(model_dir, keyboard_dim: int | None = None, device="cpu",
-                    dtype: torch.dtype = torch.float32) -> tuple[WanModel, list[str]]:
+                    dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[WanModel, list[str]]:
     """Load the base model; return it and the names of re-initialised tensors.
 
     keyboard_dim: the keyboard width the caller's data has (None: the checkpoint's own).
     When it differs from the checkpoint's, the blocks' keyboard_embed.0.weight tensors are
-    re-initialised (the spec's Linear init) and named in the returned list.
+    re-initialised (the spec's Linear init) and named in the returned list. They are drawn
+    in float32 on the CPU from a generator of their own seeded by seed, so that they depend
+    on the seed alone - not on what else used the global generator before, nor on the device.
     """
     files = inspect_base_model(model_dir, keyboard_dim)
     with torch.device("meta"):
         model = WanModel(files.config)
     state = read_tensors(files.located, device, dtype, {n: n for n in files.expected if n not in files.reinit})
+    generator = torch.Generator().manual_seed(seed)
     for name in files.reinit:
-        state[name] = init_linear_weight_(torch.empty(files.expected[name], device=device, dtype=dtype))
+        drawn = init_linear_weight_(torch.empty(files.expected[name]), generator)
+        state[name] = drawn.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model, files.reinit
 

@@ -51,9 +51,9 @@ def linear_float32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
-def init_linear_weight_(weight: torch.Tensor) -> torch.Tensor:
+def init_linear_weight_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The spec's rule for Linear weights (also used to re-initialise single tensors)."""
-    return nn.init.xavier_uniform_(weight)
+    return nn.init.xavier_uniform_(weight, generator=generator)
 
 
 class RMSNorm(nn.Module):
