@@ -32,6 +32,14 @@ from wan.vae import DEFAULT_VAE_PATH
 # -----------------------------------------------------------------------------
 # Settings: edit them here, or override any of them with --NAME=value.
 DATA_DIR = "data"           # one recording, or a folder of recordings at any depth
+# Your recorder's layout (FINETUNING_GUIDE.md, "The recording format"); the defaults read
+# frame_0001.png ... (any padding, any first number) and input.csv with our column names or
+# the usual other ones (Keys, Timestamp, FrameNumber, MouseDeltaX, ...), or none.
+FRAME_NAME = "frame_%04d.png"  # frame file names, one number placeholder (%d, %05d or ####; any padding), e.g. "shot.%05d.png"
+CSV_COLUMNS = {}            # our column -> your header's name or column number (1 = first), e.g. {"key": "Keys", "frame": "FrameNumber"}
+CSV_SEPARATOR = "auto"      # "auto" (detected), ",", ";", "tab" or "|"
+CSV_ENCODING = "auto"       # "auto": UTF-8 (with or without a BOM) or UTF-16 with a BOM; else e.g. "cp1252", "utf-16-le"
+CSV_FRAME_OFFSET = 0        # the file of CSV frame n is number n + CSV_FRAME_OFFSET (1: the CSV counts from 0, the files from 1)
 SEQUENCE_LENGTH = 57        # frames per clip; must be 4k+1 (the VAE's time compression)
 CLIP_STRIDE = None          # frames between clip starts; None: SEQUENCE_LENGTH // 2
 KEYBOARD_KEYS = ("W", "S", "A", "D")  # forward, back, left, right: the base model's columns

@@ -187,7 +187,7 @@ RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KE
                      "EMA_DECAY", "EMA_START_STEP", "DF_LEARNING_RATE", "DF_SHIFT", "DF_WEIGHTING", "DF_MIN_SIGMA",
                      "DF_MAX_SIGMA", "GENERATOR_EVERY", "GENERATOR_LR", "CRITIC_LR", "SCORE_MIN_TIMESTEP",
                      "SCORE_MAX_TIMESTEP", "VAL_CLIPS", "VAL_SAMPLES",
-                     "TEACHER_STEPS", "MIXED_PRECISION", "SEED")
+                     "TEACHER_STEPS", "MIXED_PRECISION", "SEED", "FRAME_NAME")
 STREAM_MUST_MATCH = ("STREAM_CHUNK_LATENTS", "STREAM_OVERLAP_LATENTS", "STREAM_MAX_LATENTS")  # stage C's too
 STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS", "long_tune": "LONG_TUNE_STEPS"}
 
@@ -562,8 +562,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, METRICS_COLUMNS) as run:
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
         stage = s["STAGE"]
-        run.check_same_run(dict(s, EFFECTIVE_BATCH=effective_batch),
-                           RESUME_MUST_MATCH + (STREAM_MUST_MATCH if stage == "long_tune" else ()))
+        # FRAME_NAME: which files are frames (None for frame_<number>.png, as in runs from before it)
+        identity = dict(s, EFFECTIVE_BATCH=effective_batch, FRAME_NAME=data.data_settings(s).frames_identity)
+        run.check_same_run(identity, RESUME_MUST_MATCH + (STREAM_MUST_MATCH if stage == "long_tune" else ()))
         check_model_files(s)
         torch.manual_seed(s["SEED"])
         precision = choose_precision(s["MIXED_PRECISION"], device)
@@ -631,7 +632,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             """Whole tensors gathered on every rank, written by the main rank (resumable on any
             number of ranks); tensors and plain data only, for torch.load(weights_only=True)."""
             state = {
-                "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch},
+                "settings": {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch,
+                             "FRAME_NAME": identity["FRAME_NAME"]},
                 "train_clips": [c.clip_id for c in prepared.split.train],
                 "train_actions": actions_digest(prepared.split.train),
                 "student": full_tensors(roles.student_trainable, ranks.main),

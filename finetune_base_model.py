@@ -141,14 +141,16 @@ PREVIEW_DIR = "previews"
 # A run can continue only with the settings that shaped its state and its data order
 # (EFFECTIVE_BATCH = BATCH_SIZE x GRAD_ACCUM_STEPS x ranks, so a run may resume on another
 # number of GPUs with the same effective batch; LORA and UPDATE_RULE are None unless a run
-# uses LoRA or another update than AdamW, so runs from before they existed still resume).
+# uses LoRA or another update than AdamW, and FRAME_NAME unless it names other files than
+# frame_<number>.png, so runs from before they existed still resume. The other layout
+# settings of convert_unreal_data.py change only the actions, which the resume compares).
 RECIPE = TrainingRecipe()                # the step's calls, shared with the planner (training/recipe.py)
 HOST = torch.device("cpu")               # where OFFLOAD_OPTIMIZER and OFFLOAD_FROZEN keep their tensors
 RESUME_MUST_MATCH = ("BASE_MODEL_DIR", "DATA_DIR", "SEQUENCE_LENGTH", "CLIP_STRIDE", "KEYBOARD_KEYS",
                      "MOUSE_SCALE", "VAL_FRACTION", "VIDEO_HEIGHT", "VIDEO_WIDTH", "CACHE_DTYPE",
                      "TRAINING_STRATEGY", "LAST_LAYERS", "EFFECTIVE_BATCH", "LEARNING_RATE", "MIN_LR_RATIO",
                      "WEIGHT_DECAY", "WARMUP_STEPS", "MAX_GRAD_NORM", "EMA_DECAY", "EMA_WARMUP", "TIMESTEP_SHIFT", "TIMESTEP_SAMPLING",
-                     "MIN_SIGMA", "MAX_SIGMA", "MIXED_PRECISION", "SEED", "LORA", "UPDATE_RULE")
+                     "MIN_SIGMA", "MAX_SIGMA", "MIXED_PRECISION", "SEED", "LORA", "UPDATE_RULE", "FRAME_NAME")
 
 
 # -----------------------------------------------------------------------------
@@ -342,6 +344,7 @@ def run_identity(s: dict, effective_batch: int) -> dict:
     update = None if (savers.optimizer, savers.in_backward) == ("adamw", False) else \
         f"{savers.optimizer}{', in backward' if savers.in_backward else ''}"
     return {**{n: s[n] for n in SETTING_NAMES}, "EFFECTIVE_BATCH": effective_batch, "UPDATE_RULE": update,
+            "FRAME_NAME": data.data_settings(s).frames_identity,
             "LORA": None if lora is None else {**lora.metadata(), "dropout": lora.dropout, "head": s["LORA_HEAD"]}}
 
 

@@ -273,9 +273,8 @@ def headless_actions(s: dict, frames_per_block: int) -> HeadlessActions:
         return np.stack([load_frame_pixels(recording.frame_files[first + offset + i], height, width)
                          for i in range(count)])
 
-    span = slice(first - 1, first - 1 + rows)  # row f - 1 is frame f
-    return HeadlessActions(torch.from_numpy(recording.keyboard[span].copy()),
-                           torch.from_numpy(recording.mouse[span].copy()), num_blocks, truth,
+    keyboard, mouse = recording.actions(first, rows)  # by frame number: the numbering may start anywhere
+    return HeadlessActions(torch.from_numpy(keyboard), torch.from_numpy(mouse), num_blocks, truth,
                            f"{s['RECORDING']} frames {first}-{first + rows - 1} and their recorded actions")
 
 

@@ -20,6 +20,7 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
+from recordings.layout import LAYOUT_RULES
 from wan.device import pick_device
 from wan.shapes import PIXELS_PER_TOKEN_SIDE, check_frame_count
 
@@ -288,6 +289,7 @@ SETTING_RULES = {
     "SEQUENCE_LENGTH": frame_count, "CLIP_STRIDE": optional(at_least(1)), "MOUSE_SCALE": finite,
     "VAL_FRACTION": in_range(0, 1, high_included=False), "VAL_BLOCK_CLIPS": at_least(1), "SPLIT_SEED": at_least(0),
     "VIDEO_HEIGHT": side, "VIDEO_WIDTH": side,
+    **LAYOUT_RULES,  # FRAME_NAME, CSV_COLUMNS, CSV_SEPARATOR, CSV_ENCODING, CSV_FRAME_OFFSET: recordings/layout.py
     # training
     "LAST_LAYERS": at_least(0), "BATCH_SIZE": at_least(1), "GRAD_ACCUM_STEPS": at_least(1),
     "NUM_EPOCHS": at_least(1), "LEARNING_RATE": positive, "MIN_LR_RATIO": in_range(0, 1),
@@ -299,7 +301,7 @@ SETTING_RULES = {
     "SEED": at_least(0), "PREVIEW_EVERY_EPOCHS": at_least(0), "PREVIEW_STEPS": at_least(1),
     "LORA_RANK": at_least(1), "LORA_ALPHA": positive, "LORA_DROPOUT": in_range(0, 1, high_included=False),
     # previews and play
-    "START_FRAME": at_least(1), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count, "NUM_STEPS": at_least(1),
+    "START_FRAME": at_least(0), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count, "NUM_STEPS": at_least(1),
     "DEVICE": device, "GPU_MEMORY_GB": positive, "PORT": in_range(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive, "NUM_BLOCKS": at_least(0),
     # distillation
     "LOCAL_ATTN_SIZE": at_least(1), "SINK_SIZE": at_least(0), "EMA_START_STEP": at_least(0),

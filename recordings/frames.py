@@ -2,18 +2,12 @@
 (VAE_CLIP_SPEC A.7 steps 1-2): EXIF-upright RGB, centre crop to the model's aspect,
 bilinear resize, [-1, 1]."""
 
-import re
-
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from recordings.errors import DataError
 from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH
-
-FRAME_FILE = re.compile(r"frame_(\d+)\.png", re.IGNORECASE)
-# 1e9 frames is over a year at 25 fps: a larger number is a renamed or damaged file, not a recording
-MAX_FRAME_NUMBER = 1_000_000_000
 
 
 def crop_box(src_width: int, src_height: int, height: int = VIDEO_HEIGHT,

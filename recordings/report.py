@@ -9,7 +9,7 @@ import numpy as np
 
 from recordings.clips import Split, index_clips, resolve_clip_stride, split_train_val
 from recordings.errors import DataError
-from recordings.input_csv import KeyParser
+from recordings.input_csv import CSV_NAME, LINES_SHOWN, KeyParser
 from recordings.recording import find_recordings, load_recording
 from recordings.settings import DataSettings
 from wan.shapes import check_frame_count, check_image_size
@@ -60,23 +60,38 @@ class DataReport:
                      + (" - already" if set(sizes) == {(width, height)} else " -> centre-cropped to")
                      + f" {width}:{height} and resized to {width}x{height} (W x H)")
 
+        lines += self._layout_lines()
         gaps = [(r.name, a, b) for r in recordings for a, b in r.missing_ranges()]
         lines.append(f"Gaps: {len(gaps)} ({sum(b - a + 1 for _, a, b in gaps):,} frame numbers missing or "
                      "unreadable; clips never span one)")
-        lines += _listed(f"  {name}: frame{'s' if b > a else ''} {a}{f'-{b}' if b > a else ''}"
-                         for name, a, b in gaps)
+        lines += _listed(f"  {name}: {_frames(a, b)}" for name, a, b in gaps)
+        dropped = [(r, a, b) for r in recordings for a, b in r.dropped_ranges()]
+        if dropped:
+            lines.append(f"Dropped frames ({CSV_NAME} rows without a frame file; gaps): "
+                         f"{sum(len(r.dropped_frames) for r in recordings):,} in {len(dropped)} range(s)")
+            lines += _listed(f"  {r.name}: {_frames(a, b)} ({CSV_NAME} "
+                             f"{_lines([r.dropped_frames[f] for f in range(a, b + 1)])})" for r, a, b in dropped)
         bad = [problem for r in recordings for problem in r.bad_frames.values()]
         if bad or self.settings.get("SKIP_BAD_FRAMES"):
             lines.append(f"Unreadable frames skipped (SKIP_BAD_FRAMES): {len(bad)}")
             lines += _listed(f"  {problem}" for problem in bad)
         lines.append(f"Frames without a CSV row (no keys pressed): "
                      f"{sum(r.frames_without_row for r in recordings):,}")
-        duplicates = sum(r.duplicate_rows for r in recordings)
-        if duplicates:
-            lines.append(f"Repeated identical CSV rows (used once): {duplicates:,}")
+        for title, attribute in (("Repeated identical CSV rows (used once)", "duplicate_lines"),
+                                 ("CSV rows out of frame order (sorted)", "out_of_order_lines")):
+            found = [(r.name, getattr(r, attribute)) for r in recordings if getattr(r, attribute)]
+            if found:
+                lines.append(f"{title}: {sum(len(at) for _, at in found):,}")
+                lines += _listed(f"  {name}: {CSV_NAME} line{'s' if len(at) > 1 else ''} "
+                                 f"{', '.join(map(str, at[:LINES_SHOWN]))}{', ...' if len(at) > LINES_SHOWN else ''}"
+                                 for name, at in found)
+        notes = [f"  {r.name}: {note}" for r in recordings for note in r.notes]
+        if notes:
+            lines.append(f"Check: {len(notes)}")
+            lines += _listed(notes)
         ignored = [f"{r.name}/{f}" for r in recordings for f in r.ignored_files]
         if ignored:
-            lines.append(f"Ignored .png files (not frame_<number>.png): {len(ignored)}")
+            lines.append(f"Ignored image files (not named like FRAME_NAME): {len(ignored)}")
             lines += _listed(f"  {f}" for f in ignored)
 
         unmapped = sum((r.unmapped_keys for r in recordings), Counter())
@@ -112,6 +127,18 @@ class DataReport:
         lines += [f"  {p}" for p in self.problems]
         return "\n".join(lines)
 
+    def _layout_lines(self) -> list[str]:
+        """How the recordings were read, one line per distinct layout, with its recordings."""
+        lines = ["Layout (as found; FRAME_NAME, CSV_COLUMNS, CSV_SEPARATOR, CSV_ENCODING, CSV_FRAME_OFFSET adapt it):"]
+        for what, attribute in ((CSV_NAME, "csv_layout"), ("frame files", "numbering")):
+            groups = {}
+            for r in self.recordings:
+                groups.setdefault(getattr(r, attribute), []).append(r.name)
+            for text, names in sorted(groups.items(), key=lambda item: -len(item[1])):
+                lines.append(f"  {what}: {text} - {len(names)} recording(s): {', '.join(names[:5])}"
+                             + (" ..." if len(names) > 5 else ""))
+        return lines if len(lines) > 1 else []
+
     def _mouse_lines(self) -> list[str]:
         with_mouse = [r for r in self.recordings if r.mouse_raw is not None]
         without = [r.name for r in self.recordings if r.mouse_raw is None]
@@ -142,6 +169,19 @@ class DataReport:
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _frames(first: int, last: int) -> str:
+    return f"frame{'s' if last > first else ''} {first}{f'-{last}' if last > first else ''}"
+
+
+def _lines(lines: list[int]) -> str:
+    """'line 7', 'lines 101-106' (consecutive), or the first few."""
+    if len(lines) == 1:
+        return f"line {lines[0]}"
+    if lines == list(range(lines[0], lines[0] + len(lines))):
+        return f"lines {lines[0]}-{lines[-1]}"
+    return "lines " + ", ".join(map(str, lines[:LINES_SHOWN])) + (", ..." if len(lines) > LINES_SHOWN else "")
 
 
 def _listed(items) -> list[str]:
@@ -179,10 +219,11 @@ def check_data(data_dir, settings: DataSettings, decode_frames: bool = False,
     except ValueError as error:
         raise DataError(str(error)) from None
     KeyParser(s.keyboard_keys, s.key_map)
+    s.check_layout()
     if not isinstance(s.mouse_scale, (int, float)) or not math.isfinite(s.mouse_scale):
         raise DataError(f"MOUSE_SCALE must be a finite number, got {s.mouse_scale!r}")
 
-    folders, problems = find_recordings(data_dir)
+    folders, problems = find_recordings(data_dir, s.frame_name)
     recordings = []
     for folder in folders:
         try:
@@ -196,5 +237,5 @@ def check_data(data_dir, settings: DataSettings, decode_frames: bool = False,
                         f"frames, SEQUENCE_LENGTH is {s.sequence_length}")
     split = split_train_val(clips, s.val_fraction, s.split_seed, s.val_block_clips)
     shown = {**s.as_settings(), "CLIP_STRIDE": stride, "KEYBOARD_KEYS": tuple(s.keyboard_keys),
-             "KEY_MAP": dict(s.key_map)}
+             "KEY_MAP": dict(s.key_map), "CSV_COLUMNS": dict(s.csv_columns)}
     return DataReport(str(data_dir), shown, recordings, clips, split, problems, decode_frames)

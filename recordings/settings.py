@@ -6,8 +6,9 @@ receive them.
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from recordings.layout import DEFAULT_FRAME_NAME, FrameName, check_layout_settings
 from wan.shapes import VIDEO_HEIGHT, VIDEO_WIDTH
 
 
@@ -27,6 +28,12 @@ class DataSettings:
     split_seed: int
     video_height: int = VIDEO_HEIGHT
     video_width: int = VIDEO_WIDTH
+    # how the recorder lays out a recording (recordings/layout.py)
+    frame_name: str = DEFAULT_FRAME_NAME  # the frame files' names, one number placeholder
+    csv_columns: dict = field(default_factory=dict)  # our column -> the CSV's header name or 1-based number
+    csv_separator: str = "auto"  # "auto" or the separator
+    csv_encoding: str = "auto"   # "auto" or a Python text encoding
+    csv_frame_offset: int = 0    # the file number of CSV frame n is n + csv_frame_offset
 
     @classmethod
     def from_settings(cls, settings: dict) -> "DataSettings":
@@ -39,6 +46,17 @@ class DataSettings:
 
     def replace(self, **changes) -> "DataSettings":
         return dataclasses.replace(self, **changes)
+
+    def check_layout(self) -> None:
+        """DataError naming every layout setting with a value its rule refuses."""
+        check_layout_settings(self.as_settings())
+
+    @property
+    def frames_identity(self) -> str | None:
+        """What decides which files are a recording's frames, for a run's resume check (None:
+        the default naming, so that runs from before FRAME_NAME existed still resume)."""
+        self.check_layout()
+        return FrameName(self.frame_name).identity
 
     @property
     def stride(self) -> int:

@@ -324,7 +324,7 @@ def test_report_lists_everything(tmp_path):
                      "Keys held (frames): W 40 (100.0%), S 0 (0.0%)", "Key combinations: W 40",
                      "mouse_x: moving in 25.0% of frames, range 0..2 -> yaw |value| p99 0.1",
                      "Clips: 8 of 9 frames, one every 4 frames; 3 usable frames in no clip",
-                     "Split: ", "Ignored .png files", "Problems: none"]:
+                     "Split: ", "Ignored image files (not named like FRAME_NAME): 1", "Problems: none"]:
         assert expected in text, expected
 
 
@@ -343,7 +343,8 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     assert data.main([str(tmp_path / "good"), "--SEQUENCE_LENGTH=56"]) == 1
     assert "4k+1" in capsys.readouterr().err
     assert data.main(["--SEQUENCE_LENGHT=33"]) == 2
-    assert "valid names: CACHE_DIR, CACHE_DTYPE, CLIP_PATH, CLIP_STRIDE, DATA_DIR" in capsys.readouterr().err
+    assert "valid names: CACHE_DIR, CACHE_DTYPE, CLIP_PATH, CLIP_STRIDE, CSV_ENCODING, CSV_FRAME_OFFSET, " \
+           "CSV_SEPARATOR, DATA_DIR, FRAME_NAME" in capsys.readouterr().err
     assert data.main([str(tmp_path / "nowhere")]) == 1
     assert "no such folder" in capsys.readouterr().err
 

@@ -178,7 +178,7 @@ def test_a_huge_frame_number_is_reported_by_file_without_allocating_for_it(tmp_p
 
 def test_a_huge_frame_number_in_the_csv_is_reported_by_line(tmp_path):
     write_frames(tmp_path / "rec", range(1, 10), "W,0,1\nW,0.04,1000000000000\n")
-    with pytest.raises(DataError, match=r"input.csv:2: frame number '1000000000000' is not a positive integer"):
+    with pytest.raises(DataError, match=r"input.csv:2: frame number '1000000000000' is not a whole number from 0 to 1,000,000,000"):
         check_data(tmp_path, data_settings(sequence_length=5, video_height=32, video_width=64)).raise_for_problems()
 
 
