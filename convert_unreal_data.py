@@ -2,7 +2,9 @@
 
 A recording is a folder of frame_0001.png, frame_0002.png, ... and an input.csv with one
 row per frame: the keys held, the time in seconds, the frame number, and optionally the
-mouse deltas. DATA_DIR is one recording or a folder of recordings at any depth.
+mouse deltas. DATA_DIR is one recording or a folder of recordings at any depth. Other
+recorders' layouts - file names, column names, separators, encodings, numbering, dropped
+frames - are read as they are or with the layout settings below; the report says which.
 
     python convert_unreal_data.py [DATA_DIR] [--NAME=value ...]   # check the data, print the report
     python convert_unreal_data.py [DATA_DIR] --cache              # ... then build the latent cache

@@ -188,7 +188,7 @@ def _frame_files(folder: Path, frame_name: FrameName) -> tuple[dict, list, list,
     """(frame number -> path, ignored image names, problems, how the files are numbered) of a
     recording's folder. Only names in the folder itself are considered."""
     frame_files, ignored, problems, widths = {}, [], [], {}  # widths: number -> digits in its name
-    image_suffixes = {".png", Path(frame_name.suffix).suffix.lower()} - {""}
+    image_suffixes = {".png", os.path.splitext("frame" + frame_name.suffix)[1].lower()} - {""}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         digits = frame_name.digits(entry.name)
         if digits is None:
