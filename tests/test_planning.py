@@ -138,6 +138,24 @@ def test_another_optimizer_plugs_in_through_the_recipe():
     assert sgd.breakdown[memory.WEIGHTS] == adamw.breakdown[memory.WEIGHTS]
 
 
+def test_the_memory_savers_are_planned_through_their_own_code():
+    """8-bit AdamW's quantised moments, the step in the backward (no gradient kept; its measuring
+    pass keeps the graph, not the gradients) and the offloaded optimizer, on the demo's width
+    (where torchao quantises most matrices), against plain AdamW."""
+    pytest.importorskip("torchao", reason="OPTIMIZER=adamw_8bit needs torchao (requirements.txt)")
+    config = tiny_config(keyboard_dim=len(fb.KEYBOARD_KEYS), dim=64, num_layers=3, ffn_dim=128)
+    s = settings(TRAINING_STRATEGY="full", GRAD_ACCUM_STEPS=1)
+    plans = {name: measure_training(config, dict(s, **savers), 2, 4, 8)[0] for name, savers in (
+        ("plain", {}), ("8-bit", {"OPTIMIZER": "adamw_8bit"}), ("in backward", {"OPTIMIZER_IN_BACKWARD": True}),
+        ("offloaded", {"OFFLOAD_OPTIMIZER": True}))}
+    state = {name: plan.breakdown.get(memory.OPTIMIZER_STATE, 0) for name, plan in plans.items()}
+    assert 0.2 < state["8-bit"] / state["plain"] < 0.5  # most numbers 2 bytes instead of 8
+    assert state["offloaded"] < 0.05 * state["plain"]  # the step counts of 512 bytes (the imitation counts host scalars)
+    assert state["in backward"] == state["plain"]
+    assert plans["in backward"].breakdown.get(memory.GRADIENTS, 0) == 0 < plans["plain"].breakdown[memory.GRADIENTS]
+    assert plans["in backward"].peak < plans["plain"].peak
+
+
 @pytest.mark.parametrize("strategy", ["action_only", "full"])
 def test_activations_are_what_autograd_saves_for_the_backward(strategy):
     config = tiny()

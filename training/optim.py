@@ -25,6 +25,7 @@ import math
 from contextlib import nullcontext
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from runs.errors import TrainingError
 
@@ -53,24 +54,24 @@ def build_adamw(trainable: dict, lr: float, weight_decay: float, device: torch.d
     return build_optimizer(parameter_groups(trainable, weight_decay), "adamw", lr, device, betas)
 
 
-def zero_free_map(qmap: torch.Tensor) -> torch.Tensor:
+def zero_free_map(qmap: tuple) -> tuple:
     """An unsigned 8-bit quantisation map whose lowest code stands for half its next value
     instead of zero.
 
     AdamW divides by the square root of the second moment. With block-wise scaling, a
     second moment under half the map's smallest step (3.3e-7 of its block's largest, i.e. a
     gradient 4e-4 times the block's largest) is stored as zero; the next step then divides
-    by the root of one step's share of g^2 alone, and a weight moved up to 33x the learning
-    rate in one step (float32 AdamW: at most 1.02x) - the "zero-point problem" of quantised
-    second moments (Li, Chen and Zhu, "Memory Efficient Optimizers with 4-bit States",
-    NeurIPS 2023, who exclude zero from the second moment's map). Without zero a tiny second
-    moment is over-estimated, which only shortens that weight's step
-    (tests/test_savers.py and bench/bench_savers.py --eight-bit measure both maps).
+    by the root of one step's share of g^2 alone, and the weight moves many times the
+    learning rate in one step - the "zero-point problem" of quantised second moments (Li,
+    Chen and Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023, who exclude
+    zero from the second moment's map). Without zero a tiny second moment is over-estimated,
+    which only shortens that weight's step (tests/test_savers.py and bench/bench_savers.py
+    --eight-bit measure both maps). The map is a tuple of floats, so that the planner's fake
+    tensors can take it without reading tensor data.
     """
-    assert qmap[0] == 0 and qmap[1] > 0, "expects torchao's unsigned dynamic map"
-    free = qmap.clone()
-    free[0] = qmap[1] / 2
-    return free
+    if not (qmap[0] == 0 and qmap[1] > 0):
+        raise ValueError("expects torchao's unsigned dynamic map (0 first, ascending)")
+    return (qmap[1] / 2, *qmap[1:])
 
 
 def adamw_8bit_class():
@@ -78,7 +79,14 @@ def adamw_8bit_class():
     off CUDA, and to keep its second moments on zero_free_map (imported on first use:
     torchao is only needed for OPTIMIZER="adamw_8bit")."""
     from torchao.optim import AdamW8bit as TorchaoAdamW8bit
-    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_8bit import OptimState8bit, get_qmap_signed, get_qmap_unsigned
+
+    # torchao computes its maps with torch ops on first use and keeps them: compute them for
+    # real here, also when the planner builds the optimizer on fake tensors (whose data reads
+    # are made-up zeros, which would otherwise be kept as the maps for the rest of the process).
+    with _disable_current_modes():
+        get_qmap_signed()
+        second_moment_map = zero_free_map(get_qmap_unsigned())
 
     class AdamW8bit(TorchaoAdamW8bit):
         """Its update is torch.compile'd on CUDA (as torchao runs it) and eager elsewhere:
@@ -88,7 +96,7 @@ def adamw_8bit_class():
         def _subclass_zeros(p: torch.Tensor, signed: bool, block_size: int):
             state = OptimState8bit.zeros(p.shape, signed, block_size, p.device, dtype=p.dtype)
             if not signed:  # the second moment (the first is signed: zero there only shortens a step)
-                state.qmap = zero_free_map(state.qmap)
+                state.qmap = torch.tensor(second_moment_map, dtype=torch.float32, device=p.device)
             return state
 
         @torch.no_grad()
