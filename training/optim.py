@@ -21,7 +21,6 @@ Resuming: load_named_state puts a saved state (by parameter name) into any of th
 stepping the optimizer, so a resumed run continues exactly where the saved one stopped.
 """
 
-import math
 from contextlib import nullcontext
 
 import torch
