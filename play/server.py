@@ -11,12 +11,35 @@
 One client or a few, on this machine: a thread per request is plenty, and the frames go
 by long polling, which every browser does the same way (an MJPEG stream would need none
 of the page's script, but the page could not count frames or tell when one arrives).
-POSTs must carry a JSON body (Content-Type application/json), which a page of another
-site cannot send here without the browser first asking, and this server never says yes.
+
+Who may ask (every request is checked before it is answered, refusals are 403 with the
+reason):
+- The Host header must name this server: a loopback name (localhost, 127.0.0.1, [::1]) or
+  the HOST it was started on. A web page whose own name is made to resolve to this
+  machine (DNS rebinding) sends its own name, and is refused. Any port is accepted: an SSH
+  forward (ssh -L 9000:localhost:8000) changes it, and a port names no one.
+- A request a browser sends from another origin (an Origin that is not this server's, or
+  Sec-Fetch-Site cross-site or same-site) is refused; the page's own requests are
+  same-origin. POSTs must also carry a JSON body (Content-Type application/json), which a
+  page of another site cannot send here without the browser first asking (CORS), and this
+  server never says yes.
+- With HOST beyond loopback (another machine may connect), every request needs the token
+  made at start (secrets.token_urlsafe) and printed in the URL to open, like Jupyter's:
+  `?token=...` on the first request, after which the page's requests carry it in a
+  cookie (HttpOnly, SameSite=Strict), so the page's script never handles it and no other
+  site's request carries it. HOST 0.0.0.0 (every network) answers to any name, as the
+  machine's names are not known; the token is what keeps others out.
 """
 
+import hmac
+import ipaddress
 import json
+import re
+import secrets
+import socket
+import sys
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -27,6 +50,30 @@ from play.session import InputError, InputSession
 PAGE = Path(__file__).with_name("page.html")
 FRAME_WAIT_SECONDS = 10.0
 MAX_BODY_BYTES = 64 * 1024
+READ_TIMEOUT_SECONDS = 60.0  # a client that stops sending mid-request frees its thread after this
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+ALLOWED_FETCH_SITES = ("same-origin", "none")  # Sec-Fetch-Site of the page's own requests, or typed in
+TOKEN_PARAMETER = "token"
+HOST_HEADER = re.compile(r"\[([0-9a-f:.]+)\](?::\d{1,5})?|([^:\[\]/\s@]+)(?::\d{1,5})?")  # [ipv6]:port or name:port
+JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str | None:
+    """The name in a Host header ("[::1]:8000" -> "::1", "Example:80" -> "example"); None when
+    it is not a name with an optional port."""
+    match = HOST_HEADER.fullmatch(header.strip().lower())
+    return None if match is None else match.group(1) or match.group(2)
 
 
 class PlayServer(ThreadingHTTPServer):
@@ -36,24 +83,49 @@ class PlayServer(ThreadingHTTPServer):
         self.player, self.session = player, session
         self.info = info  # what the page shows about the model and its keys (fixed for the run)
         self.page = PAGE.read_bytes()
+        host = address[0]
+        self.wildcard = host in WILDCARD_HOSTS
+        # Anything beyond loopback needs the token (the guide's rule for local servers).
+        self.token = None if is_loopback(host) else secrets.token_urlsafe(24)
+        self.host_names = set(LOOPBACK_NAMES) | ({host.strip("[]").lower()} if not self.wildcard else set())
         super().__init__(address, PlayHandler)
+        self.cookie_name = f"play_token_{self.server_address[1]}"  # one per port: two players on one machine
 
     @property
     def url(self) -> str:
+        """The URL to open (with the token when there is one)."""
         host, port = self.server_address[:2]
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"
+        if self.wildcard:
+            host = socket.gethostname()
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}/" + (f"?{TOKEN_PARAMETER}={self.token}" if self.token else "")
+
+    def handle_error(self, request, client_address) -> None:
+        """A page closed, a tab reloaded or the network dropped mid-answer: nothing to say.
+        Anything else gets one line, not a traceback (the stream goes on)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):  # BrokenPipe, ConnectionReset, ConnectionAborted
+            return
+        print(f"play server: a request from {client_address[0]} failed ({type(error).__name__}: {error})",
+              file=sys.stderr)
 
 
 class PlayHandler(BaseHTTPRequestHandler):
     server: PlayServer
     protocol_version = "HTTP/1.1"
+    timeout = READ_TIMEOUT_SECONDS
 
     def do_GET(self):
         url = urlsplit(self.path)
+        if self._refused(url, page=url.path == "/"):
+            return
         if url.path == "/":
-            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
+            cookie = self._token_cookie(url)
+            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8",
+                       {"Set-Cookie": cookie} if cookie else None)
         elif url.path == "/status":
-            self._send_json({**self.server.info, **self.server.player.status()})
+            self._send_json({**self.server.info, "accepted": self.server.session.accepted_keys(),
+                             **self.server.player.status()})
         elif url.path == "/frame":
             try:
                 after = int(parse_qs(url.query).get("after", ["-1"])[0])
@@ -65,36 +137,83 @@ class PlayHandler(BaseHTTPRequestHandler):
             else:
                 self._send(HTTPStatus.OK, frame.jpeg, "image/jpeg", {"X-Frame-Index": str(frame.index)})
         else:
-            self._send_error(HTTPStatus.NOT_FOUND, f"no page {url.path}")
+            self._send_error(HTTPStatus.NOT_FOUND, f"no page {url.path[:100]}")
 
     def do_POST(self):
-        path = urlsplit(self.path).path
-        if path not in ("/input", "/restart", "/pause"):
-            return self._send_error(HTTPStatus.NOT_FOUND, f"no endpoint {path}")
+        url = urlsplit(self.path)
+        if self._refused(url):
+            return
+        if url.path not in ("/input", "/restart", "/pause"):
+            return self._send_error(HTTPStatus.NOT_FOUND, f"no endpoint {url.path[:100]}")
         message = self._read_json()
         if message is None:
             return
-        if path == "/input":
+        if url.path == "/input":
             try:
                 self.server.session.apply(message)
             except InputError as error:
                 return self._send_error(HTTPStatus.BAD_REQUEST, str(error))
-        elif path == "/restart":
+        elif url.path == "/restart":
             self.server.player.restart()
         else:
-            paused = message.get("paused") if isinstance(message, dict) else None
+            paused = message.get("paused")
             if not isinstance(paused, bool):
                 return self._send_error(HTTPStatus.BAD_REQUEST, 'send {"paused": true} or {"paused": false}')
             self.server.player.pause(paused)
         self._send_json({"ok": True})
+
+    # ------------------------------------------------------------------ who may ask
+
+    def _refused(self, url, page: bool = False) -> bool:
+        """Answer 403 (and True) unless the request names this server, comes from its own
+        page (or no page) and carries the token when one is needed. The page itself may be
+        opened from a link on another site (it is the same for everyone); what it fetches
+        may not."""
+        hosts = self.headers.get_all("Host") or []
+        name = host_name(hosts[0]) if len(hosts) == 1 else None
+        if name is None or not (self.server.wildcard or name in self.server.host_names):
+            shown = hosts[0][:100] if len(hosts) == 1 else f"{len(hosts)} Host headers"
+            return self._forbid(f"this server answers to {', '.join(sorted(self.server.host_names))} (the names it "
+                                f"was started for), not Host {shown!r}: open the URL play_world.py printed")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower().rstrip("/") != f"http://{hosts[0].strip().lower()}":
+            return self._forbid(f"requests from another site's page (Origin {origin[:100]!r}) are refused")
+        site = self.headers.get("Sec-Fetch-Site")
+        if not page and site is not None and site.lower() not in ALLOWED_FETCH_SITES:
+            return self._forbid(f"requests from another site's page (Sec-Fetch-Site {site[:40]!r}) are refused")
+        if self.server.token and not self._has_token(url):
+            return self._forbid("this server needs its token: open the URL with ?token=... that play_world.py "
+                                "printed when it started")
+        return False
+
+    def _has_token(self, url) -> bool:
+        given = parse_qs(url.query).get(TOKEN_PARAMETER, [])[:1]
+        try:
+            cookies = SimpleCookie(self.headers.get("Cookie", ""))
+        except CookieError:
+            cookies = SimpleCookie()
+        if self.server.cookie_name in cookies:
+            given.append(cookies[self.server.cookie_name].value)
+        expected = self.server.token.encode()
+        return any(hmac.compare_digest(value.encode("utf-8", "replace"), expected) for value in given)
+
+    def _token_cookie(self, url) -> str | None:
+        """The cookie that carries the token for the page's own requests, once it came in the URL."""
+        if self.server.token and TOKEN_PARAMETER in parse_qs(url.query):
+            return f"{self.server.cookie_name}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
+        return None
+
+    def _forbid(self, reason: str) -> bool:
+        self._send_error(HTTPStatus.FORBIDDEN, reason)
+        return True
 
     def log_message(self, format, *args):
         pass  # one line per frame request would bury the script's own output
 
     # ------------------------------------------------------------------ helpers
 
-    def _read_json(self):
-        """The request's JSON body, or None after answering with the problem."""
+    def _read_json(self) -> dict | None:
+        """The request's JSON object, or None after answering with the problem."""
         if self.headers.get_content_type() != "application/json":
             self._send_error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
             return None
@@ -107,16 +226,26 @@ class PlayHandler(BaseHTTPRequestHandler):
             return None
         body = self.rfile.read(length)
         try:
-            return json.loads(body or b"{}")
+            message = json.loads(body or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             self._send_error(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {error}")
             return None
+        except RecursionError:  # [[[[...]]]]: deeper than the parser goes
+            self._send_error(HTTPStatus.BAD_REQUEST, "the body nests too deeply: send one JSON object like "
+                                                     '{"down": ["W"]}')
+            return None
+        if not isinstance(message, dict):
+            self._send_error(HTTPStatus.BAD_REQUEST, f"the body must be a JSON object ({{...}}), got "
+                                                     f"{JSON_NAMES.get(type(message), type(message).__name__)}")
+            return None
+        return message
 
     def _send_json(self, obj, status=HTTPStatus.OK):
         self._send(status, json.dumps(obj).encode(), "application/json")
 
     def _send_error(self, status, message: str):
-        self._send_json({"error": message}, status)
+        # the connection closes: a refused request's body may be left unread
+        self._send(status, json.dumps({"error": message}).encode(), "application/json", {"Connection": "close"})
 
     def _send(self, status, body: bytes, content_type: str | None, headers: dict | None = None):
         self.send_response(status)

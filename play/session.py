@@ -22,6 +22,15 @@ MAX_KEYS_PER_MESSAGE = 64
 MAX_MOTION = 1e5  # pixels in one message; more is not a mouse
 
 
+def _clipped(text: str, most: int = 80) -> str:
+    """Text from a message, as an error quotes it (a hostile one can be long)."""
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
+def _shown(value) -> str:
+    return _clipped(repr(value))
+
+
 class InputError(ValueError):
     """A message from the page that is not what the page sends; the text says what is wrong."""
 
@@ -62,6 +71,8 @@ class InputSession:
     # ------------------------------------------------------------------ events
 
     def press(self, key: str) -> None:
+        """Hold one of the model's keys (any other is refused: it would only take memory)."""
+        self._check_known([key])
         key = self._name(key)
         with self._lock:
             self._held.add(key)
@@ -89,17 +100,19 @@ class InputSession:
             raise InputError(f"an input message is a JSON object, got {type(message).__name__}")
         unknown = sorted(set(message) - {"down", "up", "move", "release_all"})
         if unknown:
-            raise InputError(f"unknown input field(s) {unknown}; known: down, up, move, release_all")
+            raise InputError(f"unknown input field(s) {_shown(unknown)}; known: down, up, move, release_all")
         down, up = (self._key_list(message, part) for part in ("down", "up"))
+        self._check_known(down + up)
         motion = message.get("move")
         if motion is not None:
             if (not isinstance(motion, list) or len(motion) != 2
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in motion)
                     or not all(math.isfinite(v) and abs(v) <= MAX_MOTION for v in motion)):
-                raise InputError(f"move must be [dx, dy], two numbers of pixels below {MAX_MOTION:g}, got {motion!r}")
+                raise InputError(f"move must be [dx, dy], two numbers of pixels below {MAX_MOTION:g}, got "
+                                 f"{_shown(motion)}")
         release_all = message.get("release_all", False)
         if not isinstance(release_all, bool):
-            raise InputError(f"release_all must be true or false, got {release_all!r}")
+            raise InputError(f"release_all must be true or false, got {_shown(release_all)}")
         if release_all:
             self.release_all()
         for key in down:
@@ -137,11 +150,23 @@ class InputSession:
             self._tapped = set()
             self._motion = [0.0, 0.0]
 
+    def accepted_keys(self) -> list[str]:
+        """The key names a message may hold: the model's (its columns and steering keys), and
+        the other names of them (key_aliases); any other key is refused, never held."""
+        game = self.controls.game_keys
+        return list(game) + sorted(alias for alias, key in self.aliases.items() if key in game and alias not in game)
+
     def held(self) -> list[str]:
         with self._lock:
             return sorted(self._held)
 
     # ------------------------------------------------------------------ helpers
+
+    def _check_known(self, keys) -> None:
+        unknown = sorted({str(key).upper() for key in keys if self._name(key) not in self.controls.game_keys})
+        if unknown:
+            raise InputError(f"unknown key(s) {_clipped(', '.join(unknown))}: this model's keys are "
+                             f"{', '.join(self.accepted_keys())}")
 
     def _clip(self, value: float) -> float:
         return max(-self.limit, min(self.limit, value))
@@ -156,5 +181,5 @@ class InputSession:
         if (not isinstance(keys, list) or len(keys) > MAX_KEYS_PER_MESSAGE
                 or not all(isinstance(k, str) and KEY_NAME.fullmatch(k.upper()) for k in keys)):
             raise InputError(f"{part} must be a list of at most {MAX_KEYS_PER_MESSAGE} key names "
-                             f"(letters, digits, _; up to 32 characters), got {keys!r}")
+                             f"(letters, digits, _; up to 32 characters), got {_shown(keys)}")
         return keys

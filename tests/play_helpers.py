@@ -45,15 +45,16 @@ def wait_for(condition, what: str, timeout: float = 60.0, every: float = 0.05):
 
 
 @contextmanager
-def served_player(generator: StreamingGenerator | None = None, keys=KEYS, mode: str = "universal", **player):
-    """A Player on a tiny stream behind a PlayServer on a free port of 127.0.0.1, both running."""
+def served_player(generator: StreamingGenerator | None = None, keys=KEYS, mode: str = "universal",
+                  host: str = "127.0.0.1", **player):
+    """A Player on a tiny stream behind a PlayServer on a free port of host, both running."""
     generator = generator or tiny_stream()
     has_mouse = generator.model.config.action_config.enable_mouse
     controls = controls_for(mode, keys, has_mouse)
     session = InputSession(controls, mouse_sensitivity=0.01, mouse_limit=0.25, key_aliases={"UP": "W"})
     info = {"model": "tiny random student", "mode": mode, "keys": list(keys), "capture": list(controls.game_keys),
             "mouse": has_mouse, "help": "test", "warning": None}
-    server = PlayServer(("127.0.0.1", 0), Player(generator, session, keys, **player), session, info)
+    server = PlayServer((host, 0), Player(generator, session, keys, **player), session, info)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     server.player.start()
     thread.start()
