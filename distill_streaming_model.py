@@ -96,6 +96,7 @@ from wan.vae import load_vae, read_vae_file
 STAGE = "causal_init"                    # "causal_init" (A), "dmd" (B) or "long_tune" (C); see the top of this file
 BASE_MODEL_DIR = "models/base_model"     # the base model folder the fine-tuning started from
 CHECKPOINT = "checkpoints/base_finetuned_final.safetensors"  # your fine-tuned file over it ("": the base alone): the teacher
+IGNORE_BASE_FINGERPRINT = False          # True: apply CHECKPOINT over BASE_MODEL_DIR even if it is not the base it was trained on (e.g. a copy in another dtype)
 KEYBOARD_KEYS = data.KEYBOARD_KEYS       # the keyboard columns the fine-tuning used
 STUDENT_DIR = ""                         # the student's start, a streaming model folder (the previous stage's student/); "": the fine-tuned model itself
 VAE_PATH = data.VAE_PATH                 # the Wan2.1 VAE (validation decodes; the cache encodes)
@@ -224,8 +225,6 @@ def check_settings(s: dict) -> None:
         if not 0 <= s["SCORE_MIN_TIMESTEP"] < s["SCORE_MAX_TIMESTEP"] <= 1000:
             problems.append(f"SCORE_MIN_TIMESTEP={s['SCORE_MIN_TIMESTEP']}, SCORE_MAX_TIMESTEP={s['SCORE_MAX_TIMESTEP']}:"
                             " need 0 <= MIN < MAX <= 1000")
-        if len(s["ADAM_BETAS"]) != 2 or not all(0 <= b < 1 for b in s["ADAM_BETAS"]):
-            problems.append(f"ADAM_BETAS={s['ADAM_BETAS']}: two numbers in [0, 1)")
         try:
             df.index_bounds(s["DF_MIN_SIGMA"], s["DF_MAX_SIGMA"], s["DF_SHIFT"])
         except ValueError as error:
@@ -302,7 +301,8 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
     """The frozen teacher (the fine-tuned model), the student (its weights in the causal
     architecture, or STUDENT_DIR) and, for B and C, the critic (a trainable copy of the
     teacher); every trained tensor a float32 master; wrapped for the ranks (FSDP)."""
-    teacher = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, precision.model_dtype)
+    teacher = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, precision.model_dtype,
+                         s["IGNORE_BASE_FINGERPRINT"])
     notes = [f"teacher: {teacher.description}"]
     if s["STUDENT_DIR"]:
         student = load_streaming_model(s["STUDENT_DIR"], device=device)
@@ -317,7 +317,8 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
                                 "student of the teacher's keys")
         notes.append(f"student: {s['STUDENT_DIR']} (action modules in {len(config.action_config.blocks)} blocks)")
     else:
-        start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, torch.float32).model
+        start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, torch.float32,
+                           s["IGNORE_BASE_FINGERPRINT"]).model
         student = causal_from(start, s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"])
         notes.append("student: the teacher's weights in the block-causal architecture")
     student_trainable = prepare_trainable(student, "full", 0)
@@ -325,7 +326,7 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
     critic, critic_trainable = None, {}
     if s["STAGE"] != "causal_init":
         critic = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device,
-                            precision.model_dtype).model
+                            precision.model_dtype, s["IGNORE_BASE_FINGERPRINT"]).model
         critic_trainable = prepare_trainable(critic, "full", 0)
         critic.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
         critic.train()

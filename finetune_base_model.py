@@ -54,6 +54,7 @@ from training.recipe import Savers, TrainingRecipe, lora_config
 from training.schedule import LRSchedule, apply_learning_rate
 from wan import flow
 from wan.files import check_output_folder
+from wan.fingerprint import FINGERPRINT_KEY, model_fingerprint
 from wan.clip import read_clip_file
 from wan.loading import CheckpointError, inspect_base_model, load_base_model
 from wan.vae import read_vae_file
@@ -71,6 +72,7 @@ CACHE_DTYPE = data.CACHE_DTYPE           # "bf16" (half the disk) or "fp32"
 VIDEO_HEIGHT = data.VIDEO_HEIGHT         # frames are centre-cropped to this aspect and resized:
 VIDEO_WIDTH = data.VIDEO_WIDTH           # 352x640, the base model's size (sides multiples of 16)
 CHECKPOINT_DIR = "checkpoints"           # where this run writes everything (one run per folder)
+IGNORE_BASE_FINGERPRINT = False          # --merge: merge even into a BASE_MODEL_DIR that is not the base the run trained over (e.g. a copy in another dtype)
 # data (defaults live in convert_unreal_data.py; KEY_MAP and SPLIT_SEED are edited there)
 SEQUENCE_LENGTH = data.SEQUENCE_LENGTH   # frames per clip, 4k+1
 CLIP_STRIDE = data.CLIP_STRIDE           # None: SEQUENCE_LENGTH // 2
@@ -321,11 +323,13 @@ def info_text(header: list, status: str, history: list, metrics: list, ema, devi
     return "\n".join(lines)
 
 
-def checkpoint_metadata(s: dict, epoch: int, step: int, ema, contents: str) -> dict:
+def checkpoint_metadata(s: dict, epoch: int, step: int, ema, contents: str, base_fingerprint: str) -> dict:
+    """What a weights file says about itself, with the fingerprint of the base model it was
+    trained over (checked when the file is applied over a base model: wan/fingerprint.py)."""
     lora = lora_config(s)
     return {"strategy": s["TRAINING_STRATEGY"], "epoch": epoch, "step": step,
             "keyboard_keys": ",".join(s["KEYBOARD_KEYS"]), "weights": "ema" if ema else "trained",
-            "contents": contents, **(lora.metadata() if lora is not None else {})}
+            "contents": contents, FINGERPRINT_KEY: base_fingerprint, **(lora.metadata() if lora is not None else {})}
 
 
 def describe_savers(s: dict) -> str:
@@ -363,7 +367,8 @@ def final_weights(s: dict, model, weights: dict, main: bool) -> tuple[dict, str]
 def merge(s: dict) -> str:
     """--merge: CHECKPOINT_DIR's final LoRA file merged into BASE_MODEL_DIR's model."""
     folder = Path(s["CHECKPOINT_DIR"])
-    written = merge_lora_file(s["BASE_MODEL_DIR"], folder / FINAL_FILE, folder / MERGED_FILE)
+    written = merge_lora_file(s["BASE_MODEL_DIR"], folder / FINAL_FILE, folder / MERGED_FILE,
+                              s["IGNORE_BASE_FINGERPRINT"])
     return (f"wrote {written}: {folder / FINAL_FILE} merged into {s['BASE_MODEL_DIR']}'s model, a full state dict "
             "(float32) that loads like the official checkpoint")
 
@@ -386,6 +391,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
         run.check_same_run(run_identity(s, effective_batch), RESUME_MUST_MATCH)
         check_model_files(s)
+        base_fingerprint = model_fingerprint(s["BASE_MODEL_DIR"])  # recorded in every weights file
         torch.manual_seed(s["SEED"])
         precision = choose_precision(s["MIXED_PRECISION"], device)
         if device.type == "cuda":
@@ -533,7 +539,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             if s["SAVE_EVERY_EPOCHS"] and epoch % s["SAVE_EVERY_EPOCHS"] == 0:
                 name = f"base_finetuned_epoch{epoch}.safetensors"
                 run.save_weights(weights_to_save(), name, checkpoint_metadata(
-                    s, epoch, global_step, ema, LORA_CONTENTS if s["TRAINING_STRATEGY"] == "lora" else TRAINED_CONTENTS))
+                    s, epoch, global_step, ema, LORA_CONTENTS if s["TRAINING_STRATEGY"] == "lora" else TRAINED_CONTENTS,
+                    base_fingerprint))
                 checkpoints.append(name)
             fsdp = sharded(s["TRAINING_STRATEGY"], s["SHARD_MODEL"], ranks.world)  # FSDP: every rank takes part
             if due_after_epoch(epoch, s["PREVIEW_EVERY_EPOCHS"], s["NUM_EPOCHS"]) and (ranks.main or fsdp):
@@ -548,7 +555,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
 
         # --- the final file: the full state dict (for "lora" the adapters and trained tensors)
         final, contents = final_weights(s, model, weights_to_save(), ranks.main)
-        run.save_weights(final, FINAL_FILE, checkpoint_metadata(s, epoch, global_step, ema, contents))
+        run.save_weights(final, FINAL_FILE, checkpoint_metadata(s, epoch, global_step, ema, contents, base_fingerprint))
         run.write_metrics(metrics)
         if FINAL_FILE not in checkpoints:
             checkpoints.append(FINAL_FILE)

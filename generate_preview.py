@@ -38,12 +38,14 @@ from planning.plan import plan_preview
 from recordings.frames import load_frame
 from recordings.report import check_data
 from wan.device import autocast_for, pick_device, run_dtype
+from wan.files import remove_stale_temps_of
 
 # -----------------------------------------------------------------------------
 # Settings: edit them here, or override any of them with --NAME=value.
 # the model
 BASE_MODEL_DIR = "models/base_model"     # config JSON + diffusion_pytorch_model.safetensors
 CHECKPOINT = f"checkpoints/{FINAL_FILE}"  # an epoch file or the final file; "": base alone
+IGNORE_BASE_FINGERPRINT = False          # True: apply CHECKPOINT over BASE_MODEL_DIR even if it is not the base it was trained on (e.g. a copy in another dtype)
 VAE_PATH = data.VAE_PATH                 # the Wan2.1 VAE
 CLIP_PATH = data.CLIP_PATH               # the CLIP image encoder
 # the first frame: a PNG, or frame START_FRAME of RECORDING (a folder with input.csv)
@@ -172,6 +174,8 @@ def generate(s: dict) -> dict:
     """Render the preview the settings describe; returns {"video", "json", "scores"}."""
     device = pick_device(s["DEVICE"])
     dtype, autocast = run_dtype(device), autocast_for(device)
+    for written in (Path(s["OUTPUT"]), Path(s["OUTPUT"]).with_suffix(".json")):  # a killed run's temp files
+        remove_stale_temps_of(written)
     inputs = load_inputs(s)
     print(f"inputs: {inputs.description}")
     if s["NUM_FRAMES"] > s["WINDOW_FRAMES"]:
@@ -181,7 +185,8 @@ def generate(s: dict) -> dict:
     runs.append(("fine-tuned" if s["CHECKPOINT"] else "base", s["CHECKPOINT"]))
     panels, models = {}, {}
     for label, checkpoint in runs:
-        loaded = load_model(s["BASE_MODEL_DIR"], checkpoint, s["KEYBOARD_KEYS"], device, dtype)
+        loaded = load_model(s["BASE_MODEL_DIR"], checkpoint, s["KEYBOARD_KEYS"], device, dtype,
+                            s["IGNORE_BASE_FINGERPRINT"])
         print(f"{label}: {loaded.description}")
         keyboard = select_keys(inputs.keyboard, s["KEYBOARD_KEYS"], loaded.keyboard_keys)
         panels[label] = generate_frames(loaded.model, vae, clip, inputs.first_frame, keyboard, inputs.mouse,

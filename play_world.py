@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, SettingsError, ShowHelp, check_choices, check_ranges, raise_for_problems
+from cli.settings import (MAX_PLAY_FRAMES, ScriptSettings, SettingsError, ShowHelp, check_choices, check_ranges,
+                          raise_for_problems)
 from demo_world.setup import (DEMO_DIR, PLAY_DEMO_CHECKPOINT, PLAY_DEMO_FALLBACK_CHECKPOINT,
                               PLAY_DEMO_FALLBACK_MODEL_DIR, PLAY_DEMO_MODEL_DIRS, TRAINING_DEMO_SETTINGS)
-from generation.action_scripts import parse_action_script
+from generation.action_scripts import read_action_script
 from generation.errors import GenerationError
 from generation.inputs import recording_range
 from generation.previews import preview_clip_index
@@ -48,8 +49,8 @@ from generation.streaming import DENOISING_STEPS as STUDENT_DENOISING_STEPS  # t
 from generation.streaming import STUDENT_KEYBOARD_KEYS, StreamingGenerator, first_frame_conditions
 from latents.encoders import load_encoders
 from play.controls import controls_for
-from play.headless import blocks_covering, blocks_within, fit_rows, stream_frames
-from play.model import NOT_DISTILLED_WARNING, PlayModel, load_play_model
+from play.headless import BlockActions, blocks_covering, blocks_within, script_blocks, sequence_blocks, stream_frames
+from play.model import NOT_DISTILLED_WARNING, PlayModel, load_play_model, play_model_keys
 from play.player import Player
 from play.server import PlayServer
 from play.session import InputSession
@@ -57,7 +58,9 @@ from recordings.frames import load_frame, load_frame_pixels
 from recordings.report import check_data
 from video.writer import write_video_stream
 from wan.conditioning import STREAM_COND_LATENT_FRAMES
+from wan.config import FRAMES_PER_BLOCK
 from wan.device import pick_device, run_dtype
+from wan.files import remove_stale_temps_of
 from wan.flow import NUM_TRAIN_TIMESTEPS
 from wan.shapes import FPS, video_frame_count
 from wan.vae import StreamingDecoder
@@ -68,6 +71,7 @@ from wan.vae import StreamingDecoder
 MODEL_DIR = "models/base_distilled_model"  # a streaming model folder (config JSON + .safetensors)
 MODE = "universal"                       # universal / gta_drive / templerun: the config, keys and steps of the student
 CHECKPOINT = ""                          # a fine-tuned file applied over a base-model MODEL_DIR ("": none)
+IGNORE_BASE_FINGERPRINT = False          # True: apply CHECKPOINT over MODEL_DIR even if it is not the base it was trained on (e.g. a copy in another dtype)
 KEYBOARD_KEYS = ()                       # the model's keyboard columns; (): the file's own, else MODE's
 VAE_PATH = data.VAE_PATH                 # the Wan2.1 VAE
 CLIP_PATH = data.CLIP_PATH               # the CLIP image encoder
@@ -84,7 +88,7 @@ DENOISING_STEPS = ()                     # the student's steps before warping; (
 TIMESTEP_SHIFT = 5.0                     # the schedule's shift (5: the students' own)
 SEED = 0                                 # the noise seed
 # live in the browser
-HOST = "127.0.0.1"                       # the address the page is served on (0.0.0.0: every network)
+HOST = "127.0.0.1"                       # the address the page is served on (0.0.0.0: every network; beyond loopback the URL carries a token)
 PORT = 8000                              # its port (0: any free one)
 MOUSE_SENSITIVITY = 0.01                 # model units per pixel over a block: 120 px -> 0.1 per frame
 MOUSE_LIMIT = 0.25                       # the largest mouse value per frame sent to the model
@@ -100,7 +104,6 @@ SETTINGS = ScriptSettings.of(globals())
 FLAGS = {"--demo": "play the model of `python finetune_base_model.py --demo` headless to an MP4 (CPU)",
          "--headless": "write an MP4 instead of serving the page (the same as --HEADLESS=true)"}
 DEMO_BLOCKS = 4                          # --demo's length: 45 frames
-MAX_HEADLESS_FRAMES = 3600 * FPS         # an action script longer than an hour of video is a typo
 
 
 # -----------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def load_model(s: dict) -> PlayModel:
     """MODEL_DIR as a streaming model, said on stdout (and warned about when it is not distilled)."""
     device = pick_device(s["DEVICE"])
     loaded = load_play_model(s["MODEL_DIR"], s["CHECKPOINT"], s["MODE"], s["KEYBOARD_KEYS"], device,
-                             run_dtype(device))
+                             run_dtype(device), s["IGNORE_BASE_FINGERPRINT"])
     print(f"model: {loaded.description}")
     if not loaded.distilled:
         print(f"warning: {not_distilled_warning(s, loaded)}", file=sys.stderr)
@@ -229,74 +232,86 @@ def first_image(s: dict) -> tuple[torch.Tensor, str]:
 
 @dataclass
 class HeadlessActions:
-    keyboard: torch.Tensor                            # [R, K], R = 1 + 4(3 num_blocks - 1)
-    mouse: torch.Tensor                               # [R, 2]
+    blocks: Callable[[bool], BlockActions]            # each block's rows, made as the stream takes them;
+                                                      # the argument: whether the model has a mouse branch
+    uses_mouse: bool
     num_blocks: int
     truth: Callable[[int, int], np.ndarray] | None    # the recording's frames (first, count), when its own
     description: str
 
 
-def headless_actions(s: dict, frames_per_block: int) -> HeadlessActions:
-    """The rows of every frame and the number of blocks, from ACTIONS or the recording (its
-    columns named by KEYBOARD_KEYS, the model's)."""
+def headless_actions(s: dict, keys) -> HeadlessActions:
+    """The actions of every block and the number of blocks, from ACTIONS (its rows made a
+    block at a time) or the recording (its columns named by keys, the model's)."""
+    P = FRAMES_PER_BLOCK
     if s["ACTIONS"]:
-        # a headless video has no natural length: bound the script at an hour at 25 fps
-        limit = video_frame_count(s["NUM_BLOCKS"] * frames_per_block) if s["NUM_BLOCKS"] else MAX_HEADLESS_FRAMES
-        keyboard, mouse = parse_action_script(s["ACTIONS"], keyboard_keys=s["KEYBOARD_KEYS"], max_rows=limit)
-        num_blocks = s["NUM_BLOCKS"] or blocks_covering(len(keyboard), frames_per_block)
-        rows = video_frame_count(num_blocks * frames_per_block)
-        if rows != len(keyboard):
-            change = f"the last row held for {rows - len(keyboard)} more" if rows > len(keyboard) else \
-                f"cut to the first {rows}"
-            print(f"note: ACTIONS gives {len(keyboard)} rows; {num_blocks} blocks show {rows} frames ({change})")
-        return HeadlessActions(fit_rows(keyboard, rows), fit_rows(mouse, rows), num_blocks, None,
-                               f"actions {s['ACTIONS']!r}")
+        if s["NUM_BLOCKS"]:
+            limit, where = video_frame_count(s["NUM_BLOCKS"] * P), f"NUM_BLOCKS={s['NUM_BLOCKS']} shows"
+        else:  # a headless video has no natural length: bound the script as NUM_BLOCKS is bounded
+            limit, where = MAX_PLAY_FRAMES, "of an hour at 25 fps, the most one headless run makes"
+        script = read_action_script(s["ACTIONS"], keys, max_rows=limit, limit=where)
+        num_blocks = s["NUM_BLOCKS"] or blocks_covering(script.rows, P)
+        rows = video_frame_count(num_blocks * P)
+        if rows != script.rows:
+            print(f"note: ACTIONS gives {script.rows} rows; {num_blocks} blocks show {rows} frames (the last row "
+                  f"held for {rows - script.rows} more)")
+        return HeadlessActions(lambda mouse: script_blocks(script, num_blocks, P, mouse), script.uses_mouse,
+                               num_blocks, None, f"actions {s['ACTIONS'][:200]!r}")
     if s["START_IMAGE"]:
         raise GenerationError(f"START_IMAGE={s['START_IMAGE']} is a picture, which has no recorded actions: give "
                               f"ACTIONS, or use RECORDING and START_FRAME to play a recording's own actions")
-    settings = data.data_settings(s)
+    settings = data.data_settings({**s, "KEYBOARD_KEYS": tuple(keys)})
     first = s["START_FRAME"]
     recording = recording_range(s["RECORDING"], first, 1, settings)
     available = next(seg.last for seg in recording.segments if seg.first <= first <= seg.last) - first + 1
     if s["NUM_BLOCKS"]:
         num_blocks = s["NUM_BLOCKS"]
-        recording = recording_range(s["RECORDING"], first, video_frame_count(num_blocks * frames_per_block), settings)
+        recording = recording_range(s["RECORDING"], first, video_frame_count(num_blocks * P), settings)
     else:
-        num_blocks = blocks_within(available, frames_per_block)
+        num_blocks = blocks_within(available, P)
         if not num_blocks:
             raise GenerationError(f"{s['RECORDING']}: from START_FRAME={first} there are {available} consecutive "
-                                  f"frames; one block needs {video_frame_count(frames_per_block)}")
-    rows = video_frame_count(num_blocks * frames_per_block)
+                                  f"frames; one block needs {video_frame_count(P)}")
+    rows = video_frame_count(num_blocks * P)
     height, width = s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"]
 
     def truth(offset: int, count: int) -> np.ndarray:
         return np.stack([load_frame_pixels(recording.frame_files[first + offset + i], height, width)
                          for i in range(count)])
 
-    keyboard, mouse = recording.actions(first, rows)  # by frame number: the numbering may start anywhere
-    return HeadlessActions(torch.from_numpy(keyboard), torch.from_numpy(mouse), num_blocks, truth,
+    keyboard, mouse = (torch.from_numpy(rows_) for rows_ in recording.actions(first, rows))  # by frame number:
+    # the numbering may start anywhere
+    return HeadlessActions(lambda with_mouse: sequence_blocks(keyboard, mouse if with_mouse else None, num_blocks, P),
+                           bool(mouse.abs().sum() > 0), num_blocks, truth,
                            f"{s['RECORDING']} frames {first}-{first + rows - 1} and their recorded actions")
 
 
 def play_headless(s: dict) -> dict:
-    """Stream the actions the settings name into OUTPUT; returns what the run measured."""
+    """Stream the actions the settings name into OUTPUT; returns what the run measured. The
+    actions are checked (a typo in ACTIONS named) before the model loads."""
+    remove_stale_temps_of(s["OUTPUT"])
+    keys = play_model_keys(s["MODEL_DIR"], s["CHECKPOINT"], s["MODE"], s["KEYBOARD_KEYS"])
+    actions = headless_actions(s, keys)
     loaded = load_model(s)
-    s = {**s, "KEYBOARD_KEYS": loaded.keyboard_keys}  # a recording's columns are read by the model's key names
-    frames_per_block, has_mouse = loaded.model.frames_per_block, loaded.model.config.action_config.enable_mouse
-    actions = headless_actions(s, frames_per_block)
-    if not has_mouse and actions.mouse.abs().sum() > 0:
-        raise GenerationError("this model has no mouse branch (a keyboard-only student): take mouse(...) out of "
-                              "ACTIONS")
+    if loaded.keyboard_keys != keys:  # a bidirectional model kept W, S, A, D of a longer KEYBOARD_KEYS
+        actions = headless_actions(s, loaded.keyboard_keys)
+    s = {**s, "KEYBOARD_KEYS": loaded.keyboard_keys}
+    has_mouse = loaded.model.config.action_config.enable_mouse
+    if not has_mouse and actions.uses_mouse:
+        if s["ACTIONS"]:
+            raise GenerationError("this model has no mouse branch (a keyboard-only student): take mouse(...) out of "
+                                  "ACTIONS")
+        print("note: this model has no mouse branch (a keyboard-only student): the recording's mouse rows are not used")
     print(f"actions: {actions.description}; {actions.num_blocks} blocks")
-    generator = start_stream(s, loaded, min(STREAM_COND_LATENT_FRAMES, actions.num_blocks * frames_per_block))
+    generator = start_stream(s, loaded, min(STREAM_COND_LATENT_FRAMES, actions.num_blocks * FRAMES_PER_BLOCK))
     seconds = []
 
     def progress(index: int, took: float, frames: int) -> None:
         seconds.append(took)
         print(f"  block {index + 1}/{actions.num_blocks}: {frames} frames in {took:.2f} s", flush=True)
 
-    frames = stream_frames(generator, actions.keyboard, actions.mouse if has_mouse else None,
-                           loaded.keyboard_keys, actions.num_blocks, actions.truth, progress)
+    frames = stream_frames(generator, actions.blocks(has_mouse), loaded.keyboard_keys, actions.num_blocks,
+                           actions.truth, progress)
     written, count = write_video_stream(s["OUTPUT"], frames, FPS)
     fps = count / sum(seconds)
     print(f"wrote {written}: {count} frames ({count / FPS:.1f} s of video), generated at {fps:.1f} frames/s "
@@ -326,6 +341,9 @@ def play_live(s: dict) -> None:
                             f"use the port: try --PORT={s['PORT'] + 1}, or --PORT=0 for any free one)") from None
     server.player.start()
     print(f"open {server.url} in a browser to play (Ctrl+C stops)", flush=True)
+    if server.token:
+        print(f"HOST={s['HOST']} reaches beyond this machine: every request needs the token in that URL (anyone "
+              "who has the URL can watch and steer; an SSH forward to HOST=127.0.0.1 needs none)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -20,9 +20,13 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-from recordings.layout import LAYOUT_RULES
+from generation.action_scripts import MAX_SCRIPT_ROWS
+from recordings.layout import LAYOUT_RULES, MAX_FRAME_NUMBER
+from wan.config import FRAMES_PER_BLOCK
 from wan.device import pick_device
-from wan.shapes import PIXELS_PER_TOKEN_SIDE, check_frame_count
+from wan.flow import NUM_TRAIN_TIMESTEPS
+from wan.lora import TARGET_GROUPS, TARGET_LAYERS
+from wan.shapes import PIXELS_PER_TOKEN_SIDE, VAE_TIME_STRIDE, check_frame_count, latent_frame_count
 
 BLOCK_START = "# Settings: edit them here"
 BLOCK_END = "# ---"
@@ -233,18 +237,28 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def at_least(low: int):
+def at_least(low: int, most: int | None = None):
+    """A whole number from low (to most, when given: every size, length and count has one)."""
     def rule(value):
         if not isinstance(value, int) or isinstance(value, bool):
-            return f"must be a whole number, at least {low}"
+            return f"must be a whole number, at least {low}" + (f" and at most {most:,}" if most is not None else "")
         if value < low:
             return f"must be at least {low}"
+        if most is not None and value > most:
+            return f"must be at most {most:,}"
     return rule
 
 
 def positive(value):
     if not _number(value) or value <= 0:
         return "must be a positive number"
+
+
+def positive_at_most(most: float):
+    def rule(value):
+        if not _number(value) or not 0 < value <= most:
+            return f"must be a positive number, at most {most:,}"
+    return rule
 
 
 def in_range(low: float, high: float, high_included: bool = True):
@@ -262,6 +276,8 @@ def finite(value):
 def frame_count(value):
     if not isinstance(value, int) or isinstance(value, bool):
         return "must be a whole number of frames, 4k+1 (1, 5, 9, ..., 57, ...)"
+    if value > MAX_CLIP_FRAMES:
+        return f"has {value:,} frames; at most {MAX_CLIP_FRAMES:,} (4k+1) are made or trained at once"
     try:
         check_frame_count(value, "")
     except (ValueError, TypeError) as error:
@@ -269,8 +285,22 @@ def frame_count(value):
 
 
 def side(value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % PIXELS_PER_TOKEN_SIDE:
-        return f"must be a positive multiple of {PIXELS_PER_TOKEN_SIDE} pixels"
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % PIXELS_PER_TOKEN_SIDE \
+            or value > MAX_SIDE:
+        return f"must be a positive multiple of {PIXELS_PER_TOKEN_SIDE} pixels, at most {MAX_SIDE:,}"
+
+
+def items_at_most(most: int, what: str = "items"):
+    """A list setting (comma-separated on the command line) of at most `most` entries."""
+    def rule(value):
+        if isinstance(value, (tuple, list)) and len(value) > most:
+            return f"has {len(value):,} {what}; at most {most} are usable"
+    return rule
+
+
+def two_betas(value):
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_number(b) and 0 <= b < 1 for b in value)):
+        return "two numbers in [0, 1)"
 
 
 def optional(rule):
@@ -284,33 +314,79 @@ def device(value):
         return str(error)  # already says DEVICE=...
 
 
+# The bounds of every size, length and count: what the real model (Matrix-Game 2.0: 30 blocks
+# of width 1536, trained on 57-frame clips at 352x640) or a machine can use, with the reason.
+# tests/test_hardening.py checks that every whole-number and list setting of the five
+# scripts has one, so a new unbounded setting fails there.
+#
+# Frames made or trained at once (SEQUENCE_LENGTH, WINDOW_FRAMES, NUM_FRAMES): 1025 frames
+# (257 latent frames, 41 s). The planner puts one such clip of the cheapest run
+# (action_only, gradient checkpointing, 352x640) at 85 GB, beyond an 80 GB card, and a
+# preview holds each panel whole (2.8 GB of float32 pixels at 352x640).
+MAX_CLIP_FRAMES = 1025
+MAX_CLIP_LATENTS = latent_frame_count(MAX_CLIP_FRAMES)  # 257: streams and windows in latent frames
+# A side of 2048 px: 57 frames of 2048x2048 are 245,760 tokens, more than the 1025-frame
+# clip above (226,160 at 352x640); the base model was trained at 640 px wide.
+MAX_SIDE = 2048
+MAX_MODEL_BLOCKS = 30         # the real model's transformer blocks (LAST_LAYERS)
+MAX_LORA_RANK = 1536          # the model's width: a rank beyond it is no longer low (use TRAINING_STRATEGY=full)
+MAX_BATCH = 64                # clips per micro-batch per GPU: far beyond what an 80 GB card holds (--plan)
+MAX_ACCUMULATION = 1024       # micro-batches per optimizer step
+MAX_EPOCHS = 10_000           # passes over the data (and the epoch intervals)
+# optimizer steps of a run (and step intervals): the public recipe's longest stage is 60k
+# steps; metrics.csv keeps a row per step in memory
+MAX_STEPS = 1_000_000
+MAX_SAMPLING_STEPS = NUM_TRAIN_TIMESTEPS  # Euler steps: the sampler's grid has 1000 timesteps
+MAX_STUDENT_STEPS = 50        # a student's DENOISING_STEPS (the students use 3 or 4; 50: the base model's sampling)
+MAX_KEYS = 64                 # keyboard columns (the official models have 2 to 7)
+MAX_WORKERS = 64              # DataLoader processes, each holding a copy of the dataset
+MAX_VAL_BLOCK_CLIPS = 10_000  # consecutive clips held out together: over 3 hours of 57-frame clips at stride 28
+MAX_VALIDATION_CLIPS = 256    # clips (and noises) validated: every one costs a teacher video kept in memory
+MAX_SEED = 2**32 - 1          # seeds become torch generator seeds as SEED x 100003 + epoch (below 2^63)
+MAX_GPU_MEMORY_GB = 1024      # --plan's card: beyond any single GPU
+# Headless play: an hour of video at 25 fps (7,500 blocks of 12 frames); the stream takes
+# constant memory, but its time and its file grow with it: longer runs belong in several files.
+MAX_PLAY_FRAMES = MAX_SCRIPT_ROWS
+MAX_PLAY_BLOCKS = MAX_PLAY_FRAMES // (VAE_TIME_STRIDE * FRAMES_PER_BLOCK)
+# A frame number (START_FRAME, CLIP_STRIDE): the recordings' own bound (a year at 25 fps).
+MAX_FRAME = MAX_FRAME_NUMBER
+
 SETTING_RULES = {
     # data
-    "SEQUENCE_LENGTH": frame_count, "CLIP_STRIDE": optional(at_least(1)), "MOUSE_SCALE": finite,
-    "VAL_FRACTION": in_range(0, 1, high_included=False), "VAL_BLOCK_CLIPS": at_least(1), "SPLIT_SEED": at_least(0),
-    "VIDEO_HEIGHT": side, "VIDEO_WIDTH": side,
+    "SEQUENCE_LENGTH": frame_count, "CLIP_STRIDE": optional(at_least(1, MAX_FRAME)), "MOUSE_SCALE": finite,
+    "VAL_FRACTION": in_range(0, 1, high_included=False), "VAL_BLOCK_CLIPS": at_least(1, MAX_VAL_BLOCK_CLIPS),
+    "SPLIT_SEED": at_least(0, MAX_SEED), "VIDEO_HEIGHT": side, "VIDEO_WIDTH": side,
+    "KEYBOARD_KEYS": items_at_most(MAX_KEYS, "keys"),
     **LAYOUT_RULES,  # FRAME_NAME, CSV_COLUMNS, CSV_SEPARATOR, CSV_ENCODING, CSV_FRAME_OFFSET: recordings/layout.py
     # training
-    "LAST_LAYERS": at_least(0), "BATCH_SIZE": at_least(1), "GRAD_ACCUM_STEPS": at_least(1),
-    "NUM_EPOCHS": at_least(1), "LEARNING_RATE": positive, "MIN_LR_RATIO": in_range(0, 1),
-    "WEIGHT_DECAY": in_range(0, 1), "WARMUP_STEPS": at_least(0), "MAX_GRAD_NORM": positive,
+    "LAST_LAYERS": at_least(0, MAX_MODEL_BLOCKS), "BATCH_SIZE": at_least(1, MAX_BATCH),
+    "GRAD_ACCUM_STEPS": at_least(1, MAX_ACCUMULATION), "NUM_EPOCHS": at_least(1, MAX_EPOCHS),
+    "LEARNING_RATE": positive, "MIN_LR_RATIO": in_range(0, 1), "WEIGHT_DECAY": in_range(0, 1),
+    "WARMUP_STEPS": at_least(0, MAX_STEPS), "MAX_GRAD_NORM": positive,
     "EMA_DECAY": in_range(0, 1, high_included=False), "TIMESTEP_SHIFT": positive, "MIN_SIGMA": in_range(0, 1),
-    "MAX_SIGMA": in_range(0, 1), "VAL_SIGMAS": at_least(1), "NUM_WORKERS": at_least(0),
-    "SAVE_EVERY_EPOCHS": at_least(0), "VAL_EVERY_EPOCHS": at_least(1), "SAVE_EVERY_STEPS": at_least(0),
-    "LOG_EVERY_STEPS": at_least(1),
-    "SEED": at_least(0), "PREVIEW_EVERY_EPOCHS": at_least(0), "PREVIEW_STEPS": at_least(1),
-    "LORA_RANK": at_least(1), "LORA_ALPHA": positive, "LORA_DROPOUT": in_range(0, 1, high_included=False),
+    "MAX_SIGMA": in_range(0, 1), "VAL_SIGMAS": at_least(1, MAX_SAMPLING_STEPS), "NUM_WORKERS": at_least(0, MAX_WORKERS),
+    "SAVE_EVERY_EPOCHS": at_least(0, MAX_EPOCHS), "VAL_EVERY_EPOCHS": at_least(1, MAX_EPOCHS),
+    "SAVE_EVERY_STEPS": at_least(0, MAX_STEPS), "LOG_EVERY_STEPS": at_least(1, MAX_STEPS),
+    "SEED": at_least(0, MAX_SEED), "PREVIEW_EVERY_EPOCHS": at_least(0, MAX_EPOCHS),
+    "PREVIEW_STEPS": at_least(1, MAX_SAMPLING_STEPS),
+    "LORA_RANK": at_least(1, MAX_LORA_RANK), "LORA_ALPHA": positive, "LORA_DROPOUT": in_range(0, 1, high_included=False),
+    "LORA_TARGETS": items_at_most(len(TARGET_GROUPS) + len(TARGET_LAYERS), "targets"),
     # previews and play
-    "START_FRAME": at_least(0), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count, "NUM_STEPS": at_least(1),
-    "DEVICE": device, "GPU_MEMORY_GB": positive, "PORT": in_range(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive, "NUM_BLOCKS": at_least(0),
+    "START_FRAME": at_least(0, MAX_FRAME), "NUM_FRAMES": frame_count, "WINDOW_FRAMES": frame_count,
+    "NUM_STEPS": at_least(1, MAX_SAMPLING_STEPS), "DEVICE": device, "GPU_MEMORY_GB": positive_at_most(MAX_GPU_MEMORY_GB),
+    "PORT": at_least(0, 65535), "MOUSE_SENSITIVITY": positive, "MOUSE_LIMIT": positive,
+    "NUM_BLOCKS": at_least(0, MAX_PLAY_BLOCKS), "DENOISING_STEPS": items_at_most(MAX_STUDENT_STEPS, "steps"),
     # distillation
-    "LOCAL_ATTN_SIZE": at_least(1), "SINK_SIZE": at_least(0), "EMA_START_STEP": at_least(0),
-    "DF_STEPS": at_least(1), "DF_LEARNING_RATE": positive, "DF_SHIFT": positive, "DF_MIN_SIGMA": in_range(0, 1),
-    "DF_MAX_SIGMA": in_range(0, 1), "DMD_STEPS": at_least(1), "GENERATOR_EVERY": at_least(1), "GENERATOR_LR": positive,
-    "CRITIC_LR": positive, "SCORE_MIN_TIMESTEP": in_range(0, 1000), "SCORE_MAX_TIMESTEP": in_range(0, 1000),
-    "VAL_EVERY_STEPS": at_least(1), "VAL_CLIPS": at_least(1), "VAL_SAMPLES": at_least(1),
-    "TEACHER_STEPS": at_least(1), "EXPORT_EVERY_STEPS": at_least(0), "STREAM_CHUNK_LATENTS": at_least(1),
-    "STREAM_OVERLAP_LATENTS": at_least(1), "STREAM_MAX_LATENTS": at_least(1), "LONG_TUNE_STEPS": at_least(1),
+    "LOCAL_ATTN_SIZE": at_least(1, MAX_CLIP_LATENTS), "SINK_SIZE": at_least(0, MAX_CLIP_LATENTS),
+    "EMA_START_STEP": at_least(0, MAX_STEPS), "ADAM_BETAS": two_betas,
+    "DF_STEPS": at_least(1, MAX_STEPS), "DF_LEARNING_RATE": positive, "DF_SHIFT": positive, "DF_MIN_SIGMA": in_range(0, 1),
+    "DF_MAX_SIGMA": in_range(0, 1), "DMD_STEPS": at_least(1, MAX_STEPS), "GENERATOR_EVERY": at_least(1, MAX_STEPS),
+    "GENERATOR_LR": positive, "CRITIC_LR": positive, "SCORE_MIN_TIMESTEP": in_range(0, 1000),
+    "SCORE_MAX_TIMESTEP": in_range(0, 1000), "VAL_EVERY_STEPS": at_least(1, MAX_STEPS),
+    "VAL_CLIPS": at_least(1, MAX_VALIDATION_CLIPS), "VAL_SAMPLES": at_least(1, MAX_VALIDATION_CLIPS),
+    "TEACHER_STEPS": at_least(1, MAX_SAMPLING_STEPS), "EXPORT_EVERY_STEPS": at_least(0, MAX_STEPS),
+    "STREAM_CHUNK_LATENTS": at_least(1, MAX_CLIP_LATENTS), "STREAM_OVERLAP_LATENTS": at_least(1, MAX_CLIP_LATENTS),
+    "STREAM_MAX_LATENTS": at_least(1, MAX_CLIP_LATENTS), "LONG_TUNE_STEPS": at_least(1, MAX_STEPS),
 }
 
 

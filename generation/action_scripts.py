@@ -1,23 +1,83 @@
 """Action scripts: a line of text -> the keyboard and mouse rows of every frame.
 
     W*24 A*8 W+mouse(0.1,0)*12 W+A*4 idle*8 mouse(0,-0.1)*8
+
+A script is read into its terms first (read_action_script: one row and a count per term,
+every problem named, nothing expanded), then expanded whole (ActionScript.tensors, for a
+preview's fixed length) or a block at a time (ActionScript.chunks, for a stream of any
+length in the memory of one block).
 """
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
 from generation.errors import GenerationError
+from wan.shapes import FPS
+
+MAX_SCRIPT_ROWS = 3600 * FPS  # an hour of video at 25 fps: a script that says more is a typo
 
 
 class ActionScriptError(GenerationError):
     pass
 
 
-def parse_action_script(script: str, keyboard_keys, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A text script -> keyboard [N, K] (multi-hot in KEYBOARD_KEYS order), mouse [N, 2].
+@dataclass(frozen=True)
+class ActionTerm:
+    keyboard: tuple[float, ...]      # one row, multi-hot in KEYBOARD_KEYS order
+    mouse: tuple[float, float]       # (pitch, yaw)
+    count: int                       # frames it holds for
+
+
+@dataclass(frozen=True)
+class ActionScript:
+    terms: tuple[ActionTerm, ...]
+    keys: tuple[str, ...]            # the keyboard columns, in order
+
+    @property
+    def rows(self) -> int:
+        return sum(term.count for term in self.terms)
+
+    @property
+    def uses_mouse(self) -> bool:
+        return any(term.mouse != (0.0, 0.0) for term in self.terms)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """keyboard [N, K] and mouse [N, 2], every row of the script."""
+        return next(self.chunks([self.rows]))
+
+    def chunks(self, sizes: Iterable[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The script's rows in successive chunks of these sizes (keyboard [n, K], mouse
+        [n, 2]), its last row held past its end; only one chunk exists at a time."""
+        term_index, left = 0, self.terms[0].count
+        for size in sizes:
+            pieces = []
+            while size > 0:
+                while left == 0 and term_index + 1 < len(self.terms):
+                    term_index += 1
+                    left = self.terms[term_index].count
+                term = self.terms[term_index]
+                take = size if left == 0 else min(left, size)  # left 0 at the end: hold the last row
+                pieces.append((term, take))
+                left -= min(left, take)
+                size -= take
+            yield (torch.cat([torch.tensor(t.keyboard, dtype=torch.float32).expand(n, -1) for t, n in pieces]),
+                   torch.cat([torch.tensor(t.mouse, dtype=torch.float32).expand(n, -1) for t, n in pieces]))
+
+
+def parse_action_script(script: str, keyboard_keys, max_rows: int | None = None,
+                        limit: str = "asked for (NUM_FRAMES)") -> tuple[torch.Tensor, torch.Tensor]:
+    """A text script -> keyboard [N, K] (multi-hot in KEYBOARD_KEYS order), mouse [N, 2]
+    (see read_action_script)."""
+    return read_action_script(script, keyboard_keys, max_rows, limit).tensors()
+
+
+def read_action_script(script: str, keyboard_keys, max_rows: int | None = None,
+                       limit: str = "asked for (NUM_FRAMES)") -> ActionScript:
+    """A text script -> its terms, checked, none expanded.
 
     The script is terms separated by spaces; each term is one frame's input, repeated
     `*count` times (count a positive whole number; default 1). A term holds keys of
@@ -28,16 +88,19 @@ def parse_action_script(script: str, keyboard_keys, max_rows: int | None = None)
     mouse values are in the model's units, the training data's (pitch, yaw) after
     MOUSE_SCALE: yaw > 0 turns right, pitch > 0 looks up, and 0.1 per frame is the base
     model's usual turn. Row i is frame i's input, the first frame's row included. A script
-    that would give more than max_rows rows is refused before any row is made.
+    that would give more than max_rows rows (None: MAX_SCRIPT_ROWS) is refused at the term
+    that passes it (limit says where the bound comes from), before any row is made.
     """
+    if max_rows is None:
+        max_rows, limit = MAX_SCRIPT_ROWS, "of an hour at 25 fps, the most a script may give"
     keys = [str(k).upper() for k in keyboard_keys]
-    keyboard, mouse, rows = [], [], 0
-    terms = list(_script_terms(script))
-    if not terms:
+    terms, rows = [], 0
+    found = list(_script_terms(script))
+    if not found:
         raise ActionScriptError("ACTIONS is empty: give terms like W*24 A*8 W+mouse(0.1,0)*12")
-    for number, (term, column) in enumerate(terms, 1):
+    for number, (term, column) in enumerate(found, 1):
         def bad(problem: str) -> ActionScriptError:
-            return ActionScriptError(f"ACTIONS term {number} {term!r} (column {column}): {problem}")
+            return ActionScriptError(f"ACTIONS term {number} {term[:60]!r} (column {column}): {problem}")
 
         body, count = term, 1
         split = _top_level_split(term, "*")
@@ -50,10 +113,10 @@ def parse_action_script(script: str, keyboard_keys, max_rows: int | None = None)
                 raise bad(f"the count after '*' must be a positive whole number, got {count_text[:20]!r}")
             count = int(count_text)
         rows += count
-        if max_rows is not None and rows > max_rows:
-            raise bad(f"the script already gives {rows:,} rows here, more than the {max_rows} frames asked for "
-                      "(NUM_FRAMES): one row per frame")
-        row, motion = np.zeros(len(keys), np.float32), None
+        if rows > max_rows:
+            raise bad(f"the script already gives {rows:,} rows here, more than the {max_rows:,} frames {limit}: "
+                      "one row per frame")
+        row, motion = [0.0] * len(keys), None
         for part in _top_level_split(body, "+"):
             part = part.strip()
             mouse_call = re.fullmatch(r"mouse\s*\((.*)\)", part, re.IGNORECASE | re.DOTALL)
@@ -70,11 +133,10 @@ def parse_action_script(script: str, keyboard_keys, max_rows: int | None = None)
             else:
                 hint = ("; hold several keys with '+', e.g. " + "+".join(part.upper())
                         if len(part) > 1 and all(c in keys for c in part.upper()) else "")
-                raise bad(f"{part!r} is not a key of KEYBOARD_KEYS ({', '.join(keys)}), 'idle' or "
+                raise bad(f"{part[:40]!r} is not a key of KEYBOARD_KEYS ({', '.join(keys)}), 'idle' or "
                           f"mouse(pitch,yaw){hint}")
-        keyboard += [row] * count
-        mouse += [motion or (0.0, 0.0)] * count
-    return torch.from_numpy(np.stack(keyboard)), torch.tensor(mouse, dtype=torch.float32)
+        terms.append(ActionTerm(tuple(row), motion or (0.0, 0.0), count))
+    return ActionScript(tuple(terms), tuple(keys))
 
 
 def _script_terms(script: str):

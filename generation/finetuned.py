@@ -10,6 +10,7 @@ import torch
 from generation.errors import GenerationError
 from wan.config import WanConfig
 from wan.files import save_safetensors_atomic
+from wan.fingerprint import FINGERPRINT_KEY, model_fingerprint
 from wan.loading import (CheckpointError, checkpoint_keyboard_dim, find_config_file, load_base_model,
                          open_safetensors)
 from wan.lora import LoRAConfig, add_lora, is_adapter_name, merge_lora
@@ -45,7 +46,8 @@ def model_keys(width: int, keyboard_keys, where: str) -> tuple:
                        f"({', '.join(keys)}); set --KEYBOARD_KEYS to the keys it was trained with")
 
 
-def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.dtype) -> LoadedModel:
+def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.dtype,
+               ignore_base_fingerprint: bool = False) -> LoadedModel:
     """The base model, with a fine-tuned checkpoint (empty: none) applied.
 
     A full file (the training script's final file: every tensor of the model) is loaded
@@ -54,6 +56,9 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
     model's with the same shape. A LoRA file (every file of a "lora" run) is applied the
     same way over the base model with its adapters, which are then merged: the model
     returned is a plain WanModel. The checkpoint's keyboard width decides the model's.
+    A file applied over the base model must have been trained over that base (its recorded
+    fingerprint, wan/fingerprint.py), unless ignore_base_fingerprint; every tensor read
+    must be finite, and so must every merged weight.
     """
     base_dir = Path(base_model_dir)
     if not checkpoint:
@@ -104,6 +109,8 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
                               f"({len(lines)} problem(s)):\n  " + "\n  ".join(lines[:20])
                               + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))
 
+    if not full and not ignore_base_fingerprint:
+        check_base_fingerprint(path, metadata, base_dir)
     try:
         with open_safetensors(path, CHECKPOINT_HINT) as f:
             # adapters stay float32 until merged: a bf16 B A would round a small update away
@@ -113,6 +120,7 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
         raise
     except Exception as error:  # a header that promises more bytes than the file has
         raise CheckpointError(f"{path}: cannot read its tensors ({error}); {CHECKPOINT_HINT}") from error
+    check_finite(state, str(path), "the file is damaged, or it was saved from a run that diverged")
     details = ", ".join(f"{k} {metadata[k]}" for k in ("strategy", "epoch", "weights") if k in metadata)
     if full:
         model.load_state_dict(state, strict=True, assign=True)
@@ -131,7 +139,11 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
             for name, tensor in state.items():
                 params[name].copy_(tensor)
         if lora is not None:
-            merge_lora(model, dtype)
+            try:
+                merge_lora(model, dtype)
+            except ValueError as error:
+                raise CheckpointError(f"{path}: {error} (LoRA alpha {lora.alpha:g}, rank {lora.rank}): its adapters "
+                                      "do not give a usable model, and nothing was written") from None
             description = (f"{base_dir} + LoRA rank {lora.rank} on {len(adapters) // 2} layers (merged) and "
                            f"{len(state) - len(adapters)} fully trained tensors from {path}"
                            + (f" ({details})" if details else ""))
@@ -141,10 +153,35 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
     return LoadedModel(model.eval().requires_grad_(False), keys, description + f"; keyboard {', '.join(keys)}")
 
 
-def merge_lora_file(base_model_dir, lora_file, out_path) -> Path:
+def check_base_fingerprint(path: Path, metadata: dict, base_dir: Path) -> None:
+    """A file trained over another base model than base_dir's (by the fingerprint the trainer
+    recorded; files from before it recorded one are taken as they are) is refused."""
+    recorded = metadata.get(FINGERPRINT_KEY)
+    if recorded is None:
+        return
+    found = model_fingerprint(base_dir)
+    if found != recorded:
+        raise CheckpointError(
+            f"{path} was trained over a base model whose weights differ from those in {base_dir} (fingerprint "
+            f"{recorded} recorded in the file, {found} here): applied over another base it gives a broken model. "
+            f"Point BASE_MODEL_DIR (play_world.py: MODEL_DIR) at the base it was trained on; if this folder holds "
+            "the same weights in another form (another dtype, re-saved), set IGNORE_BASE_FINGERPRINT=true")
+
+
+def check_finite(tensors: dict, where: str, why: str) -> None:
+    """Every tensor finite, or an error naming the first ones that are not."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in tensors.items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        listed = ", ".join(f"{name} ({count:,})" for name, count in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold non-finite values (NaN or inf): {listed}; {why}")
+
+
+def merge_lora_file(base_model_dir, lora_file, out_path, ignore_base_fingerprint: bool = False) -> Path:
     """Write lora_file (a "lora" run's file) merged into the base model as a full state dict
     in float32, which loads strictly like the official checkpoint (its keyboard keys from
-    the file's metadata). Returns out_path."""
+    the file's metadata). Returns out_path. A file trained over another base, or whose
+    merge is not finite, is refused and nothing is written."""
     path = Path(lora_file)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a \"lora\" run writes {FINAL_FILE} and epoch files)")
@@ -154,7 +191,7 @@ def merge_lora_file(base_model_dir, lora_file, out_path) -> Path:
         raise CheckpointError(f"{path} is not a LoRA file (its contents: {metadata.get('contents', 'not recorded')!r}); "
                               "only the files of a TRAINING_STRATEGY=\"lora\" run need merging")
     keys = tuple(k for k in metadata.get("keyboard_keys", "").split(",") if k)
-    loaded = load_model(base_model_dir, path, keys, torch.device("cpu"), torch.float32)
+    loaded = load_model(base_model_dir, path, keys, torch.device("cpu"), torch.float32, ignore_base_fingerprint)
     return save_safetensors_atomic(loaded.model.state_dict(), out_path,
                                    {**metadata, "contents": FULL_CONTENTS, "merged_from": path.name})
 

@@ -39,38 +39,51 @@ class PlayModel:
     description: str
 
 
-def load_play_model(model_dir, checkpoint: str, mode: str, keyboard_keys, device,
-                    dtype: torch.dtype) -> PlayModel:
-    """Load MODEL_DIR (and CHECKPOINT over a bidirectional one) as a streaming model, in
-    eval mode without gradients. keyboard_keys: the columns' names; empty: the file's own
-    (our checkpoints record them), else MODE's for a student, the base model's for a
-    bidirectional model."""
+def _folder_config(model_dir, mode: str) -> tuple[Path, WanConfig, str]:
+    """MODEL_DIR, its config (its own, else MODE's for a folder without one) and where it came from."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise CheckpointError(f"MODEL_DIR={folder} is not a folder: {STREAMING_HINT}")
-    keys = tuple(str(k).upper() for k in keyboard_keys)
     configs = [p for p in folder.glob("*.json") if not p.name.endswith(".index.json")]
     if configs:
-        config, source = WanConfig.from_json(find_config_file(folder, STREAMING_HINT)), "its config"
-    else:
-        config, source = distilled_config(mode), f"MODE={mode}'s config ({DISTILLED_CONFIG_PATHS[mode].name})"
+        return folder, WanConfig.from_json(find_config_file(folder, STREAMING_HINT)), "its config"
+    return folder, distilled_config(mode), f"MODE={mode}'s config ({DISTILLED_CONFIG_PATHS[mode].name})"
+
+
+def play_model_keys(model_dir, checkpoint: str, mode: str, keyboard_keys) -> tuple[str, ...]:
+    """The keyboard columns load_play_model names, from the config and the files' headers
+    only, so that an action script is checked before any weights are read. (A
+    bidirectional model may then keep W, S, A, D out of a longer KEYBOARD_KEYS: see
+    generation.finetuned.model_keys.)"""
+    folder, config, _ = _folder_config(model_dir, mode)
+    keys = tuple(str(k).upper() for k in keyboard_keys)
+    if config.windowed:
+        return _student_keys(keys or _recorded_keys(folder), mode, config.action_config.keyboard_dim_in, folder)
+    return keys or (_recorded_keys(Path(checkpoint)) if checkpoint else ()) or BASE_MODEL_KEYS
+
+
+def load_play_model(model_dir, checkpoint: str, mode: str, keyboard_keys, device,
+                    dtype: torch.dtype, ignore_base_fingerprint: bool = False) -> PlayModel:
+    """Load MODEL_DIR (and CHECKPOINT over a bidirectional one) as a streaming model, in
+    eval mode without gradients. keyboard_keys: the columns' names; empty: the file's own
+    (our checkpoints record them), else MODE's for a student, the base model's for a
+    bidirectional model. ignore_base_fingerprint: apply CHECKPOINT even over a base model
+    other than the one it was trained on (generation.finetuned.load_model)."""
+    folder, config, source = _folder_config(model_dir, mode)
+    keys = play_model_keys(folder, checkpoint, mode, keyboard_keys)
 
     if config.windowed:
         if checkpoint:
             raise GenerationError(f"CHECKPOINT={checkpoint} is a fine-tuned file to apply over a base model, but "
                                   f"MODEL_DIR={folder} holds a streaming model; leave CHECKPOINT empty")
         model = load_streaming_model(folder, config, device, dtype)
-        width = config.action_config.keyboard_dim_in
-        keys = _student_keys(keys or _recorded_keys(folder), mode, width, folder)
         description = (f"streaming model {folder} ({source}; window {config.local_attn_size} latent frames, "
                        f"keyboard {', '.join(keys)}, {'with' if config.action_config.enable_mouse else 'no'} mouse)")
         return PlayModel(model.eval().requires_grad_(False), keys, True, description)
 
     window = distilled_config(mode)
-    if not keys:  # the fine-tuned file's own, else the base model's
-        keys = (_recorded_keys(Path(checkpoint)) if checkpoint else ()) or BASE_MODEL_KEYS
     try:
-        loaded = load_model(folder, checkpoint, keys, device, dtype)
+        loaded = load_model(folder, checkpoint, keys, device, dtype, ignore_base_fingerprint)
     except CheckpointError as error:
         raise CheckpointError(f"{error}\n(MODEL_DIR={folder} has a config without a streaming window, so it was "
                               f"read as a bidirectional base model; if it holds an official student, its "

@@ -5,18 +5,38 @@ LoRA alpha and merges, a base model's fingerprint, stale temp files of a killed 
 run, edited distillation and fine-tuning states, and the settings checks that must come
 before any long work."""
 
+import fcntl
 import http.client
 import json
+import os
+import re
+import shutil
 import socket
 import struct
-import threading
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-from play.server import PlayServer, host_name, is_loopback
+import convert_unreal_data as data
+import distill_streaming_model as ds
+import finetune_base_model as fb
+import generate_preview as gp
+import play_world
+from cli.settings import SETTING_RULES
+from generation.action_scripts import ActionScriptError, read_action_script
+from generation.finetuned import LORA_CONTENTS, load_model, merge_lora_file
+from play.server import host_name, is_loopback
 from play_helpers import served_player, wait_for
+from wan.config import WanConfig
+from wan.fingerprint import FINGERPRINT_KEY, model_fingerprint
+from wan.loading import CheckpointError
+from wan.lora import LoRAConfig, add_lora
+from wan.model import WanModel
 
 
 # ----------------------------------------------------------------------------- the play server
@@ -171,3 +191,210 @@ def test_a_client_that_resets_its_connection_ends_quietly(capfd):
         assert request(server, "GET", "/status")[0] == 200
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Error" not in err, err[-2000:]
+
+
+# ----------------------------------------------------------------------------- huge lengths
+
+SIZE_WORDS = re.compile(r"LENGTH|SIZE|FRAMES|FRAME\b|STEPS|BLOCKS|RANK|HEIGHT|WIDTH|CLIPS|SAMPLES|LATENTS|LAYERS|"
+                        r"WORKERS|EPOCHS|SIGMAS|STRIDE|EVERY|PORT|KEYS|TARGETS|_GB|SEED")
+
+
+def size_settings() -> list:
+    """(name, default) of every setting of the five scripts that is a whole number, a list or
+    an optional number, or a number whose name says it is a size, length or count."""
+    found = {}
+    for script in (data, fb, gp, ds, play_world):
+        for name, value in script.SETTINGS.defaults.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (number and (isinstance(value, int) or SIZE_WORDS.search(name))) or isinstance(value, tuple) \
+                    or value is None:
+                found.setdefault(name, pytest.param(name, value, id=f"{script.__name__}:{name}"))
+    return list(found.values())
+
+
+@pytest.mark.parametrize("name, default", size_settings())
+def test_every_size_length_and_count_setting_has_a_bound(name, default):
+    rule = SETTING_RULES.get(name)
+    assert rule is not None, f"{name} has no rule in cli/settings.py SETTING_RULES: give it a bound"
+    if isinstance(default, tuple):
+        element = default[0] if default else 1000
+        assert rule(tuple([element] * 10_000)), f"{name}: a list of 10,000 entries is not refused"
+    else:
+        assert rule(10**12), f"{name}: 10**12 is not refused"
+        assert rule(default) is None, f"{name}: its own default {default!r} is refused"
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("play_world", ["--headless", "--ACTIONS=W*9", "--NUM_BLOCKS=1000000000"],
+     "NUM_BLOCKS=1000000000: must be at most 7,500"),
+    ("play_world", ["--headless", "--ACTIONS=W*9", "--NUM_BLOCKS=100000000000000000000"], "must be at most 7,500"),
+    ("play_world", ["--headless", "--ACTIONS=W*9", "--NUM_BLOCKS=1e20"], "NUM_BLOCKS is an int"),
+    ("generate_preview", ["--NUM_FRAMES=4000000001", "--ACTIONS=W*4000000001"],
+     "NUM_FRAMES has 4,000,000,001 frames; at most 1,025"),
+    ("finetune_base_model", ["--SEQUENCE_LENGTH=4000000001"], "SEQUENCE_LENGTH has 4,000,000,001 frames"),
+    ("finetune_base_model", ["--SEED=100000000000000000000"], "SEED=100000000000000000000: must be at most"),
+    ("distill_streaming_model", ["--STREAM_MAX_LATENTS=1000000"], "STREAM_MAX_LATENTS=1000000: must be at most 257"),
+    ("distill_streaming_model", ["--DENOISING_STEPS=" + ",".join(map(str, range(1000, 0, -1)))],
+     "DENOISING_STEPS has 1,000 steps; at most 50"),
+])
+def test_huge_lengths_are_refused_by_name_before_anything_is_allocated(script, argv, message, capsys):
+    module = {"play_world": play_world, "generate_preview": gp, "finetune_base_model": fb,
+              "distill_streaming_model": ds}[script]
+    assert module.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_the_parser_refuses_a_repeat_count_beyond_its_bound_before_making_a_row():
+    with pytest.raises(ActionScriptError, match=r"term 2 'W\*4000000001' \(column 5\): the script already gives "
+                                                r"4,000,000,010 rows here, more than the 90,000 frames of an hour"):
+        read_action_script("A*9 W*4000000001", "WSAD")  # the default bound: an hour at 25 fps
+    script = read_action_script("W*90000", "WSAD")
+    chunks = script.chunks([9] + [12] * 3)
+    assert [len(next(chunks)[0]) for _ in range(4)] == [9, 12, 12, 12]  # a block at a time, not 90,000 rows
+
+
+def _script_paths(tiny_assets) -> list[str]:
+    return [f"--MODEL_DIR={tiny_assets['BASE_MODEL_DIR']}", f"--VAE_PATH={tiny_assets['VAE_PATH']}",
+            f"--CLIP_PATH={tiny_assets['CLIP_PATH']}", f"--RECORDING={tiny_assets['DATA_DIR']}",
+            f"--VIDEO_HEIGHT={tiny_assets['VIDEO_HEIGHT']}", f"--VIDEO_WIDTH={tiny_assets['VIDEO_WIDTH']}",
+            "--DEVICE=cpu"]
+
+
+def never(*args, **kwargs):
+    raise AssertionError("the model was loaded before the actions were checked")
+
+
+@pytest.mark.parametrize("actions, message", [
+    ("W*9 jump*3", "term 2 'jump*3' (column 5): 'jump' is not a key of KEYBOARD_KEYS (W, S, A, D)"),
+    ("W*4000000001", "more than the 90,000 frames of an hour at 25 fps"),
+    ("W*40", "more than the 21 frames NUM_BLOCKS=2 shows"),
+])
+def test_an_action_script_problem_is_reported_before_the_model_loads(tiny_assets, tmp_path, monkeypatch, capsys,
+                                                                     actions, message):
+    monkeypatch.setattr(play_world, "load_model", never)
+    monkeypatch.setattr(gp, "load_model", never)
+    monkeypatch.setattr(gp, "load_encoders", never)
+    blocks = ["--NUM_BLOCKS=2"] if "21 frames" in message else []
+    assert play_world.main(["--headless", *_script_paths(tiny_assets), f"--ACTIONS={actions}", *blocks,
+                            f"--OUTPUT={tmp_path / 'x.mp4'}"]) == 1
+    assert message in capsys.readouterr().err
+    if "jump" in actions:
+        assert gp.main([f"--BASE_MODEL_DIR={tiny_assets['BASE_MODEL_DIR']}", f"--ACTIONS={actions}",
+                        "--NUM_FRAMES=13", f"--FIRST_FRAME={tiny_assets['DATA_DIR']}/frame_0001.png"]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_a_killed_headless_runs_temp_file_is_removed_by_the_next_run(tiny_assets, tmp_path, capsys):
+    output = tmp_path / "out" / "play.mp4"
+    output.parent.mkdir()
+    # what write_atomic leaves when the process is killed mid-write
+    fd, stale = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    other = output.parent / ".other.mp4.abcdefgh.tmp"  # another output's: not this run's to judge
+    other.write_bytes(b"half")
+    fd, live = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a run writing the same OUTPUT right now
+    try:
+        code = play_world.main(["--headless", *_script_paths(tiny_assets), "--ACTIONS=W*9", f"--OUTPUT={output}"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert f"removed 1 unfinished temporary file(s) of play.mp4 left by an interrupted run: {Path(stale).name}" in out
+        assert sorted(p.name for p in output.parent.iterdir()) == sorted([output.name, other.name, Path(live).name])
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- LoRA files and their base
+
+def write_lora_file(tiny_assets, path: Path, alpha: str = "4.0", value: float | None = None, **metadata) -> Path:
+    """A LoRA file of rank 2 on the blocks' self-attention over the tiny base, its adapters
+    random (or all `value`), recording the base's fingerprint and `alpha` as its lora_alpha."""
+    base = tiny_assets["BASE_MODEL_DIR"]
+    with torch.device("meta"):
+        model = WanModel(WanConfig.from_json(Path(base) / "config.json"))
+    names = add_lora(model, LoRAConfig(2, 1.0, ("self_attn",)))
+    shapes = {n: t.shape for n, t in model.state_dict().items() if n in names}
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.full(s, value) if value is not None else torch.randn(s, generator=g) * 0.01
+               for n, s in shapes.items()}
+    meta = {**LoRAConfig(2, 1.0, ("self_attn",)).metadata(), "lora_alpha": alpha, "contents": LORA_CONTENTS,
+            "keyboard_keys": ",".join(tiny_assets["KEYBOARD_KEYS"]), FINGERPRINT_KEY: model_fingerprint(base),
+            **metadata}
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf", "0.0", "-2.0"])
+def test_a_lora_alpha_that_is_not_finite_and_positive_is_refused_when_the_file_is_read(tiny_assets, tmp_path, alpha):
+    lora = write_lora_file(tiny_assets, tmp_path / "lora.safetensors", alpha)
+    merged = tmp_path / "merged.safetensors"
+    with pytest.raises(CheckpointError, match=rf"{lora}: its LoRA metadata .* \(LoRA alpha {alpha}: must be a "
+                                              "finite positive number"):
+        merge_lora_file(tiny_assets["BASE_MODEL_DIR"], lora, merged)
+    assert not merged.exists()
+    with pytest.raises(CheckpointError, match="must be a finite positive number"):
+        load_model(tiny_assets["BASE_MODEL_DIR"], lora, tiny_assets["KEYBOARD_KEYS"], "cpu", torch.float32)
+
+
+def test_a_merge_with_non_finite_values_is_refused_and_nothing_is_written(tiny_assets, tmp_path):
+    lora = write_lora_file(tiny_assets, tmp_path / "huge.safetensors", value=1e30)  # B A overflows float32
+    merged = tmp_path / "merged.safetensors"
+    with pytest.raises(CheckpointError, match=r"huge.safetensors: merging the adapter of blocks.0.self_attn.q gives "
+                                              r"[\d,]+ non-finite values \(NaN or inf\) \(LoRA alpha 4, rank 2\)"):
+        merge_lora_file(tiny_assets["BASE_MODEL_DIR"], lora, merged)
+    assert not merged.exists() and list(tmp_path.iterdir()) == [lora]
+    nan = write_lora_file(tiny_assets, tmp_path / "nan.safetensors", value=float("nan"))
+    with pytest.raises(CheckpointError, match=r"nan.safetensors: \d+ tensor\(s\) hold non-finite values \(NaN or "
+                                              r"inf\): blocks.0.self_attn.q.lora_down.weight \(\d+\)"):
+        merge_lora_file(tiny_assets["BASE_MODEL_DIR"], nan, merged)
+    assert not merged.exists()
+
+
+def copy_base(tiny_assets, folder: Path, change=None, dtype=None) -> Path:
+    """The tiny base model folder copied, its first tensor changed by change(t), or every
+    tensor stored in dtype."""
+    shutil.copytree(tiny_assets["BASE_MODEL_DIR"], folder)
+    weights = next(folder.glob("*.safetensors"))
+    tensors = load_file(weights)
+    if change is not None:
+        name = sorted(tensors)[0]
+        tensors[name] = change(tensors[name].clone())
+    if dtype is not None:
+        tensors = {n: t.to(dtype) for n, t in tensors.items()}
+    save_file(tensors, weights)
+    return folder
+
+
+def with_element(tensor: torch.Tensor, index: int, value: float) -> torch.Tensor:
+    flat = tensor.flatten()
+    flat[index] = value
+    return flat.view(tensor.shape)
+
+
+def test_the_fingerprint_tells_bases_apart_from_a_few_bytes_each(tiny_assets, tmp_path):
+    base = tiny_assets["BASE_MODEL_DIR"]
+    same = copy_base(tiny_assets, tmp_path / "same")
+    first = copy_base(tiny_assets, tmp_path / "first", change=lambda t: with_element(t, 0, 7.0))
+    last = copy_base(tiny_assets, tmp_path / "last", change=lambda t: with_element(t, -1, 7.0))
+    half = copy_base(tiny_assets, tmp_path / "bf16", dtype=torch.bfloat16)
+    prints = [model_fingerprint(folder) for folder in (base, same, first, last, half)]
+    assert prints[0] == prints[1] and len(set(prints)) == 4 and all(len(p) == 16 for p in prints)
+
+
+def test_a_file_trained_over_another_base_is_refused_unless_overridden(tiny_assets, tmp_path):
+    lora = write_lora_file(tiny_assets, tmp_path / "lora.safetensors")
+    other = copy_base(tiny_assets, tmp_path / "other_base", change=lambda t: t + 0.01)  # another fine-tune, say
+    merged = tmp_path / "merged.safetensors"
+    with pytest.raises(CheckpointError, match=rf"{lora} was trained over a base model whose weights differ from "
+                                              rf"those in {other} \(fingerprint [0-9a-f]{{16}} recorded in the file, "
+                                              r"[0-9a-f]{16} here\).*set IGNORE_BASE_FINGERPRINT=true"):
+        merge_lora_file(other, lora, merged)
+    assert not merged.exists()
+    with pytest.raises(CheckpointError, match="was trained over a base model whose weights differ"):
+        load_model(other, lora, tiny_assets["KEYBOARD_KEYS"], "cpu", torch.float32)
+    assert merge_lora_file(other, lora, merged, ignore_base_fingerprint=True).is_file()
+    loaded = load_model(tiny_assets["BASE_MODEL_DIR"], lora, tiny_assets["KEYBOARD_KEYS"], "cpu", torch.float32)
+    assert "LoRA rank 2" in loaded.description  # over its own base: taken
+    for script in (fb, gp, ds, play_world):  # every script that applies a file over a base can override
+        assert "IGNORE_BASE_FINGERPRINT" in script.SETTINGS.names

@@ -16,6 +16,7 @@ from runs.errors import TrainingError
 from training.flow_matching import prepare_trainable
 from wan.config import WanConfig
 from wan.loading import CheckpointError
+from wan.fingerprint import FINGERPRINT_KEY, model_fingerprint
 from wan.lora import LoRAConfig, LoRALinear, add_lora, is_adapter_name, merge_lora
 from wan.model import WanModel, random_inputs
 
@@ -121,6 +122,7 @@ def test_a_lora_run_writes_small_files_of_adapters_and_action_modules(lora_run):
         meta = f.metadata()
     assert meta["contents"] == finetuned.LORA_CONTENTS and meta["strategy"] == "lora" and meta["weights"] == "ema"
     assert (meta["lora_rank"], float(meta["lora_alpha"])) == ("4", 8.0)
+    assert meta[FINGERPRINT_KEY] == model_fingerprint(lora_run["BASE_MODEL_DIR"])  # the base it was trained over
     assert "4-rank LoRA on self_attn.q" in (out / fb.INFO_FILE).read_text()
 
 

@@ -18,7 +18,8 @@ from safetensors import safe_open
 import play_world
 from generation.errors import GenerationError
 from play.controls import STEER_TURN, controls_for
-from play.headless import blocks_covering, blocks_within, fit_rows, stream_frames
+from generation.action_scripts import read_action_script
+from play.headless import blocks_covering, blocks_within, fit_rows, script_blocks, sequence_blocks, stream_frames
 from play.model import load_play_model
 from play.session import InputError, InputSession
 from play_helpers import KEYS, served_player, tiny_stream, wait_for
@@ -139,14 +140,26 @@ def test_headless_blocks_stream_into_an_mp4_with_the_right_frame_count(tmp_path)
     mouse = torch.zeros(rows, 2)
     mouse[9:, 1] = 0.1
     per_block = []
-    frames = stream_frames(generator, keyboard, mouse, KEYS, blocks,
+    frames = stream_frames(generator, sequence_blocks(keyboard, mouse, blocks, 3), KEYS, blocks,
                            on_block=lambda index, seconds, count: per_block.append(count))
     path, count = write_video_stream(tmp_path / "play.mp4", frames)
     assert per_block == [9, 12, 12]  # 1 + 4(P - 1) for the first block, 4P after
     assert count == rows == 33 and _frames_in(path) == 33
     assert generator.block_index == blocks
     with pytest.raises(ValueError, match="3 blocks take 33 action rows, got 32"):
-        next(stream_frames(generator, keyboard[:32], mouse[:32], KEYS, blocks))
+        next(stream_frames(generator, sequence_blocks(keyboard[:32], mouse[:32], blocks, 3), KEYS, blocks))
+
+
+def test_a_script_streams_block_by_block_the_rows_it_expands_to():
+    script = read_action_script("W*10 D+mouse(0,0.1)*4 idle*3", KEYS)
+    keyboard, mouse = script.tensors()
+    assert script.rows == 17 and script.uses_mouse
+    blocks = list(script_blocks(script, 3, 3))
+    assert [len(k) for k, _ in blocks] == [9, 12, 12]
+    streamed_keyboard, streamed_mouse = (torch.cat([b[i] for b in blocks]) for i in (0, 1))
+    assert torch.equal(streamed_keyboard[:17], keyboard) and torch.equal(streamed_mouse[:17], mouse)
+    assert torch.equal(streamed_keyboard[17:], keyboard[-1:].expand(16, -1))  # the last row held
+    assert all(m is None for _, m in script_blocks(script, 2, 3, mouse=False))
 
 
 def test_the_stream_writer_never_holds_all_frames_and_leaves_nothing_on_failure(tmp_path):

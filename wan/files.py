@@ -10,6 +10,7 @@ process that holds it (a kill -9 never leaves a stale lock).
 import datetime
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -24,7 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 LOCK_NAME = ".lock"
-TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # what write_atomic's temp files are named
+TEMP_SUFFIX = r"[A-Za-z0-9_]{8}\.tmp"  # what mkstemp adds to write_atomic's ".NAME."
+TEMP_FILE = re.compile(r"\..+\." + TEMP_SUFFIX)  # what write_atomic's temp files are named
 OUT_OF_SPACE_WORDS = ("no space left", "storagefull", "file write failed", "disk quota")
 
 
@@ -42,8 +44,10 @@ def write_atomic(path, write: Callable[[str], None], size_hint: int | None = Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        # Held while the file is written: remove_stale_temp_files leaves a locked one alone
+        # (another process is writing it), whoever calls it, whatever else locks the folder.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make it private; a normal file's mode
         with open(tmp, "rb+") as f:
@@ -55,6 +59,8 @@ def write_atomic(path, write: Callable[[str], None], size_hint: int | None = Non
         if _out_of_space(error, path.parent, size_hint):
             raise DiskFullError(errno.ENOSPC, _disk_full_message(path, size_hint)) from error
         raise
+    finally:
+        os.close(fd)
     _fsync_directory(path.parent)
     return path
 
@@ -201,13 +207,43 @@ class FolderLock:
         self.release()
 
 
-def remove_stale_temp_files(folder) -> list[Path]:
+def remove_stale_temp_files(folder, name: str | None = None) -> list[Path]:
     """Delete the temp files write_atomic leaves when killed mid-write, in folder and its
-    subfolders. Only call this while holding the folder's lock: then none is in use."""
+    subfolders - or, given a file's name, only that file's in folder itself (a script's
+    output beside other files). A temp file another process is still writing is locked
+    (write_atomic), and kept."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.rglob(".*.tmp") if p.is_file() and TEMP_FILE.fullmatch(p.name)]
-    for path in stale:
-        path.unlink(missing_ok=True)
+    if name is None:
+        found = [p for p in folder.rglob(".*.tmp") if TEMP_FILE.fullmatch(p.name)]
+    else:
+        own = re.compile(re.escape(f".{name}.") + TEMP_SUFFIX)
+        found = [p for p in folder.glob(f".{glob.escape(name)}.*.tmp") if own.fullmatch(p.name)]
+    return [path for path in found if path.is_file() and _remove_unless_locked(path)]
+
+
+def remove_stale_temps_of(path, log=print) -> list[Path]:
+    """The temp files a killed write of this one file left beside it, removed and said."""
+    path = Path(path)
+    stale = remove_stale_temp_files(path.parent, path.name)
+    if stale:
+        log(f"removed {len(stale)} unfinished temporary file(s) of {path.name} left by an interrupted run: "
+            f"{', '.join(p.name for p in stale[:5])}" + (" ..." if len(stale) > 5 else ""))
     return stale
+
+
+def _remove_unless_locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # gone already (its writer finished)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)

@@ -57,6 +57,10 @@ class LoRAConfig:
                              f"or the layers {', '.join(TARGET_LAYERS)}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank {self.rank!r}: must be a whole number >= 1")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha {self.alpha!r}: must be a finite positive number (the adapters' update "
+                             "is scaled by alpha / rank)")
 
     def metadata(self) -> dict:
         """What a weights file records so that its adapters can be rebuilt (strings, for safetensors)."""
@@ -145,14 +149,19 @@ def add_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]:
 @torch.no_grad()
 def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Fold every adapter into its layer (in place): plain nn.Linear layers with the official
-    names again, each merged weight in dtype (the bias keeps its own). Returns the model."""
+    names again, each merged weight in dtype (the bias keeps its own). Returns the model. A
+    merged weight that is not finite raises ValueError naming its layer."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):
             continue
         parent_name, _, attribute = name.rpartition(".")
+        merged = module.merged_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging the adapter of {name} gives {int((~torch.isfinite(merged)).sum()):,} "
+                             "non-finite values (NaN or inf)")
         with torch.device("meta"):
             plain = nn.Linear(module.in_features, module.out_features, module.bias is not None)
-        plain.weight = nn.Parameter(module.merged_weight().to(dtype), requires_grad=False)
+        plain.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
         plain.bias = module.bias
         plain.train(module.training)
         setattr(model.get_submodule(parent_name), attribute, plain)
