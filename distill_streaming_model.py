@@ -64,6 +64,8 @@ from latents.cache import CACHE_DTYPES, CacheError
 from planning.distill import plan_distillation
 from runs.errors import TrainingError
 from runs.folder import RunFolder
+from runs.saved_state import (MAX_SAVED_STEPS, absent_or_none, check_saved_state, list_of, nullable, of_type,
+                              optimizer_state_for, schedule_state, step_within_schedule, tensors_like, whole_number)
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training import diffusion_forcing as df
 from training.data import prepare_data
@@ -83,10 +85,11 @@ from training.schedule import LRSchedule, apply_learning_rate
 from training.streaming_validation import prepare_validation, validate_student
 from wan.causal import CausalWanModel, causal_from
 from wan.clip import read_clip_file
-from wan.config import FRAMES_PER_BLOCK
+from wan.config import FRAMES_PER_BLOCK, WanConfig
 from wan.device import pick_device, run_dtype
 from wan.files import check_output_folder
-from wan.loading import CheckpointError, inspect_base_model, load_streaming_model, save_streaming_model
+from wan.loading import (STREAMING_HINT, CheckpointError, find_config_file, inspect_base_model, load_streaming_model,
+                         save_streaming_model)
 from wan.shapes import latent_frame_count, video_frame_count
 from wan.vae import load_vae, read_vae_file
 
@@ -98,7 +101,7 @@ BASE_MODEL_DIR = "models/base_model"     # the base model folder the fine-tuning
 CHECKPOINT = "checkpoints/base_finetuned_final.safetensors"  # your fine-tuned file over it ("": the base alone): the teacher
 IGNORE_BASE_FINGERPRINT = False          # True: apply CHECKPOINT over BASE_MODEL_DIR even if it is not the base it was trained on (e.g. a copy in another dtype)
 KEYBOARD_KEYS = data.KEYBOARD_KEYS       # the keyboard columns the fine-tuning used
-STUDENT_DIR = ""                         # the student's start, a streaming model folder (the previous stage's student/); "": the fine-tuned model itself
+STUDENT_DIR = ""                         # the student's start, a streaming model folder (the previous stage's student/) or a bidirectional one (run with this window); "": the fine-tuned model itself
 VAE_PATH = data.VAE_PATH                 # the Wan2.1 VAE (validation decodes; the cache encodes)
 CLIP_PATH = data.CLIP_PATH               # the CLIP image encoder (the cache)
 CHECKPOINT_DIR = "distill/causal_init"   # where this run writes everything (one run per folder)
@@ -305,9 +308,16 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
                          s["IGNORE_BASE_FINGERPRINT"])
     notes = [f"teacher: {teacher.description}"]
     if s["STUDENT_DIR"]:
-        student = load_streaming_model(s["STUDENT_DIR"], device=device)
+        config = WanConfig.from_json(find_config_file(Path(s["STUDENT_DIR"]), STREAMING_HINT))
+        bidirectional = not config.windowed
+        if bidirectional:
+            # A bidirectional model (a base or merged fine-tuned folder) starts a student as stage A's
+            # does: its weights in the block-causal architecture with the settings' window
+            # (DISTILL_SPEC 1 and 7.2: its config's -1 / 0 window must not override them).
+            config = config.with_window(s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"])
+        student = load_streaming_model(s["STUDENT_DIR"], config, device=device)
         config, width = student.config, teacher.model.config.action_config.keyboard_dim_in
-        if (config.local_attn_size, config.sink_size) != (s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"]):
+        if not bidirectional and (config.local_attn_size, config.sink_size) != (s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"]):
             raise TrainingError(f"STUDENT_DIR={s['STUDENT_DIR']} has a window of {config.local_attn_size} latent frames "
                                 f"with {config.sink_size} sink frames; set LOCAL_ATTN_SIZE={config.local_attn_size} "
                                 f"SINK_SIZE={config.sink_size} (or start from another student)")
@@ -315,7 +325,13 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
             raise TrainingError(f"STUDENT_DIR={s['STUDENT_DIR']} has a keyboard of "
                                 f"{config.action_config.keyboard_dim_in} columns, the teacher {width}: distil a "
                                 "student of the teacher's keys")
-        notes.append(f"student: {s['STUDENT_DIR']} (action modules in {len(config.action_config.blocks)} blocks)")
+        notes.append(f"student: {s['STUDENT_DIR']} (action modules in {len(config.action_config.blocks)} blocks)"
+                     + (f"; a bidirectional model, run block-causally with LOCAL_ATTN_SIZE={s['LOCAL_ATTN_SIZE']} "
+                        f"SINK_SIZE={s['SINK_SIZE']}" if bidirectional else ""))
+        if bidirectional and s["STAGE"] != "causal_init" and ranks.main:
+            print(f"warning: STUDENT_DIR={s['STUDENT_DIR']} holds a bidirectional model, never trained to make blocks "
+                  f"causally; stage {s['STAGE']} usually starts from stage A's student (STAGE=causal_init first)",
+                  file=sys.stderr)
     else:
         start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, torch.float32,
                            s["IGNORE_BASE_FINGERPRINT"]).model
@@ -350,6 +366,57 @@ def export_student(roles: Roles, tensors: dict, folder: Path, metadata: dict, ma
         model = CausalWanModel(roles.student.config, roles.student.frames_per_block)
     model.load_state_dict(tensors, strict=True, assign=True)
     save_streaming_model(model, folder, metadata={k: str(v) for k, v in metadata.items()})
+
+
+# -----------------------------------------------------------------------------
+# Resuming
+
+def saved_state_fields(roles: Roles) -> dict:
+    """What this stage's saved state must hold to be continued (runs/saved_state.py)."""
+    critic = roles.critic is not None
+    return {
+        "train_clips": list_of(str, "the training clips' ids"),
+        "train_actions": of_type(str, "a digest of the training clips' actions"),
+        "student": tensors_like(roles.student_trainable, "the student's trained tensors"),
+        "student_optimizer": optimizer_state_for(roles.student_trainable, "the student's optimizer state"),
+        "critic": tensors_like(roles.critic_trainable, "the critic's tensors") if critic
+        else absent_or_none("stage A has no critic"),
+        "critic_optimizer": optimizer_state_for(roles.critic_trainable, "the critic's optimizer state") if critic
+        else absent_or_none("stage A has no critic"),
+        "ema": nullable(tensors_like(roles.student_trainable, "the student's EMA weights")),
+        "ema_updates": whole_number(0, MAX_SAVED_STEPS),
+        "schedule": schedule_state(LRSchedule),
+    }
+
+
+def ema_within_steps(state: dict) -> str | None:
+    if state["ema_updates"] > state["global_step"]:
+        return f"ema_updates: {state['ema_updates']:,}, more than the {state['global_step']:,} steps done (global_step)"
+    return None
+
+
+def restore(run: RunFolder, s: dict, split, roles: Roles, student_optimizer, critic_optimizer,
+            total_steps: int) -> tuple[int, list, EMA | None, int, LRSchedule]:
+    """Load the saved run into this one, after checking the state (its fields, shapes and
+    finiteness) and that it is the same run (clips and actions); the schedule re-planned
+    to total_steps. Returns (step, history, ema, ema updates, schedule)."""
+    saved = run.resumed
+    check_saved_state(saved, run.state_path, saved_state_fields(roles), (step_within_schedule, ema_within_steps))
+    if saved["train_clips"] != [c.clip_id for c in split.train] or saved["train_actions"] != actions_digest(split.train):
+        raise TrainingError(f"cannot resume {run.state_path}: the training clips or their actions differ from "
+                            "the saved run's (did the data, KEY_MAP or INVERT_MOUSE_Y change?)")
+    load_full_tensors(roles.student_trainable, saved["student"])
+    RECIPE.load_optimizer_state(roles.student, student_optimizer, saved["student_optimizer"])
+    if roles.critic is not None:
+        load_full_tensors(roles.critic_trainable, saved["critic"])
+        RECIPE.load_optimizer_state(roles.critic, critic_optimizer, saved["critic_optimizer"])
+    ema = None
+    if saved["ema"] is not None:
+        ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
+        load_full_tensors(ema.shadow, saved["ema"])
+    step = saved["global_step"]
+    schedule = LRSchedule(**saved["schedule"]).extended_to(total_steps, step)
+    return step, saved["history"], ema, saved["ema_updates"], schedule
 
 
 # -----------------------------------------------------------------------------
@@ -596,21 +663,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         # --- resume: the saved tensors, optimizers, EMA and place in the stream
         step, history, ema, ema_updates = 0, [], None, 0
         if run.resumed is not None:
-            saved = run.resumed
-            if saved["train_clips"] != [c.clip_id for c in prepared.split.train] or \
-                    saved["train_actions"] != actions_digest(prepared.split.train):
-                raise TrainingError(f"cannot resume {run.state_path}: the training clips or their actions differ from "
-                                    "the saved run's (did the data, KEY_MAP or INVERT_MOUSE_Y change?)")
-            load_full_tensors(roles.student_trainable, saved["student"])
-            RECIPE.load_optimizer_state(roles.student, student_optimizer, saved["student_optimizer"])
-            if roles.critic is not None:
-                load_full_tensors(roles.critic_trainable, saved["critic"])
-                RECIPE.load_optimizer_state(roles.critic, critic_optimizer, saved["critic_optimizer"])
-            if saved["ema"] is not None:
-                ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
-                load_full_tensors(ema.shadow, saved["ema"])
-            step, history, ema_updates = saved["global_step"], saved["history"], saved["ema_updates"]
-            schedule = LRSchedule(**saved["schedule"]).extended_to(total_steps, step)
+            step, history, ema, ema_updates, schedule = restore(run, s, prepared.split, roles, student_optimizer,
+                                                                critic_optimizer, total_steps)
             log(f"resumed {run.state_path}: step {step}, on {ranks.world} rank(s)")
         metrics = run.saved_metrics(step)
         exports = run.existing(f"{STUDENT_FOLDER}*")

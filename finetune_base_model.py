@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import convert_unreal_data as data
-from cli.settings import ScriptSettings, ShowHelp, check_choices, check_ranges, raise_for_problems
+from cli.settings import MAX_EPOCHS, ScriptSettings, ShowHelp, check_choices, check_ranges, raise_for_problems
 from demo_world.setup import DEMO_CONTROLS_NOTES, TRAINING_DEMO_SETTINGS, prepare_demo
 from generation.finetuned import FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE, TRAINED_CONTENTS, merge_lora_file
 from generation.previews import epoch_preview
@@ -42,6 +42,9 @@ from recordings.errors import DataError
 from recordings.report import check_data
 from runs.errors import TrainingError
 from runs.folder import RunFolder
+from runs.saved_state import (MAX_SAVED_STEPS, absent_or_none, check_saved_state, list_of, number_in, of_type,
+                              optimizer_state_for, optional, schedule_state, sequence, step_within_schedule,
+                              tensors_like, whole_number)
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training.controls import controls_learned, describe_controls
 from training.data import prepare_data
@@ -238,10 +241,34 @@ class Progress(NamedTuple):
         return cls(0, 0, 0, [], [0.0, 0])
 
 
+def saved_state_fields(split, trainable: dict, ema) -> dict:
+    """What this run's saved state must hold to be continued (runs/saved_state.py)."""
+    return {
+        "trainable_names": list_of(str, "the names of the trained tensors"),
+        "train_clips": list_of(str, "the training clips' ids"),
+        "train_actions": optional(of_type(str, "a digest of the training clips' actions")),
+        "val_actions": optional(of_type(str, "a digest of the validation clips' actions")),
+        "trainable": tensors_like(trainable, "the trained tensors"),
+        "optimizer": optimizer_state_for(trainable, "the optimizer's state"),
+        "ema": tensors_like(ema.shadow, "the EMA weights") if ema is not None else absent_or_none("no EMA"),
+        "schedule": optional(schedule_state(LRSchedule)),
+        "epoch": whole_number(0, MAX_EPOCHS),
+        "position": whole_number(0, len(split.train)),
+        "epoch_loss": sequence("this epoch's [loss sum, samples]", number_in(0, math.inf),
+                               whole_number(0, MAX_SAVED_STEPS)),
+    }
+
+
+def check_saved_state_fits(run: RunFolder, split, trainable: dict, ema) -> None:
+    """The saved state's structure, types, ranges, shapes and finiteness, before any of it is loaded."""
+    check_saved_state(run.resumed, run.state_path, saved_state_fields(split, trainable, ema), (step_within_schedule,))
+
+
 def restore(run: RunFolder, split, model, trainable: dict, optimizer, ema, schedule: LRSchedule,
             log) -> tuple[Progress, LRSchedule]:
     """Load the saved run into this one, after checking that it is the same run (same
     tensors, clips and actions), and re-plan the schedule if NUM_EPOCHS changed."""
+    check_saved_state_fits(run, split, trainable, ema)
     saved = run.resumed
     if saved["trainable_names"] != list(trainable) or saved["train_clips"] != [c.clip_id for c in split.train]:
         raise TrainingError(f"cannot resume {run.state_path}: its trainable tensors or training clips differ from "

@@ -17,6 +17,7 @@ import torch
 
 from runs.errors import TrainingError
 from runs.metrics import METRICS_COLUMNS, format_metrics_csv, read_metrics_csv
+from runs.saved_state import check_common_fields
 from wan.files import (FolderLock, check_output_folder, remove_stale_temp_files, save_safetensors_atomic,
                        torch_save_atomic, write_text_atomic)
 
@@ -44,6 +45,7 @@ def load_state(path: Path) -> dict:
     if not isinstance(state, dict) or "settings" not in state:
         raise TrainingError(f"{path} is not a training state written by this script (no settings in it); restore "
                             "the file or start a new run in another CHECKPOINT_DIR")
+    check_common_fields(state, path)  # the trainer checks the rest once its model is built
     return state
 
 
@@ -75,7 +77,11 @@ class RunFolder:
             self.close()
             raise TrainingError(f"{self.path} already holds a run ({STATE_FILE}); set --RESUME=true to continue it, "
                                 "or choose another CHECKPOINT_DIR (nothing was overwritten)")
-        self.resumed = load_state(self.state_path) if resume and self.state_path.exists() else None
+        try:
+            self.resumed = load_state(self.state_path) if resume and self.state_path.exists() else None
+        except TrainingError:
+            self.close()  # the folder is free again for the next try
+            raise
         if resume and self.resumed is None:
             log(f"RESUME is on but {self.state_path} does not exist: starting a new run")
         self.saved_step = self.resumed["global_step"] if self.resumed is not None else None

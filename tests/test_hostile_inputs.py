@@ -7,12 +7,14 @@ before any long work."""
 
 import fcntl
 import http.client
+import io
 import json
 import os
 import re
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -32,6 +34,8 @@ from generation.action_scripts import ActionScriptError, read_action_script
 from generation.finetuned import LORA_CONTENTS, load_model, merge_lora_file
 from play.server import host_name, is_loopback
 from play_helpers import served_player, wait_for
+from runs.errors import TrainingError
+from runs.folder import STATE_FILE
 from wan.config import WanConfig
 from wan.fingerprint import FINGERPRINT_KEY, model_fingerprint
 from wan.loading import CheckpointError
@@ -345,8 +349,9 @@ def test_a_merge_with_non_finite_values_is_refused_and_nothing_is_written(tiny_a
         merge_lora_file(tiny_assets["BASE_MODEL_DIR"], lora, merged)
     assert not merged.exists() and list(tmp_path.iterdir()) == [lora]
     nan = write_lora_file(tiny_assets, tmp_path / "nan.safetensors", value=float("nan"))
-    with pytest.raises(CheckpointError, match=r"nan.safetensors: \d+ tensor\(s\) hold non-finite values \(NaN or "
-                                              r"inf\): blocks.0.self_attn.q.lora_down.weight \(\d+\)"):
+    with pytest.raises(CheckpointError, match=r"nan.safetensors: 24 tensor\(s\) hold non-finite values \(NaN or "
+                                              r"inf\): blocks.0.self_attn.k.lora_down.weight \(128\), .*; the "
+                                              "file is damaged, or it was saved from a run that diverged"):
         merge_lora_file(tiny_assets["BASE_MODEL_DIR"], nan, merged)
     assert not merged.exists()
 
@@ -398,3 +403,131 @@ def test_a_file_trained_over_another_base_is_refused_unless_overridden(tiny_asse
     assert "LoRA rank 2" in loaded.description  # over its own base: taken
     for script in (fb, gp, ds, play_world):  # every script that applies a file over a base can override
         assert "IGNORE_BASE_FINGERPRINT" in script.SETTINGS.names
+
+
+# ----------------------------------------------------------------------------- saved states, and settings before work
+
+DISTILL_TINY = dict(SEQUENCE_LENGTH=21, CLIP_STRIDE=8, BATCH_SIZE=1, DF_STEPS=2, DF_LEARNING_RATE=1e-3,
+                    EMA_DECAY=0.5, EMA_START_STEP=0, VAL_EVERY_STEPS=100, VAL_CLIPS=1, VAL_SAMPLES=1,
+                    TEACHER_STEPS=2, VAL_PREVIEW=False, SAVE_EVERY_STEPS=1, LOG_EVERY_STEPS=1,
+                    MIXED_PRECISION="fp32", GRADIENT_CHECKPOINTING=False, NUM_WORKERS=0, DEVICE="cpu", CHECKPOINT="")
+
+
+@pytest.fixture(scope="module")
+def bidirectional_student_run(tiny_assets, tmp_path_factory):
+    """Stage A started from a bidirectional base-model folder as STUDENT_DIR (which used to
+    be refused with advice the range check refused too): (settings, summary, header)."""
+    root = tmp_path_factory.mktemp("distill_states")
+    s = {**ds.SETTINGS.defaults, **{n: v for n, v in tiny_assets.items() if n in ds.SETTING_NAMES}, **DISTILL_TINY,
+         "STUDENT_DIR": tiny_assets["BASE_MODEL_DIR"], "CACHE_DIR": str(root / "cache"),
+         "CHECKPOINT_DIR": str(root / "run")}
+    ds.check_settings(s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = ds.train(s)
+    finally:
+        torch.set_num_threads(threads)
+    return s, summary
+
+
+def test_a_bidirectional_student_dir_starts_the_student_with_the_settings_window(bidirectional_student_run):
+    s, summary = bidirectional_student_run
+    info = (Path(s["CHECKPOINT_DIR"]) / ds.INFO_FILE).read_text()
+    assert f"student: {s['STUDENT_DIR']} (action modules in" in info
+    assert "a bidirectional model, run block-causally with LOCAL_ATTN_SIZE=6 SINK_SIZE=0" in info
+    assert "window 6 (sink 0)" in info and summary["steps"] == 2
+    config = json.loads((Path(summary["student"]) / "config.json").read_text())
+    assert (config["local_attn_size"], config["sink_size"]) == (6, 0)
+
+
+def edited_state(s: dict, edit) -> Path:
+    """The run's saved state with edit(state) applied, in a copy of its folder."""
+    source = Path(s["CHECKPOINT_DIR"])
+    folder = source.parent / f"edited_{time.monotonic_ns()}"
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(".lock"))
+    state = torch.load(folder / STATE_FILE, weights_only=True)
+    edit(state)
+    torch.save(state, folder / STATE_FILE)
+    return folder
+
+
+def first_student_tensor(state) -> str:
+    return sorted(state["student"])[0]
+
+
+def set_nan(state):
+    name = first_student_tensor(state)
+    state["student"][name] = with_element(state["student"][name].clone(), 0, float("nan"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda st: st.pop("student"), r"student: missing; expected the student's trained tensors: \d+ finite tensors"),
+    (lambda st: st["student"].__setitem__(first_student_tensor(st), torch.zeros(3, 3)),
+     r"student: \S+ has shape \[3, 3\], this run's model \[\d+(, \d+)*\]"),
+    (lambda st: st.__setitem__("schedule", {"bogus": 1}), "schedule: fields a schedule does not have: bogus"),
+    (lambda st: st["schedule"].__setitem__("total", "many"), r"schedule: total got str 'many' \(a whole number"),
+    (lambda st: st.__setitem__("settings", [1, 2]), r"settings: got list \[1, 2\]; expected the run's settings, a dict"),
+    (lambda st: st.__setitem__("history", "lots"), "history: got str 'lots'; expected a list of one dict"),
+    (lambda st: st.__setitem__("global_step", "2"), "global_step: got str '2'; expected a whole number from 0"),
+    (lambda st: st.__setitem__("global_step", -5), "global_step: got -5; expected a whole number from 0 to 1,000,000,000"),
+    (lambda st: st.__setitem__("global_step", 10**12), "global_step: got 1,000,000,000,000; expected a whole number"),
+    (lambda st: st.__setitem__("global_step", 1e12), "global_step: got float 1000000000000.0"),
+    (lambda st: st.__setitem__("global_step", 50), "global_step: 50 steps done, beyond the 2 the saved schedule plans"),
+    (set_nan, r"student: \S+ holds 1 non-finite values \(NaN or inf\)"),
+    (lambda st: st.__setitem__("critic", {}), r"critic: got dict \{\}; expected None \(stage A has no critic\)"),
+    (lambda st: st.__setitem__("ema_updates", 7), "ema_updates: 7, more than the 2 steps done"),
+])
+def test_an_edited_distillation_state_is_refused_naming_the_file_and_field(bidirectional_student_run, edit, message):
+    s, _ = bidirectional_student_run
+    folder = edited_state(s, edit)
+    with pytest.raises(TrainingError, match=rf"cannot resume from {folder / STATE_FILE}: it is not a state this run "
+                                            rf"can continue \(1 problem\(s\)\):\n  {message}"):
+        ds.train(dict(s, CHECKPOINT_DIR=str(folder), RESUME=True, DF_STEPS=4))
+    assert not (folder / "student_step3").exists() and torch.load(folder / STATE_FILE, weights_only=True)
+
+
+@pytest.mark.slow
+def test_an_edited_fine_tuning_state_is_refused_by_the_same_checks(tiny_assets, tmp_path):
+    s = dict(tiny_assets, CHECKPOINT_DIR=str(tmp_path / "run"), NUM_EPOCHS=1, BATCH_SIZE=2, GRAD_ACCUM_STEPS=1,
+             NUM_WORKERS=0, SAVE_EVERY_EPOCHS=1, PREVIEW_EVERY_EPOCHS=0, EMA_DECAY=0.9)
+    fb.check_settings(s)
+    fb.train(s)
+    state_path = Path(s["CHECKPOINT_DIR"]) / STATE_FILE
+    saved = torch.load(state_path, weights_only=True)
+    cases = [
+        (lambda st: st.pop("trainable"), r"trainable: missing; expected the trained tensors: \d+ finite tensors"),
+        (lambda st: st["optimizer"]["state"][sorted(st["optimizer"]["state"])[0]].__setitem__(
+            "exp_avg_sq", torch.full((2, 2), float("inf"))), r"optimizer: exp_avg_sq of \S+ has shape \[2, 2\]"),
+        (lambda st: st.__setitem__("epoch_loss", [float("nan"), 3]), r"epoch_loss: entry 0 got float nan"),
+        (lambda st: st.__setitem__("position", 10**6), r"position: got 1,000,000; expected a whole number from 0 to \d+"),
+        (lambda st: st.__setitem__("ema", None), r"ema: got NoneType None; expected the EMA weights"),
+    ]
+    for edit, message in cases:
+        state = torch.load(io_copy(saved), weights_only=True)
+        edit(state)
+        torch.save(state, state_path)
+        with pytest.raises(TrainingError, match=rf"cannot resume from {state_path}: .*\n  {message}"):
+            fb.train(dict(s, RESUME=True, NUM_EPOCHS=2))
+    # (the states as the trainers write them resume: tests/test_training.py, test_distillation_runs.py)
+
+
+def io_copy(obj) -> io.BytesIO:
+    """A deep copy of a state through torch.save (what an edit of the file starts from)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_adamw_8bit_without_torchao_is_a_settings_error_before_any_work(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: `import torchao` fails
+    monkeypatch.setattr(fb, "train", never)
+    monkeypatch.setattr(fb, "plan", never)
+    monkeypatch.setattr(fb, "prepare_demo", never)
+    for argv in (["--OPTIMIZER=adamw_8bit"], ["--OPTIMIZER=adamw_8bit", "--plan"], ["--demo", "--OPTIMIZER=adamw_8bit"]):
+        assert fb.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "OPTIMIZER=adamw_8bit is torchao's 8-bit AdamW, and torchao is not installed: pip install torchao" in err
+    monkeypatch.undo()
+    assert fb.parse_settings(["--OPTIMIZER=adamw_8bit"])[0]["OPTIMIZER"] == "adamw_8bit"  # installed here

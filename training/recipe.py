@@ -15,6 +15,7 @@ How a change plugs in:
   GPU memory).
 """
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,9 @@ class Savers:
         found = []
         if self.optimizer not in OPTIMIZERS:
             found.append(f"OPTIMIZER={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        elif self.optimizer == "adamw_8bit" and not installed("torchao"):
+            found.append("OPTIMIZER=adamw_8bit is torchao's 8-bit AdamW, and torchao is not installed: pip install "
+                         "torchao (or OPTIMIZER=adamw)")
         if self.in_backward and settings["GRAD_ACCUM_STEPS"] != 1:
             found.append(f"OPTIMIZER_IN_BACKWARD steps each tensor as its gradient is ready, so there is no "
                          f"gradient to accumulate: set GRAD_ACCUM_STEPS=1 (now {settings['GRAD_ACCUM_STEPS']}) and "
@@ -71,6 +75,14 @@ class Savers:
         if self.offload_frozen and settings["TRAINING_STRATEGY"] == "full":
             found.append("OFFLOAD_FROZEN with TRAINING_STRATEGY=full: nothing is frozen")
         return found
+
+
+def installed(package: str) -> bool:
+    """Whether `import package` would find it (without importing it)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a parent that is no package; a module without a spec
+        return False
 
 
 def lora_config(settings: dict) -> LoRAConfig | None:
