@@ -29,20 +29,13 @@ def blocks_within(rows: int, frames_per_block: int) -> int:
     return 0 if rows < first else (rows - first) // (VAE_TIME_STRIDE * frames_per_block) + 1
 
 
-def fit_rows(rows: torch.Tensor | None, num_frames: int) -> torch.Tensor | None:
-    """rows [R, width] cut to num_frames, or held at their last row to reach it."""
-    if rows is None or len(rows) >= num_frames:
-        return None if rows is None else rows[:num_frames]
-    return torch.cat([rows, rows[-1:].expand(num_frames - len(rows), -1)])
-
-
 BlockActions = Iterable[tuple[torch.Tensor, torch.Tensor | None]]  # each block's keyboard [R, K], mouse [R, 2]
 
 
 def sequence_blocks(keyboard: torch.Tensor, mouse: torch.Tensor | None, num_blocks: int,
                     frames_per_block: int) -> BlockActions:
     """Whole sequences keyboard [R, K] and mouse [R, 2] (None: a model without a mouse
-    branch), R = 1 + 4(num_blocks P - 1) (see fit_rows), as each block's rows."""
+    branch), R = 1 + 4(num_blocks P - 1), as each block's rows."""
     total = video_frame_count(num_blocks * frames_per_block)
     if len(keyboard) != total or (mouse is not None and len(mouse) != total):
         raise ValueError(f"{num_blocks} blocks take {total} action rows, got {len(keyboard)}")

@@ -19,7 +19,7 @@ import play_world
 from generation.errors import GenerationError
 from play.controls import STEER_TURN, controls_for
 from generation.action_scripts import read_action_script
-from play.headless import blocks_covering, blocks_within, fit_rows, script_blocks, sequence_blocks, stream_frames
+from play.headless import blocks_covering, blocks_within, script_blocks, sequence_blocks, stream_frames
 from play.model import load_play_model
 from play.session import InputError, InputSession
 from play_helpers import KEYS, served_player, tiny_stream, wait_for
@@ -123,12 +123,9 @@ def test_mouse_settings_must_be_positive():
 
 # ----------------------------------------------------------------------------- headless
 
-def test_block_counts_and_row_fitting():
+def test_block_counts():
     assert [blocks_covering(rows, 3) for rows in (1, 9, 10, 21, 22)] == [1, 1, 2, 2, 3]
     assert [blocks_within(rows, 3) for rows in (8, 9, 20, 21, 33)] == [0, 1, 1, 2, 3]
-    rows = torch.arange(6.0)[:, None]
-    assert fit_rows(rows, 4).flatten().tolist() == [0, 1, 2, 3]
-    assert fit_rows(rows, 8).flatten().tolist() == [0, 1, 2, 3, 4, 5, 5, 5]
 
 
 def test_headless_blocks_stream_into_an_mp4_with_the_right_frame_count(tmp_path):
