@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import convert_unreal_data as data
@@ -176,28 +177,34 @@ def play_settings(recording: Path, **changes) -> dict:
     return s
 
 
+def played_keyboard(actions) -> torch.Tensor:
+    """The keyboard rows a headless run's blocks take, one after another."""
+    return torch.cat([keyboard for keyboard, _ in actions.blocks(True)])
+
+
 def test_headless_play_takes_the_rows_of_its_frames_across_dropped_frames(tmp_path):
     folder = write_recording(tmp_path / "take", [f for f in range(1, 61) if not 30 <= f <= 35], rows=range(1, 61))
     recording = load_recording(folder, None, data_settings())
     # one block of 3 latent frames shows 9 frames: from 40 they are frames 40-48, not rows 40-48 of the file list
-    actions = play_world.headless_actions(play_settings(folder, START_FRAME=40, NUM_BLOCKS=1), 3)
+    actions = play_world.headless_actions(play_settings(folder, START_FRAME=40, NUM_BLOCKS=1), KEYS)
     expected, _ = recording.actions(40, 9)
-    assert actions.keyboard.numpy().tolist() == expected.tolist()
-    assert actions.keyboard[0].tolist() == [float(k == KEYS[40 % 4]) for k in KEYS]
+    keyboard = played_keyboard(actions)
+    assert keyboard.numpy().tolist() == expected.tolist()
+    assert keyboard[0].tolist() == [float(k == KEYS[40 % 4]) for k in KEYS]
     assert actions.truth(0, 1)[0, 0, 0, 0] == 40  # the frame shown beside it is frame 40's picture
     # up to the gap: the blocks that fit before it
-    before = play_world.headless_actions(play_settings(folder, START_FRAME=20), 3)
+    before = play_world.headless_actions(play_settings(folder, START_FRAME=20), KEYS)
     assert before.num_blocks == 1 and "frames 20-28" in before.description
     with pytest.raises(GenerationError, match=r"START_FRAME=32 needs frame 32, but its runs of consecutive frames are "
                                               r"1-29, 36-60 \(frame 32 was dropped by the recorder \(input.csv line 33 "
                                               r"has its row, but there is no frame file\)\)"):
-        play_world.headless_actions(play_settings(folder, START_FRAME=32), 3)
+        play_world.headless_actions(play_settings(folder, START_FRAME=32), KEYS)
 
 
 def test_headless_play_starts_at_frame_0(tmp_path):
     folder = write_recording(tmp_path / "take", range(0, 12), rows=range(0, 12))
-    actions = play_world.headless_actions(play_settings(folder, START_FRAME=0, NUM_BLOCKS=1), 3)
-    assert actions.keyboard[0].tolist() == [1.0, 0.0, 0.0, 0.0] and "frames 0-8" in actions.description
+    actions = play_world.headless_actions(play_settings(folder, START_FRAME=0, NUM_BLOCKS=1), KEYS)
+    assert played_keyboard(actions)[0].tolist() == [1.0, 0.0, 0.0, 0.0] and "frames 0-8" in actions.description
     assert play_world.check_settings(play_settings(folder, START_FRAME=0)) is None
 
 
