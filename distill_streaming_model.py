@@ -153,7 +153,7 @@ VAL_SAMPLES = 4                          # noises per clip, student and teacher:
 TEACHER_STEPS = 50                       # Euler steps of the teacher's reference videos
 VAL_PREVIEW = True                       # write previews/step<N>.mp4: student, teacher, ground truth with the action overlay
 # speed and memory
-GRADIENT_CHECKPOINTING = True            # recompute blocks in backward (the whole-sequence forwards: stage A, critic)
+GRADIENT_CHECKPOINTING = True            # recompute in the backward instead of keeping activations: the whole-sequence forwards (stage A, the critic) block by block; the student's rollouts (B, C) replayed block by block
 MIXED_PRECISION = "bf16"                 # "bf16" (CUDA: bf16 autocast, float32 masters; the teacher in bf16) or "fp32"
 NUM_WORKERS = 2                          # DataLoader workers of the cache build
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"

@@ -104,8 +104,9 @@ def measure_causal_init(config: WanConfig, settings: dict, grid: tuple) -> Measu
         student = materialise(student, IMITATED_DEVICE, torch.float32)
         student.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
         trainable, optimizer = _trained(student, settings, tracker, settings["DF_LEARNING_RATE"])
-        if settings["EMA_DECAY"] > 0:
-            tracker.track(list(EMA(trainable, settings["EMA_DECAY"]).shadow.values()), memory.OPTIMIZER_STATE)
+        ema = EMA(trainable, settings["EMA_DECAY"]) if settings["EMA_DECAY"] > 0 else None  # alive to the end
+        if ema is not None:
+            tracker.track(list(ema.shadow.values()), memory.OPTIMIZER_STATE)
         teacher = materialise(teacher, IMITATED_DEVICE, GPU_DTYPE if bf16 else torch.float32)
         tracker.track(list(teacher.requires_grad_(False).parameters()), memory.WEIGHTS)
         inputs, _, noise = training_inputs(config, settings["BATCH_SIZE"], *grid, IMITATED_DEVICE)
@@ -131,11 +132,12 @@ class ThreeModels:
         student = meta_module(lambda: CausalWanModel(student_config(config, settings)))
         teacher, critic = meta_module(lambda: WanModel(config)), meta_module(lambda: WanModel(config))
         self.student = materialise(student, IMITATED_DEVICE, torch.float32)
+        self.student.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
         self.student_trainable, self.student_optimizer = _trained(self.student, settings, tracker,
                                                                   settings["GENERATOR_LR"])
-        if settings["EMA_DECAY"] > 0:
-            tracker.track(list(EMA(self.student_trainable, settings["EMA_DECAY"]).shadow.values()),
-                          memory.OPTIMIZER_STATE)
+        self.ema = EMA(self.student_trainable, settings["EMA_DECAY"]) if settings["EMA_DECAY"] > 0 else None
+        if self.ema is not None:
+            tracker.track(list(self.ema.shadow.values()), memory.OPTIMIZER_STATE)
         self.critic = materialise(critic, IMITATED_DEVICE, torch.float32)
         self.critic.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
         self.critic_trainable, self.critic_optimizer = _trained(self.critic, settings, tracker, settings["CRITIC_LR"])

@@ -63,6 +63,12 @@ class RollingKV:
         self.entries_per_frame = entries_per_frame
         self.sink = sink_frames
 
+    def copy(self) -> "RollingKV":
+        copied = object.__new__(RollingKV)
+        copied.__dict__.update(self.__dict__)
+        copied.k, copied.v = self.k.clone(), self.v.clone()
+        return copied
+
     @torch.no_grad()
     def evict(self, plan: CacheWrite) -> None:
         """Move the kept frames down over the evicted ones (plan in frames, for this sink)."""
@@ -166,6 +172,21 @@ class StreamCache:
         self.self_plan = self.action_plan = None
         for layer in self.layers:
             layer.context = None
+
+    @torch.no_grad()
+    def copy(self) -> "StreamCache":
+        """An independent copy of the stream as it stands (buffers, counters, the context's
+        keys and values): a checkpointed rollout that continues a stream replays its blocks
+        from this in the backward (training/rollout.py)."""
+        copied = object.__new__(StreamCache)
+        copied.__dict__.update(self.__dict__)
+        copied.layers = []
+        for layer in self.layers:
+            buffers = [None if kv is None else kv.copy() for kv in (layer.self_kv, layer.mouse_kv, layer.keyboard_kv)]
+            twin = LayerCache(copied, *buffers)
+            twin.context = layer.context  # detached and never written in place: shared
+            copied.layers.append(twin)
+        return copied
 
     @property
     def next_frame(self) -> int | None:
