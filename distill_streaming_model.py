@@ -7,7 +7,8 @@
         --CHECKPOINT_DIR=distill/long_tune                                 # C: long streams
     python play_world.py --MODEL_DIR=distill/long_tune/student             # play it
     python distill_streaming_model.py --demo      # A, B, C on the tiny demo models, CPU (demo_run/distill/)
-    python distill_streaming_model.py --plan      # GPU memory of each stage, on 1 and on 8 GPUs
+    python distill_streaming_model.py --plan      # each stage's GPU memory on 1-8 GPUs, what fits, hours
+    python distill_streaming_model.py --plan --GPUS=8 --GPU_MEMORY_GB=48     # ... the peak on each of 8 L40S first
     python distill_streaming_model.py --help      # every setting, its value and meaning
     torchrun --nproc_per_node=8 distill_streaming_model.py --STAGE=dmd ...  # several GPUs (FSDP)
 
@@ -61,14 +62,14 @@ from demo_world.distill_demo import (DEMO_STAGES, DISTILL_DEMO_SETTINGS, clear_d
 from generation.errors import GenerationError
 from generation.finetuned import load_model
 from latents.cache import CACHE_DTYPES, CacheError
-from planning.distill import plan_distillation
+from planning.distill import STEPS_SETTING, plan_distillation
 from runs.errors import TrainingError
 from runs.folder import RunFolder
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training import diffusion_forcing as df
 from training.data import prepare_data
 from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
-                          generator_micro_batch)
+                          generator_micro_batch, is_generator_step)
 from training.ema import EMA
 from training.epochs import actions_digest, stream_item
 from training.flow_matching import model_inputs, prepare_trainable
@@ -158,6 +159,7 @@ MIXED_PRECISION = "bf16"                 # "bf16" (CUDA: bf16 autocast, float32 
 NUM_WORKERS = 2                          # DataLoader workers of the cache build
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
 GPU_MEMORY_GB = 80                       # --plan: the card to fit (its memory in GB)
+GPUS = 1                                 # --plan: the GPUs (FSDP) each stage's first figure is for, 1-64 (a run's are torchrun's)
 # saving
 SAVE_EVERY_STEPS = 100                   # training_state.pt every N steps (0: only at the end)
 EXPORT_EVERY_STEPS = 0                   # 0: the student only at the end; else also student_step<N>/ every N steps
@@ -171,8 +173,9 @@ SETTING_NAMES = SETTINGS.names
 STAGES = ("causal_init", "dmd", "long_tune")
 FLAGS = {"--demo": "stages A, B and C on the tiny models of `python finetune_base_model.py --demo`, on CPU "
                    "(writes demo_run/distill/; play the result with `python play_world.py --demo`)",
-         "--plan": "predict each stage's GPU memory on 1 and on several GPUs, and what fits GPU_MEMORY_GB (no GPU "
-                   "needed; minutes for the real model)"}
+         "--plan": "predict each stage's GPU memory per GPU on GPUS (and 1, 2, 4, 8) GPUs, what fits GPU_MEMORY_GB, "
+                   "the time floor per iteration and the recipe's GPU-hours on common cards (no GPU needed; minutes "
+                   "for the real model)"}
 INFO_FILE = "training_info.txt"
 STUDENT_FOLDER = "student"
 PREVIEW_DIR = "previews"
@@ -189,7 +192,6 @@ RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KE
                      "SCORE_MAX_TIMESTEP", "VAL_CLIPS", "VAL_SAMPLES",
                      "TEACHER_STEPS", "MIXED_PRECISION", "SEED", "FRAME_NAME")
 STREAM_MUST_MATCH = ("STREAM_CHUNK_LATENTS", "STREAM_OVERLAP_LATENTS", "STREAM_MAX_LATENTS")  # stage C's too
-STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS", "long_tune": "LONG_TUNE_STEPS"}
 
 
 # -----------------------------------------------------------------------------
@@ -248,12 +250,8 @@ def check_settings(s: dict) -> None:
         raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
 
 
-def stream_plan(s: dict) -> StreamPlan:
-    return StreamPlan(s["STREAM_CHUNK_LATENTS"], s["STREAM_OVERLAP_LATENTS"], s["STREAM_MAX_LATENTS"])
-
-
 def long_tune_problems(s: dict) -> list[str]:
-    plan = stream_plan(s)
+    plan = StreamPlan.of(s)
     problems = plan.problems(FRAMES_PER_BLOCK)
     n = plan.iterations_per_sequence
     if not problems and s["LONG_TUNE_STEPS"] % n:
@@ -413,7 +411,7 @@ def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks:
     """Stage B: in every micro-batch, on a generator step, a rollout with gradients and the
     DMD loss into the student; always, a fresh rollout and the critic's loss into the critic."""
     accum, steps = s["GRAD_ACCUM_STEPS"], len(rollout_settings.schedule)
-    generator_step = (step + 1) % s["GENERATOR_EVERY"] == 0
+    generator_step = is_generator_step(step, s["GENERATOR_EVERY"])
     models = DistillationModels(roles.student, roles.teacher, roles.critic)
     action = roles.student.config.action_config
     scale = ranks.world / (s["BATCH_SIZE"] * accum * ranks.world)
@@ -445,10 +443,10 @@ def long_tuning_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, de
     student); the critic always learns the same (detached) window. A sequence's first
     iteration starts the streams of its clips."""
     accum, steps = s["GRAD_ACCUM_STEPS"], len(rollout_settings.schedule)
-    generator_step = (step + 1) % s["GENERATOR_EVERY"] == 0
+    generator_step = is_generator_step(step, s["GENERATOR_EVERY"])
     models = DistillationModels(roles.student, roles.teacher, roles.critic)
     action = roles.student.config.action_config
-    plan = stream_plan(s)
+    plan = StreamPlan.of(s)
     sequence, iteration = plan.position(step)
     scale = ranks.world / (s["BATCH_SIZE"] * accum * ranks.world)
     sums = [0.0, 0.0, 0.0]  # student loss, critic loss, critic sigma
@@ -506,7 +504,7 @@ def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared,
                      f"{s['DF_WEIGHTING']}), learning rate {s['DF_LEARNING_RATE']:g}")
     else:
         if s["STAGE"] == "long_tune":
-            plan = stream_plan(s)
+            plan = StreamPlan.of(s)
             lines.append(f"streams: {plan.max_latents} latent frames per clip, {plan.chunk} in the first iteration "
                          f"then {plan.new_per_iteration} per iteration ({plan.iterations_per_sequence} iterations per "
                          f"sequence); teacher and critic judge the last {plan.chunk} ({plan.overlap} overlap frames "
@@ -734,7 +732,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             # stage C saves where its sequences end: a stream's KV cache holds keys and values that
             # the student's weights of earlier steps computed, which a resumed run cannot remake
             # (and at 480x832 it is ~1.7 GB per GPU); LONG_TUNE_STEPS is whole sequences
-            if save_due and (stage != "long_tune" or stream_plan(s).position(step)[1] == 0):
+            if save_due and (stage != "long_tune" or StreamPlan.of(s).position(step)[1] == 0):
                 save_due = False
                 save_state()
                 write_info("training" if step < total_steps else "finishing")
@@ -784,7 +782,7 @@ def run_demo(s: dict, ranks: Ranks, device) -> dict:
 
 
 def plan(s: dict) -> str:
-    """--plan: each stage's GPU memory, predicted on the CPU (planning/distill.py)."""
+    """--plan: each stage's GPU memory and cost, predicted on the CPU (planning/distill.py)."""
     return plan_distillation(s).format()
 
 

@@ -242,6 +242,13 @@ def at_least(low: int):
     return rule
 
 
+def whole_in(low: int, high: int):
+    def rule(value):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"must be a whole number in [{low}, {high}]"
+    return rule
+
+
 def positive(value):
     if not _number(value) or value <= 0:
         return "must be a positive number"
@@ -311,6 +318,7 @@ SETTING_RULES = {
     "VAL_EVERY_STEPS": at_least(1), "VAL_CLIPS": at_least(1), "VAL_SAMPLES": at_least(1),
     "TEACHER_STEPS": at_least(1), "EXPORT_EVERY_STEPS": at_least(0), "STREAM_CHUNK_LATENTS": at_least(1),
     "STREAM_OVERLAP_LATENTS": at_least(1), "STREAM_MAX_LATENTS": at_least(1), "LONG_TUNE_STEPS": at_least(1),
+    "GPUS": whole_in(1, 64),
 }
 
 

@@ -81,6 +81,12 @@ def critic_losses(critic, x_gen: torch.Tensor, conditions: dict, sigma: torch.Te
     return per_sample_mean((prediction.float() - flow.velocity_target(x0, noise).float()) ** 2, mask)
 
 
+def is_generator_step(step: int, generator_every: int) -> bool:
+    """Whether optimizer step `step` (from 0) updates the student: every generator_every-th
+    (the critic learns at every step)."""
+    return (step + 1) % generator_every == 0
+
+
 @dataclass
 class DistillationModels:
     """The three roles. Each is what its forward goes through (with FSDP, the sharded model)."""
