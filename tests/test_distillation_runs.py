@@ -186,9 +186,11 @@ def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_pat
     assert [r.split(",")[:8] for r in rows[0]] == [r.split(",")[:8] for r in rows[1]]
 
 
-# stage C on the tiny clips: streams of 9 latent frames (6, then 3 more), windows of 6 with 3 overlap
+# stage C on the tiny clips: streams of 9 latent frames (6, then 3 more), windows of 6 with 3 overlap;
+# checkpointed (its rollouts replayed from a copy of the stream's cache), which resumes to the bit too
 LONG = dict(STAGE="long_tune", STREAM_CHUNK_LATENTS=6, STREAM_OVERLAP_LATENTS=3, STREAM_MAX_LATENTS=9,
-            LONG_TUNE_STEPS=6, SAVE_EVERY_STEPS=1, VAL_PREVIEW=False, VAL_EVERY_STEPS=100)
+            LONG_TUNE_STEPS=6, SAVE_EVERY_STEPS=1, VAL_PREVIEW=False, VAL_EVERY_STEPS=100,
+            GRADIENT_CHECKPOINTING=True)
 
 
 @pytest.mark.slow
