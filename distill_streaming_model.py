@@ -70,14 +70,14 @@ from training import diffusion_forcing as df
 from training.data import prepare_data
 from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
                           generator_micro_batch, is_generator_step)
-from training.ema import EMA
 from training.epochs import actions_digest, stream_item
-from training.flow_matching import model_inputs, prepare_trainable
-from training.optim import build_adamw
+from training.flow_matching import model_inputs
 from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
                             wrap_for_ranks)
 from training.recipe import TrainingRecipe
+from training.roles import (allow_saved_optimizer_state, describe_savers, learning_rate, offload_frozen, prepare_role,
+                            role_optimizer, savers_problems, student_ema, student_lora)
 from training.long_tuning import StreamPlan, advance, new_stream
 from training.rollout import FewStepSchedule, SampleNoise, conditions_from_batch, exit_step_for
 from training.schedule import LRSchedule, apply_learning_rate
@@ -88,6 +88,7 @@ from wan.config import FRAMES_PER_BLOCK
 from wan.device import pick_device, run_dtype
 from wan.files import check_output_folder
 from wan.loading import CheckpointError, inspect_base_model, load_streaming_model, save_streaming_model
+from wan.lora import LoRAConfig, add_lora, merge_lora
 from wan.shapes import latent_frame_count, video_frame_count
 from wan.vae import load_vae, read_vae_file
 
@@ -158,6 +159,14 @@ GRADIENT_CHECKPOINTING = True            # recompute in the backward instead of 
 MIXED_PRECISION = "bf16"                 # "bf16" (CUDA: bf16 autocast, float32 masters; the teacher in bf16) or "fp32"
 NUM_WORKERS = 2                          # DataLoader workers of the cache build
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
+# memory savers for the trained student and critic (fine-tuning's, by the same names; --plan prices each; one GPU)
+OPTIMIZER = "adamw"                      # "adamw", or "adamw_8bit": torchao's, both moments in 8 bits (1/4 the state)
+OFFLOAD_OPTIMIZER = False                # student's and critic's optimizer state and the student's EMA in CPU memory, stepped there
+OFFLOAD_FROZEN = False                   # frozen block weights in CPU memory, brought in block by block: the teacher's, and a LoRA role's base
+LORA_ROLES = ()                          # "student" and/or "critic": train low-rank adapters and the action modules instead of every weight
+LORA_RANK = 64                           # the adapters' rank r (as fine-tuning's LORA_*; no dropout here)
+LORA_ALPHA = 64.0                        # an adapter's update is scaled by LORA_ALPHA / LORA_RANK
+LORA_TARGETS = ("self_attn", "cross_attn", "ffn")  # groups, or layers like self_attn.q, ffn.0 (wan/lora.py)
 GPU_MEMORY_GB = 80                       # --plan: the card to fit (its memory in GB)
 GPUS = 1                                 # --plan: the GPUs (FSDP) each stage's first figure is for, 1-64 (a run's are torchrun's)
 # saving
@@ -182,6 +191,7 @@ PREVIEW_DIR = "previews"
 METRICS_COLUMNS = ("step", "loss", "critic_loss", "lr", "grad_norm", "critic_grad_norm", "sigma", "exit_step",
                    "seconds_per_step")
 RECIPE = TrainingRecipe()                # gradient clipping and the optimizers' saved state, as in fine-tuning
+HOST = torch.device("cpu")               # where OFFLOAD_OPTIMIZER and OFFLOAD_FROZEN keep their tensors
 # A run continues only with the settings that shaped its state and its data order.
 RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KEYBOARD_KEYS", "DATA_DIR",
                      "CACHE_DTYPE", "VIDEO_HEIGHT", "VIDEO_WIDTH", "SEQUENCE_LENGTH", "CLIP_STRIDE", "MOUSE_SCALE",
@@ -190,7 +200,8 @@ RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KE
                      "EMA_DECAY", "EMA_START_STEP", "DF_LEARNING_RATE", "DF_SHIFT", "DF_WEIGHTING", "DF_MIN_SIGMA",
                      "DF_MAX_SIGMA", "GENERATOR_EVERY", "GENERATOR_LR", "CRITIC_LR", "SCORE_MIN_TIMESTEP",
                      "SCORE_MAX_TIMESTEP", "VAL_CLIPS", "VAL_SAMPLES",
-                     "TEACHER_STEPS", "MIXED_PRECISION", "SEED", "FRAME_NAME")
+                     "TEACHER_STEPS", "MIXED_PRECISION", "SEED", "FRAME_NAME", "OPTIMIZER", "LORA_ROLES", "LORA_RANK",
+                     "LORA_ALPHA", "LORA_TARGETS")
 STREAM_MUST_MATCH = ("STREAM_CHUNK_LATENTS", "STREAM_OVERLAP_LATENTS", "STREAM_MAX_LATENTS")  # stage C's too
 
 
@@ -234,6 +245,7 @@ def check_settings(s: dict) -> None:
             problems.append(f"DF_MIN_SIGMA/DF_MAX_SIGMA: {error}")
         if s["STAGE"] == "long_tune":
             problems += long_tune_problems(s)
+        problems += savers_problems(s)
     if s["STAGE"] != "causal_init" and not s["STUDENT_DIR"]:
         problems.append(f"STAGE={s['STAGE']} starts from a streaming student: set STUDENT_DIR to the previous stage's "
                         f"{STUDENT_FOLDER}/ folder (or an official student's folder)")
@@ -302,8 +314,10 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
     teacher); every trained tensor a float32 master; wrapped for the ranks (FSDP)."""
     teacher = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, precision.model_dtype)
     notes = [f"teacher: {teacher.description}"]
+    # a LoRA student's frozen base stays in the run's dtype (bf16 on a GPU); trained tensors become float32
+    student_dtype = precision.model_dtype if "student" in s["LORA_ROLES"] else torch.float32
     if s["STUDENT_DIR"]:
-        student = load_streaming_model(s["STUDENT_DIR"], device=device)
+        student = load_streaming_model(s["STUDENT_DIR"], device=device, dtype=student_dtype)
         config, width = student.config, teacher.model.config.action_config.keyboard_dim_in
         if (config.local_attn_size, config.sink_size) != (s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"]):
             raise TrainingError(f"STUDENT_DIR={s['STUDENT_DIR']} has a window of {config.local_attn_size} latent frames "
@@ -313,25 +327,30 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
             raise TrainingError(f"STUDENT_DIR={s['STUDENT_DIR']} has a keyboard of "
                                 f"{config.action_config.keyboard_dim_in} columns, the teacher {width}: distil a "
                                 "student of the teacher's keys")
-        notes.append(f"student: {s['STUDENT_DIR']} (action modules in {len(config.action_config.blocks)} blocks)")
+        notes.append(f"student: {s['STUDENT_DIR']} (action modules in {len(config.action_config.blocks)} blocks)"
+                     + (" (LoRA)" if "student" in s["LORA_ROLES"] else ""))
     else:
-        start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, torch.float32).model
+        start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, student_dtype).model
         student = causal_from(start, s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"])
-        notes.append("student: the teacher's weights in the block-causal architecture")
-    student_trainable = prepare_trainable(student, "full", 0)
+        notes.append("student: the teacher's weights in the block-causal architecture"
+                     + (" (LoRA)" if "student" in s["LORA_ROLES"] else ""))
+    student_trainable = prepare_role(student, s, "student")
     student.train()
     critic, critic_trainable = None, {}
     if s["STAGE"] != "causal_init":
         critic = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device,
                             precision.model_dtype).model
-        critic_trainable = prepare_trainable(critic, "full", 0)
+        critic_trainable = prepare_role(critic, s, "critic")
         critic.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
         critic.train()
-        notes.append("critic: a trainable copy of the teacher")
+        notes.append("critic: a trainable copy of the teacher" + (" (LoRA)" if "critic" in s["LORA_ROLES"] else ""))
     student.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
     for model in (student, teacher.model, critic):
         if model is not None:
             wrap_for_ranks(model, "full", ranks, device, precision.use_bf16)
+    for model in (teacher.model, student, critic):
+        if model is not None:
+            offload_frozen(model, s, HOST)
     # FSDP replaced the parameters: take them again by name
     student_trainable = {n: p for n, p in student.named_parameters() if n in student_trainable}
     if critic is not None:
@@ -339,13 +358,19 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
     return Roles(student, teacher.model, critic, student_trainable, critic_trainable, teacher.keyboard_keys, notes)
 
 
-def export_student(roles: Roles, tensors: dict, folder: Path, metadata: dict, main: bool) -> None:
-    """Write the student as a streaming model folder (official layout), from whole tensors."""
+def export_student(roles: Roles, tensors: dict, folder: Path, metadata: dict, main: bool,
+                   lora: LoRAConfig | None = None) -> None:
+    """Write the student as a streaming model folder (official layout, float32), from whole
+    tensors; a LoRA student's adapters merged into its weights (a plain model plays)."""
     if not main:
         return
     with torch.device("meta"):
         model = CausalWanModel(roles.student.config, roles.student.frames_per_block)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    if lora is not None:
+        add_lora(model, lora)
+    model.load_state_dict({n: t.float() for n, t in tensors.items()}, strict=True, assign=True)
+    if lora is not None:
+        merge_lora(model)
     save_streaming_model(model, folder, metadata={k: str(v) for k, v in metadata.items()})
 
 
@@ -498,6 +523,7 @@ def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared,
         f"{prepared.width}x{prepared.height}",
         f"optimisation: {total_steps} steps, effective batch {effective_batch} (BATCH_SIZE {s['BATCH_SIZE']} x "
         f"GRAD_ACCUM_STEPS {s['GRAD_ACCUM_STEPS']} x {ranks.world} rank(s))",
+        f"memory savers: {describe_savers(s)}",
     ]
     if s["STAGE"] == "causal_init":
         lines.append(f"objective: diffusion forcing, one noise level per block (shift {s['DF_SHIFT']}, weighting "
@@ -557,12 +583,16 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     log = print if ranks.main else (lambda *a, **k: None)
 
     # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
+    allow_saved_optimizer_state(s)
     with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, METRICS_COLUMNS) as run:
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
         stage = s["STAGE"]
         # FRAME_NAME: which files are frames (None for frame_<number>.png, as in runs from before it)
         identity = dict(s, EFFECTIVE_BATCH=effective_batch, FRAME_NAME=data.data_settings(s).frames_identity)
         run.check_same_run(identity, RESUME_MUST_MATCH + (STREAM_MUST_MATCH if stage == "long_tune" else ()))
+        problems = savers_problems(s, ranks.world)
+        if problems:
+            raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
         check_model_files(s)
         torch.manual_seed(s["SEED"])
         precision = choose_precision(s["MIXED_PRECISION"], device)
@@ -575,10 +605,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         roles = prepare_roles(s, ranks, device, precision)
         total_steps = s[STEPS_SETTING[stage]]
         schedule = LRSchedule(s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"])
-        student_lr = s["DF_LEARNING_RATE"] if stage == "causal_init" else s["GENERATOR_LR"]
-        student_optimizer = build_adamw(roles.student_trainable, student_lr, s["WEIGHT_DECAY"], device, s["ADAM_BETAS"])
-        critic_optimizer = build_adamw(roles.critic_trainable, s["CRITIC_LR"], s["WEIGHT_DECAY"], device,
-                                       s["ADAM_BETAS"]) if roles.critic is not None else None
+        student_lr = learning_rate(s, "student")
+        student_optimizer = role_optimizer(roles.student_trainable, s, "student", device, HOST)
+        critic_optimizer = role_optimizer(roles.critic_trainable, s, "critic", device, HOST) \
+            if roles.critic is not None else None
         cache_dtype = torch.bfloat16 if precision.use_bf16 else None
         rollout_settings = RolloutSettings(FewStepSchedule.of(s["DENOISING_STEPS"], s["TIMESTEP_SHIFT"]),
                                            s["TIMESTEP_SHIFT"], s["SCORE_MIN_TIMESTEP"], s["SCORE_MAX_TIMESTEP"],
@@ -604,7 +634,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 load_full_tensors(roles.critic_trainable, saved["critic"])
                 RECIPE.load_optimizer_state(roles.critic, critic_optimizer, saved["critic_optimizer"])
             if saved["ema"] is not None:
-                ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
+                ema = student_ema(roles.student_trainable, s, HOST)
                 load_full_tensors(ema.shadow, saved["ema"])
             step, history, ema_updates = saved["global_step"], saved["history"], saved["ema_updates"]
             schedule = LRSchedule(**saved["schedule"]).extended_to(total_steps, step)
@@ -624,7 +654,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         def start_ema() -> None:
             nonlocal ema
             if s["EMA_DECAY"] > 0 and ema is None and step >= s["EMA_START_STEP"]:
-                ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
+                ema = student_ema(roles.student_trainable, s, HOST)
 
         def save_state() -> None:
             """Whole tensors gathered on every rank, written by the main rank (resumable on any
@@ -653,7 +683,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             export_student(roles, tensors, run.path / name, {
                 "stage": stage, "step": step, "weights": "ema" if ema is not None else "trained",
                 "keyboard_keys": ",".join(roles.keys), "denoising_steps": ",".join(map(str, s["DENOISING_STEPS"])),
-                "teacher": f"{s['BASE_MODEL_DIR']} + {s['CHECKPOINT'] or 'no checkpoint'}"}, ranks.main)
+                "teacher": f"{s['BASE_MODEL_DIR']} + {s['CHECKPOINT'] or 'no checkpoint'}"}, ranks.main,
+                student_lora(s))
             if name not in exports:
                 exports.append(name)
 

@@ -36,18 +36,16 @@ import torch
 from planning import memory
 from planning.cards import UTILISATION, card_named, seconds_at_peak
 from planning.imitation import IMITATED_DEVICE, fake_tensors, imitated_autocast
-from planning.measure import GPU_DTYPE, Measurement, flops_of, materialise, meta_module, training_inputs
+from planning.measure import HOST, GPU_DTYPE, Measurement, flops_of, materialise, meta_module, training_inputs
 from planning.memory import MemoryTracker
 from planning.plan import (GIB, MARGIN_FIXED_GIB, MARGIN_FRACTION, NOT_COUNTED, gib, model_config, where_peak,
                            with_margin)
 from training import diffusion_forcing as df
 from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
                           generator_micro_batch, is_generator_step)
-from training.ema import EMA
-from training.optim import build_adamw
 from training.rollout import Conditions, FewStepSchedule, SampleNoise
-from training.flow_matching import prepare_trainable
 from training.long_tuning import StreamPlan, advance, new_stream
+from training.roles import RECIPE, describe_savers, offload_frozen, prepare_role, role_optimizer, student_ema
 from wan.causal import CausalWanModel
 from wan.config import WanConfig
 from wan.model import WanModel
@@ -70,19 +68,45 @@ def per_gpu(measured: Measurement, gpus: int) -> float:
     return measured.peak - sharded + sharded / gpus
 
 
-def _trained(model, settings: dict, tracker: MemoryTracker, lr: float) -> tuple[dict, object]:
-    """Float32 masters of every tensor, AdamW (stepped once, so its state exists) - as the
-    script trains student and critic - tracked as weights and optimizer state."""
-    trainable = prepare_trainable(model, "full", 0)
-    optimizer = build_adamw(trainable, lr, settings["WEIGHT_DECAY"], torch.device("cuda"), settings["ADAM_BETAS"])
+def _trained(model, settings: dict, role: str, tracker: MemoryTracker) -> tuple[dict, object]:
+    """The role made as the script makes it (training/roles.py: its strategy, float32 masters
+    of what it trains, the savers' offloads to the uncounted HOST, its optimizer stepped once
+    so that its state exists), tracked as weights and optimizer state."""
+    trainable = prepare_role(model, settings, role)
+    model.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
+    model.train()
+    offload_frozen(model, settings, HOST)
+    optimizer = role_optimizer(trainable, settings, role, IMITATED_DEVICE, HOST, imitating_cuda=True)
     for p in trainable.values():
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tracker.track(list(model.parameters()), memory.WEIGHTS)
-    tracker.track([t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)],
-                  memory.OPTIMIZER_STATE)
+    tracker.track(RECIPE.optimizer_tensors(optimizer, None), memory.OPTIMIZER_STATE)
     return trainable, optimizer
+
+
+def _teacher(config: WanConfig, settings: dict, tracker: MemoryTracker):
+    """The frozen teacher in the run's dtype (its blocks on the host with OFFLOAD_FROZEN), tracked."""
+    teacher = materialise(meta_module(lambda: WanModel(config)), IMITATED_DEVICE, _dtype(settings))
+    teacher.requires_grad_(False).eval()
+    offload_frozen(teacher, settings, HOST)
+    tracker.track(list(teacher.parameters()), memory.WEIGHTS)
+    return teacher
+
+
+def _student_ema(trainable: dict, settings: dict, tracker: MemoryTracker):
+    """The student's EMA as the run keeps it from EMA_START_STEP on (on the host with
+    OFFLOAD_OPTIMIZER), tracked; the caller keeps it alive."""
+    ema = student_ema(trainable, settings, HOST)
+    if ema is not None:
+        tracker.track(list(ema.shadow.values()), memory.OPTIMIZER_STATE)
+    return ema
+
+
+def _dtype(settings: dict) -> torch.dtype:
+    """The run's dtype of loaded weights (bf16 under bf16); trained tensors become float32."""
+    return GPU_DTYPE if settings["MIXED_PRECISION"] == "bf16" else torch.float32
 
 
 def _count_gradients(trainable: dict, tracker: MemoryTracker) -> list:
@@ -109,18 +133,14 @@ def student_config(config: WanConfig, settings: dict) -> WanConfig:
 def measure_causal_init(config: WanConfig, settings: dict, grid: tuple) -> Measurement:
     """Stage A's steady-state step: student + EMA + AdamW, the bf16 teacher resident, one
     diffusion-forcing micro-batch of BATCH_SIZE clips, clipping and the optimizer step."""
+    settings = dict(settings, STAGE="causal_init")
     bf16 = settings["MIXED_PRECISION"] == "bf16"
     student = meta_module(lambda: CausalWanModel(student_config(config, settings)))
-    teacher = meta_module(lambda: WanModel(config))
     with fake_tensors(top_mode=MemoryTracker(IMITATED_DEVICE, count_flops=True)) as tracker:
-        student = materialise(student, IMITATED_DEVICE, torch.float32)
-        student.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
-        trainable, optimizer = _trained(student, settings, tracker, settings["DF_LEARNING_RATE"])
-        ema = EMA(trainable, settings["EMA_DECAY"]) if settings["EMA_DECAY"] > 0 else None  # alive to the end
-        if ema is not None:
-            tracker.track(list(ema.shadow.values()), memory.OPTIMIZER_STATE)
-        teacher = materialise(teacher, IMITATED_DEVICE, GPU_DTYPE if bf16 else torch.float32)
-        tracker.track(list(teacher.requires_grad_(False).parameters()), memory.WEIGHTS)
+        student = materialise(student, IMITATED_DEVICE, _dtype(settings))
+        trainable, optimizer = _trained(student, settings, "student", tracker)
+        # the EMA and the teacher (for validation) stay alive to the end, as in the run
+        ema, teacher = _student_ema(trainable, settings, tracker), _teacher(config, settings, tracker)  # noqa: F841
         inputs, _, noise = training_inputs(config, settings["BATCH_SIZE"], *grid, IMITATED_DEVICE)
         levels = torch.zeros(settings["BATCH_SIZE"], grid[0], dtype=torch.long)
         hooks = _count_gradients(trainable, tracker)
@@ -135,26 +155,20 @@ def measure_causal_init(config: WanConfig, settings: dict, grid: tuple) -> Measu
 
 
 class ThreeModels:
-    """Stages B and C resident: the float32 student with AdamW (and the EMA), the float32
-    critic with AdamW, the frozen teacher (bf16 under bf16), all tracked; made inside the
-    caller's fake mode."""
+    """Stages B and C resident: the student with its optimizer (and the EMA), the critic with
+    its optimizer, the frozen teacher, each as the run makes it with its savers, all tracked;
+    made inside the caller's fake mode."""
 
     def __init__(self, config: WanConfig, settings: dict, tracker: MemoryTracker):
         bf16 = settings["MIXED_PRECISION"] == "bf16"
         student = meta_module(lambda: CausalWanModel(student_config(config, settings)))
-        teacher, critic = meta_module(lambda: WanModel(config)), meta_module(lambda: WanModel(config))
-        self.student = materialise(student, IMITATED_DEVICE, torch.float32)
-        self.student.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
-        self.student_trainable, self.student_optimizer = _trained(self.student, settings, tracker,
-                                                                  settings["GENERATOR_LR"])
-        self.ema = EMA(self.student_trainable, settings["EMA_DECAY"]) if settings["EMA_DECAY"] > 0 else None
-        if self.ema is not None:
-            tracker.track(list(self.ema.shadow.values()), memory.OPTIMIZER_STATE)
-        self.critic = materialise(critic, IMITATED_DEVICE, torch.float32)
-        self.critic.set_gradient_checkpointing(settings["GRADIENT_CHECKPOINTING"])
-        self.critic_trainable, self.critic_optimizer = _trained(self.critic, settings, tracker, settings["CRITIC_LR"])
-        self.teacher = materialise(teacher, IMITATED_DEVICE, GPU_DTYPE if bf16 else torch.float32)
-        tracker.track(list(self.teacher.requires_grad_(False).eval().parameters()), memory.WEIGHTS)
+        critic = meta_module(lambda: WanModel(config))
+        self.student = materialise(student, IMITATED_DEVICE, _dtype(settings))
+        self.student_trainable, self.student_optimizer = _trained(self.student, settings, "student", tracker)
+        self.ema = _student_ema(self.student_trainable, settings, tracker)
+        self.critic = materialise(critic, IMITATED_DEVICE, _dtype(settings))
+        self.critic_trainable, self.critic_optimizer = _trained(self.critic, settings, "critic", tracker)
+        self.teacher = _teacher(config, settings, tracker)
         self.models = DistillationModels(self.student, self.teacher, self.critic)
         self.rollout_settings = RolloutSettings(FewStepSchedule.of(settings["DENOISING_STEPS"],
                                                                    settings["TIMESTEP_SHIFT"]),
@@ -184,6 +198,7 @@ def measure_dmd(config: WanConfig, settings: dict, grid: tuple) -> Measurement:
     scores, the student's backward; a fresh rollout and the critic's forward and backward;
     clipping and both optimizer steps. FLOPs by part: "generator" (the student's half) and
     "critic" (the critic's half, all that a critic-only iteration runs)."""
+    settings = dict(settings, STAGE="dmd")
     batch = settings["BATCH_SIZE"]
     with fake_tensors(top_mode=MemoryTracker(IMITATED_DEVICE, count_flops=True)) as tracker:
         roles = ThreeModels(config, settings, tracker)
@@ -214,6 +229,7 @@ def measure_long_tune(config: WanConfig, settings: dict, grid: tuple) -> Measure
     each. The peak is the heavier's; the FLOPs per step the mean over a sequence, and by
     part: "<first|later>:<rollout|generator|critic>" (a critic-only iteration runs the
     rollout and the critic's part)."""
+    settings = dict(settings, STAGE="long_tune")
     bf16 = settings["MIXED_PRECISION"] == "bf16"
     plan = StreamPlan.of(settings)
     batch = settings["BATCH_SIZE"]
@@ -318,7 +334,7 @@ class DistillationPlan:
             + ("bf16 autocast, float32 masters of the trained models, the teacher bf16" if bf16 else "float32")
             + "; gradient checkpointing " + ("on (the whole-sequence forwards block by block, the student's rollouts "
                                              "replayed block by block)" if s["GRADIENT_CHECKPOINTING"] else "off")
-            + (f"; EMA {s['EMA_DECAY']} on the GPU" if s["EMA_DECAY"] > 0 else ""),
+            + (f"; EMA {s['EMA_DECAY']}" if s["EMA_DECAY"] > 0 else "") + f"; memory savers: {describe_savers(s)}",
             f"Each stage's peak per GPU with FSDP over GPUS={s['GPUS']} GPU(s) first, then over 1, 2, 4 and 8 (weights, "
             f"gradients and optimizer state sharded, the rest not), against a {s['GPU_MEMORY_GB']:g} GB card "
             "(GPU_MEMORY_GB)",

@@ -162,11 +162,20 @@ sys.exit(ds.main(sys.argv[2:]))
 """
 
 
+# stage B's savers all at once (one GPU's): LoRA student and critic, 8-bit state offloaded to the host
+# with the EMA, the frozen blocks on the host, checkpointed rollouts
+SAVERS = dict(LORA_ROLES=("student", "critic"), LORA_RANK=4, LORA_ALPHA=4.0, OPTIMIZER="adamw_8bit",
+              OFFLOAD_OPTIMIZER=True, OFFLOAD_FROZEN=True, GRADIENT_CHECKPOINTING=True)
+
+
 @pytest.mark.slow
-def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_path):
+@pytest.mark.parametrize("savers", [{}, SAVERS], ids=["plain", "savers"])
+def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_path, savers):
+    if savers:
+        pytest.importorskip("torchao", reason="OPTIMIZER=adamw_8bit needs torchao (requirements.txt)")
     s, _ = stage_a
     common = dict(s, STAGE="dmd", STUDENT_DIR=str(Path(s["CHECKPOINT_DIR"]) / "student"), VAL_PREVIEW=False,
-                  VAL_EVERY_STEPS=100)
+                  VAL_EVERY_STEPS=100, **savers)
     straight = run([sys.executable, SCRIPT, *cli_args(dict(common, CHECKPOINT_DIR=str(tmp_path / "straight")))])
     assert straight.returncode == 0, straight.stderr[-3000:]
     killer = tmp_path / "killer.py"
