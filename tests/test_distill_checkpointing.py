@@ -3,8 +3,10 @@ and critic equal the plain path's, on one process and with FSDP on two gloo rank
 checkpointed rollout keeps its blocks' inputs, not their graphs, so what it keeps grows by
 a few latents per block; the stream's cache copy is independent of the stream."""
 
+import gc
 import os
 import subprocess
+import weakref
 import sys
 from contextlib import nullcontext
 
@@ -21,7 +23,7 @@ from training.dmd import (DistillationModels, RolloutSettings, critic_loss, crit
                           generator_micro_batch)
 from training.long_tuning import advance, new_stream
 from training.ranks import Ranks, full_tensors, wrap_for_ranks
-from training.rollout import SampleNoise, rollout
+from training.rollout import SampleNoise, backward_with_replays, rollout
 from wan.causal import causal_from
 
 one_thread = test_distillation.one_thread  # autouse: tiny models on one torch thread
@@ -165,3 +167,26 @@ def test_a_stream_cache_copy_is_independent_and_equal():
         assert cache.global_end == 9 and copy.global_end == 6  # the copy did not move with the stream
         again = rollout(student, c, SampleNoise(0, "h", [0], "cpu"), SCHEDULE, 1, 3, cache=copy, start_frame=6)
     assert torch.equal(ahead, again)
+
+
+def test_a_streams_buffers_die_with_it_without_the_cyclic_collector():
+    """A rollout makes a fresh stream each time (two per stage-B iteration, and the replay's):
+    its buffers must go when it does, not when Python's cyclic collector next runs."""
+    student = causal_from(tiny_model(0), 6, 0)
+    made = []
+    original = student.new_cache
+
+    def recording(*args, **kwargs):
+        cache = original(*args, **kwargs)
+        made.append(weakref.ref(cache.layers[0].self_kv.k))
+        return cache
+
+    student.new_cache = recording
+    student.set_gradient_checkpointing(True)
+    gc.disable()
+    try:
+        x = rollout(student, conditions(frames=6), SampleNoise(0, "g", [0], "cpu"), SCHEDULE, 1, 6, with_grad=True)
+        backward_with_replays(x.square().sum())
+        assert len(made) == 2 and all(buffer() is None for buffer in made)  # the rollout's and the replay's
+    finally:
+        gc.enable()

@@ -18,6 +18,7 @@ The counters are kept in latent frames, once for the whole model (every buffer m
 step); a frame is `tokens_per_frame` self-attention entries and one action entry.
 """
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -105,7 +106,10 @@ class LayerCache:
 
     def __init__(self, stream: "StreamCache", self_kv: RollingKV, mouse: RollingKV | None,
                  keyboard: RollingKV | None):
-        self.stream = stream
+        # a proxy, not a reference: a StreamCache and its layers in a cycle would outlive their
+        # stream until Python's cyclic collector ran, holding every buffer (a GB per stream at
+        # 352x640) - a training rollout makes a fresh stream each time
+        self.stream = weakref.proxy(stream)
         self.self_kv, self.mouse_kv, self.keyboard_kv = self_kv, mouse, keyboard
         self.context = None  # cross-attention (k, v) of the image context, made at the first call
 
