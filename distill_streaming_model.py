@@ -813,7 +813,11 @@ def run_demo(s: dict, ranks: Ranks, device) -> dict:
 
 
 def plan(s: dict) -> str:
-    """--plan: each stage's GPU memory and cost, predicted on the CPU (planning/distill.py)."""
+    """--plan: each stage's GPU memory and cost, predicted on the CPU (planning/distill.py),
+    for GPUS GPUs (whose run would refuse the one-GPU savers, so the plan does too)."""
+    problems = savers_problems(s, s["GPUS"])
+    if problems:
+        raise SettingsError(f"bad settings for a plan on GPUS={s['GPUS']} GPUs:\n  " + "\n  ".join(problems))
     return plan_distillation(s).format()
 
 

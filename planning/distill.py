@@ -45,6 +45,7 @@ from training.dmd import (DistillationModels, RolloutSettings, critic_loss, crit
                           generator_micro_batch, is_generator_step)
 from training.rollout import Conditions, FewStepSchedule, SampleNoise
 from training.long_tuning import StreamPlan, advance, new_stream
+from training.recipe import Savers
 from training.roles import RECIPE, describe_savers, offload_frozen, prepare_role, role_optimizer, student_ema
 from wan.causal import CausalWanModel
 from wan.config import WanConfig
@@ -430,4 +431,8 @@ def plan_distillation(settings: dict, config: WanConfig | None = None,
     measure = {"causal_init": measure_causal_init, "dmd": measure_dmd, "long_tune": measure_long_tune}
     measured = {stage: measure[stage](config, s, grid) for stage in stages}
     tokens = frames * tokens_per_latent_frame(*grid[1:])
-    return DistillationPlan(s, source, tokens, frames, measured, time.perf_counter() - started)
+    savers = Savers.of(s)
+    notes = ["OPTIMIZER=adamw_8bit, OFFLOAD_OPTIMIZER and OFFLOAD_FROZEN are one GPU's savers (several GPUs shard "
+             "with FSDP and refuse them): only the 1-GPU column is a run's"] \
+        if savers.optimizer != "adamw" or savers.offload_optimizer or savers.offload_frozen else []
+    return DistillationPlan(s, source, tokens, frames, measured, time.perf_counter() - started, notes)

@@ -337,3 +337,9 @@ def test_the_fewest_gpus_that_fit_follow_the_sharded_share():
     # 40 / n + 10 GiB per GPU, with the margin (x1.1 + 0.75): 1 GPU 55.75, 2 GPUs 33.75, 4 GPUs 22.75
     assert [fewest_gpus(m, card) for card in (80, 48, 24, 20)] == [1, 2, 4, 8]
     assert fewest_gpus(m, 12) is None
+
+
+def test_a_plan_for_several_gpus_refuses_the_one_gpu_savers():
+    s, _ = ds.parse_settings(["--GPUS=2", "--OFFLOAD_OPTIMIZER=true"])
+    with pytest.raises(ValueError, match="GPUS=2 GPUs:\n  FSDP .* use OPTIMIZER=adamw without OFFLOAD_OPTIMIZER"):
+        ds.plan(s)
