@@ -7,7 +7,8 @@
         --CHECKPOINT_DIR=distill/long_tune                                 # C: long streams
     python play_world.py --MODEL_DIR=distill/long_tune/student             # play it
     python distill_streaming_model.py --demo      # A, B, C on the tiny demo models, CPU (demo_run/distill/)
-    python distill_streaming_model.py --plan      # GPU memory of each stage, on 1 and on 8 GPUs
+    python distill_streaming_model.py --plan      # each stage's GPU memory on 1-8 GPUs, what fits, hours
+    python distill_streaming_model.py --plan --GPUS=8 --GPU_MEMORY_GB=48     # ... the peak on each of 8 L40S first
     python distill_streaming_model.py --help      # every setting, its value and meaning
     torchrun --nproc_per_node=8 distill_streaming_model.py --STAGE=dmd ...  # several GPUs (FSDP)
 
@@ -61,7 +62,7 @@ from demo_world.distill_demo import (DEMO_STAGES, DISTILL_DEMO_SETTINGS, clear_d
 from generation.errors import GenerationError
 from generation.finetuned import load_model
 from latents.cache import CACHE_DTYPES, CacheError
-from planning.distill import plan_distillation
+from planning.distill import STEPS_SETTING, plan_distillation
 from runs.errors import TrainingError
 from runs.folder import RunFolder
 from runs.saved_state import (MAX_SAVED_STEPS, absent_or_none, check_saved_state, list_of, nullable, of_type,
@@ -70,15 +71,16 @@ from runs.info import device_name, format_count, git_commit, settings_and_data_l
 from training import diffusion_forcing as df
 from training.data import prepare_data
 from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
-                          generator_micro_batch)
+                          generator_micro_batch, is_generator_step)
 from training.ema import EMA
 from training.epochs import actions_digest, stream_item
-from training.flow_matching import model_inputs, prepare_trainable
-from training.optim import build_adamw
+from training.flow_matching import model_inputs
 from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
                             wrap_for_ranks)
 from training.recipe import TrainingRecipe
+from training.roles import (allow_saved_optimizer_state, describe_savers, learning_rate, offload_frozen, prepare_role,
+                            role_optimizer, savers_problems, student_ema, student_lora)
 from training.long_tuning import StreamPlan, advance, new_stream
 from training.rollout import FewStepSchedule, SampleNoise, conditions_from_batch, exit_step_for
 from training.schedule import LRSchedule, apply_learning_rate
@@ -90,6 +92,7 @@ from wan.device import pick_device, run_dtype
 from wan.files import check_output_folder
 from wan.loading import (STREAMING_HINT, CheckpointError, find_config_file, inspect_base_model, load_streaming_model,
                          save_streaming_model)
+from wan.lora import LoRAConfig, add_lora, merge_lora
 from wan.shapes import latent_frame_count, video_frame_count
 from wan.vae import load_vae, read_vae_file
 
@@ -157,11 +160,20 @@ VAL_SAMPLES = 4                          # noises per clip, student and teacher:
 TEACHER_STEPS = 50                       # Euler steps of the teacher's reference videos
 VAL_PREVIEW = True                       # write previews/step<N>.mp4: student, teacher, ground truth with the action overlay
 # speed and memory
-GRADIENT_CHECKPOINTING = True            # recompute blocks in backward (the whole-sequence forwards: stage A, critic)
+GRADIENT_CHECKPOINTING = True            # recompute in the backward instead of keeping activations: the whole-sequence forwards (stage A, the critic) block by block; the student's rollouts (B, C) replayed block by block
 MIXED_PRECISION = "bf16"                 # "bf16" (CUDA: bf16 autocast, float32 masters; the teacher in bf16) or "fp32"
 NUM_WORKERS = 2                          # DataLoader workers of the cache build
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
+# memory savers for the trained student and critic (fine-tuning's, by the same names; --plan prices each; one GPU)
+OPTIMIZER = "adamw"                      # "adamw", or "adamw_8bit": torchao's, both moments in 8 bits (1/4 the state)
+OFFLOAD_OPTIMIZER = False                # student's and critic's optimizer state and the student's EMA in CPU memory, stepped there
+OFFLOAD_FROZEN = False                   # frozen block weights in CPU memory, brought in block by block: the teacher's, and a LoRA role's base
+LORA_ROLES = ()                          # "student" and/or "critic": train low-rank adapters and the action modules instead of every weight
+LORA_RANK = 64                           # the adapters' rank r (as fine-tuning's LORA_*; no dropout here)
+LORA_ALPHA = 64.0                        # an adapter's update is scaled by LORA_ALPHA / LORA_RANK
+LORA_TARGETS = ("self_attn", "cross_attn", "ffn")  # groups, or layers like self_attn.q, ffn.0 (wan/lora.py)
 GPU_MEMORY_GB = 80                       # --plan: the card to fit (its memory in GB)
+GPUS = 1                                 # --plan: the GPUs (FSDP) each stage's first figure is for, 1-64 (a run's are torchrun's)
 # saving
 SAVE_EVERY_STEPS = 100                   # training_state.pt every N steps (0: only at the end)
 EXPORT_EVERY_STEPS = 0                   # 0: the student only at the end; else also student_step<N>/ every N steps
@@ -175,14 +187,16 @@ SETTING_NAMES = SETTINGS.names
 STAGES = ("causal_init", "dmd", "long_tune")
 FLAGS = {"--demo": "stages A, B and C on the tiny models of `python finetune_base_model.py --demo`, on CPU "
                    "(writes demo_run/distill/; play the result with `python play_world.py --demo`)",
-         "--plan": "predict each stage's GPU memory on 1 and on several GPUs, and what fits GPU_MEMORY_GB (no GPU "
-                   "needed; minutes for the real model)"}
+         "--plan": "predict each stage's GPU memory per GPU on GPUS (and 1, 2, 4, 8) GPUs, what fits GPU_MEMORY_GB, "
+                   "the time floor per iteration and the recipe's GPU-hours on common cards (no GPU needed; minutes "
+                   "for the real model)"}
 INFO_FILE = "training_info.txt"
 STUDENT_FOLDER = "student"
 PREVIEW_DIR = "previews"
 METRICS_COLUMNS = ("step", "loss", "critic_loss", "lr", "grad_norm", "critic_grad_norm", "sigma", "exit_step",
                    "seconds_per_step")
 RECIPE = TrainingRecipe()                # gradient clipping and the optimizers' saved state, as in fine-tuning
+HOST = torch.device("cpu")               # where OFFLOAD_OPTIMIZER and OFFLOAD_FROZEN keep their tensors
 # A run continues only with the settings that shaped its state and its data order.
 RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KEYBOARD_KEYS", "DATA_DIR",
                      "CACHE_DTYPE", "VIDEO_HEIGHT", "VIDEO_WIDTH", "SEQUENCE_LENGTH", "CLIP_STRIDE", "MOUSE_SCALE",
@@ -191,9 +205,9 @@ RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KE
                      "EMA_DECAY", "EMA_START_STEP", "DF_LEARNING_RATE", "DF_SHIFT", "DF_WEIGHTING", "DF_MIN_SIGMA",
                      "DF_MAX_SIGMA", "GENERATOR_EVERY", "GENERATOR_LR", "CRITIC_LR", "SCORE_MIN_TIMESTEP",
                      "SCORE_MAX_TIMESTEP", "VAL_CLIPS", "VAL_SAMPLES",
-                     "TEACHER_STEPS", "MIXED_PRECISION", "SEED", "FRAME_NAME")
+                     "TEACHER_STEPS", "MIXED_PRECISION", "SEED", "FRAME_NAME", "OPTIMIZER", "LORA_ROLES", "LORA_RANK",
+                     "LORA_ALPHA", "LORA_TARGETS")
 STREAM_MUST_MATCH = ("STREAM_CHUNK_LATENTS", "STREAM_OVERLAP_LATENTS", "STREAM_MAX_LATENTS")  # stage C's too
-STEPS_SETTING = {"causal_init": "DF_STEPS", "dmd": "DMD_STEPS", "long_tune": "LONG_TUNE_STEPS"}
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +248,7 @@ def check_settings(s: dict) -> None:
             problems.append(f"DF_MIN_SIGMA/DF_MAX_SIGMA: {error}")
         if s["STAGE"] == "long_tune":
             problems += long_tune_problems(s)
+        problems += savers_problems(s)
     if s["STAGE"] != "causal_init" and not s["STUDENT_DIR"]:
         problems.append(f"STAGE={s['STAGE']} starts from a streaming student: set STUDENT_DIR to the previous stage's "
                         f"{STUDENT_FOLDER}/ folder (or an official student's folder)")
@@ -250,12 +265,8 @@ def check_settings(s: dict) -> None:
         raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
 
 
-def stream_plan(s: dict) -> StreamPlan:
-    return StreamPlan(s["STREAM_CHUNK_LATENTS"], s["STREAM_OVERLAP_LATENTS"], s["STREAM_MAX_LATENTS"])
-
-
 def long_tune_problems(s: dict) -> list[str]:
-    plan = stream_plan(s)
+    plan = StreamPlan.of(s)
     problems = plan.problems(FRAMES_PER_BLOCK)
     n = plan.iterations_per_sequence
     if not problems and s["LONG_TUNE_STEPS"] % n:
@@ -307,6 +318,8 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
     teacher = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, precision.model_dtype,
                          s["IGNORE_BASE_FINGERPRINT"])
     notes = [f"teacher: {teacher.description}"]
+    # a LoRA student's frozen base stays in the run's dtype (bf16 on a GPU); trained tensors become float32
+    student_dtype = precision.model_dtype if "student" in s["LORA_ROLES"] else torch.float32
     if s["STUDENT_DIR"]:
         config = WanConfig.from_json(find_config_file(Path(s["STUDENT_DIR"]), STREAMING_HINT))
         bidirectional = not config.windowed
@@ -315,7 +328,7 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
             # does: its weights in the block-causal architecture with the settings' window
             # (DISTILL_SPEC 1 and 7.2: its config's -1 / 0 window must not override them).
             config = config.with_window(s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"])
-        student = load_streaming_model(s["STUDENT_DIR"], config, device=device)
+        student = load_streaming_model(s["STUDENT_DIR"], config, device=device, dtype=student_dtype)
         config, width = student.config, teacher.model.config.action_config.keyboard_dim_in
         if not bidirectional and (config.local_attn_size, config.sink_size) != (s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"]):
             raise TrainingError(f"STUDENT_DIR={s['STUDENT_DIR']} has a window of {config.local_attn_size} latent frames "
@@ -327,30 +340,35 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
                                 "student of the teacher's keys")
         notes.append(f"student: {s['STUDENT_DIR']} (action modules in {len(config.action_config.blocks)} blocks)"
                      + (f"; a bidirectional model, run block-causally with LOCAL_ATTN_SIZE={s['LOCAL_ATTN_SIZE']} "
-                        f"SINK_SIZE={s['SINK_SIZE']}" if bidirectional else ""))
+                        f"SINK_SIZE={s['SINK_SIZE']}" if bidirectional else "")
+                     + (" (LoRA)" if "student" in s["LORA_ROLES"] else ""))
         if bidirectional and s["STAGE"] != "causal_init" and ranks.main:
             print(f"warning: STUDENT_DIR={s['STUDENT_DIR']} holds a bidirectional model, never trained to make blocks "
                   f"causally; stage {s['STAGE']} usually starts from stage A's student (STAGE=causal_init first)",
                   file=sys.stderr)
     else:
-        start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, torch.float32,
+        start = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device, student_dtype,
                            s["IGNORE_BASE_FINGERPRINT"]).model
         student = causal_from(start, s["LOCAL_ATTN_SIZE"], s["SINK_SIZE"])
-        notes.append("student: the teacher's weights in the block-causal architecture")
-    student_trainable = prepare_trainable(student, "full", 0)
+        notes.append("student: the teacher's weights in the block-causal architecture"
+                     + (" (LoRA)" if "student" in s["LORA_ROLES"] else ""))
+    student_trainable = prepare_role(student, s, "student")
     student.train()
     critic, critic_trainable = None, {}
     if s["STAGE"] != "causal_init":
         critic = load_model(s["BASE_MODEL_DIR"], s["CHECKPOINT"], s["KEYBOARD_KEYS"], device,
                             precision.model_dtype, s["IGNORE_BASE_FINGERPRINT"]).model
-        critic_trainable = prepare_trainable(critic, "full", 0)
+        critic_trainable = prepare_role(critic, s, "critic")
         critic.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
         critic.train()
-        notes.append("critic: a trainable copy of the teacher")
+        notes.append("critic: a trainable copy of the teacher" + (" (LoRA)" if "critic" in s["LORA_ROLES"] else ""))
     student.set_gradient_checkpointing(s["GRADIENT_CHECKPOINTING"])
     for model in (student, teacher.model, critic):
         if model is not None:
             wrap_for_ranks(model, "full", ranks, device, precision.use_bf16)
+    for model in (teacher.model, student, critic):
+        if model is not None:
+            offload_frozen(model, s, HOST)
     # FSDP replaced the parameters: take them again by name
     student_trainable = {n: p for n, p in student.named_parameters() if n in student_trainable}
     if critic is not None:
@@ -358,13 +376,19 @@ def prepare_roles(s: dict, ranks: Ranks, device: torch.device, precision) -> Rol
     return Roles(student, teacher.model, critic, student_trainable, critic_trainable, teacher.keyboard_keys, notes)
 
 
-def export_student(roles: Roles, tensors: dict, folder: Path, metadata: dict, main: bool) -> None:
-    """Write the student as a streaming model folder (official layout), from whole tensors."""
+def export_student(roles: Roles, tensors: dict, folder: Path, metadata: dict, main: bool,
+                   lora: LoRAConfig | None = None) -> None:
+    """Write the student as a streaming model folder (official layout, float32), from whole
+    tensors; a LoRA student's adapters merged into its weights (a plain model plays)."""
     if not main:
         return
     with torch.device("meta"):
         model = CausalWanModel(roles.student.config, roles.student.frames_per_block)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    if lora is not None:
+        add_lora(model, lora)
+    model.load_state_dict({n: t.float() for n, t in tensors.items()}, strict=True, assign=True)
+    if lora is not None:
+        merge_lora(model)
     save_streaming_model(model, folder, metadata={k: str(v) for k, v in metadata.items()})
 
 
@@ -412,7 +436,7 @@ def restore(run: RunFolder, s: dict, split, roles: Roles, student_optimizer, cri
         RECIPE.load_optimizer_state(roles.critic, critic_optimizer, saved["critic_optimizer"])
     ema = None
     if saved["ema"] is not None:
-        ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
+        ema = student_ema(roles.student_trainable, s, HOST)
         load_full_tensors(ema.shadow, saved["ema"])
     step = saved["global_step"]
     schedule = LRSchedule(**saved["schedule"]).extended_to(total_steps, step)
@@ -481,7 +505,7 @@ def distribution_matching_step(s: dict, roles: Roles, dataset, step: int, ranks:
     """Stage B: in every micro-batch, on a generator step, a rollout with gradients and the
     DMD loss into the student; always, a fresh rollout and the critic's loss into the critic."""
     accum, steps = s["GRAD_ACCUM_STEPS"], len(rollout_settings.schedule)
-    generator_step = (step + 1) % s["GENERATOR_EVERY"] == 0
+    generator_step = is_generator_step(step, s["GENERATOR_EVERY"])
     models = DistillationModels(roles.student, roles.teacher, roles.critic)
     action = roles.student.config.action_config
     scale = ranks.world / (s["BATCH_SIZE"] * accum * ranks.world)
@@ -513,10 +537,10 @@ def long_tuning_step(s: dict, roles: Roles, dataset, step: int, ranks: Ranks, de
     student); the critic always learns the same (detached) window. A sequence's first
     iteration starts the streams of its clips."""
     accum, steps = s["GRAD_ACCUM_STEPS"], len(rollout_settings.schedule)
-    generator_step = (step + 1) % s["GENERATOR_EVERY"] == 0
+    generator_step = is_generator_step(step, s["GENERATOR_EVERY"])
     models = DistillationModels(roles.student, roles.teacher, roles.critic)
     action = roles.student.config.action_config
-    plan = stream_plan(s)
+    plan = StreamPlan.of(s)
     sequence, iteration = plan.position(step)
     scale = ranks.world / (s["BATCH_SIZE"] * accum * ranks.world)
     sums = [0.0, 0.0, 0.0]  # student loss, critic loss, critic sigma
@@ -568,13 +592,14 @@ def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared,
         f"{prepared.width}x{prepared.height}",
         f"optimisation: {total_steps} steps, effective batch {effective_batch} (BATCH_SIZE {s['BATCH_SIZE']} x "
         f"GRAD_ACCUM_STEPS {s['GRAD_ACCUM_STEPS']} x {ranks.world} rank(s))",
+        f"memory savers: {describe_savers(s)}",
     ]
     if s["STAGE"] == "causal_init":
         lines.append(f"objective: diffusion forcing, one noise level per block (shift {s['DF_SHIFT']}, weighting "
                      f"{s['DF_WEIGHTING']}), learning rate {s['DF_LEARNING_RATE']:g}")
     else:
         if s["STAGE"] == "long_tune":
-            plan = stream_plan(s)
+            plan = StreamPlan.of(s)
             lines.append(f"streams: {plan.max_latents} latent frames per clip, {plan.chunk} in the first iteration "
                          f"then {plan.new_per_iteration} per iteration ({plan.iterations_per_sequence} iterations per "
                          f"sequence); teacher and critic judge the last {plan.chunk} ({plan.overlap} overlap frames "
@@ -627,12 +652,16 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
     log = print if ranks.main else (lambda *a, **k: None)
 
     # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
+    allow_saved_optimizer_state(s)
     with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, METRICS_COLUMNS) as run:
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
         stage = s["STAGE"]
         # FRAME_NAME: which files are frames (None for frame_<number>.png, as in runs from before it)
         identity = dict(s, EFFECTIVE_BATCH=effective_batch, FRAME_NAME=data.data_settings(s).frames_identity)
         run.check_same_run(identity, RESUME_MUST_MATCH + (STREAM_MUST_MATCH if stage == "long_tune" else ()))
+        problems = savers_problems(s, ranks.world)
+        if problems:
+            raise SettingsError("bad settings:\n  " + "\n  ".join(problems))
         check_model_files(s)
         torch.manual_seed(s["SEED"])
         precision = choose_precision(s["MIXED_PRECISION"], device)
@@ -645,10 +674,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         roles = prepare_roles(s, ranks, device, precision)
         total_steps = s[STEPS_SETTING[stage]]
         schedule = LRSchedule(s["WARMUP_STEPS"], total_steps, s["MIN_LR_RATIO"])
-        student_lr = s["DF_LEARNING_RATE"] if stage == "causal_init" else s["GENERATOR_LR"]
-        student_optimizer = build_adamw(roles.student_trainable, student_lr, s["WEIGHT_DECAY"], device, s["ADAM_BETAS"])
-        critic_optimizer = build_adamw(roles.critic_trainable, s["CRITIC_LR"], s["WEIGHT_DECAY"], device,
-                                       s["ADAM_BETAS"]) if roles.critic is not None else None
+        student_lr = learning_rate(s, "student")
+        student_optimizer = role_optimizer(roles.student_trainable, s, "student", device, HOST)
+        critic_optimizer = role_optimizer(roles.critic_trainable, s, "critic", device, HOST) \
+            if roles.critic is not None else None
         cache_dtype = torch.bfloat16 if precision.use_bf16 else None
         rollout_settings = RolloutSettings(FewStepSchedule.of(s["DENOISING_STEPS"], s["TIMESTEP_SHIFT"]),
                                            s["TIMESTEP_SHIFT"], s["SCORE_MIN_TIMESTEP"], s["SCORE_MAX_TIMESTEP"],
@@ -681,7 +710,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         def start_ema() -> None:
             nonlocal ema
             if s["EMA_DECAY"] > 0 and ema is None and step >= s["EMA_START_STEP"]:
-                ema = EMA(roles.student_trainable, s["EMA_DECAY"], warmup=False)
+                ema = student_ema(roles.student_trainable, s, HOST)
 
         def save_state() -> None:
             """Whole tensors gathered on every rank, written by the main rank (resumable on any
@@ -710,7 +739,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             export_student(roles, tensors, run.path / name, {
                 "stage": stage, "step": step, "weights": "ema" if ema is not None else "trained",
                 "keyboard_keys": ",".join(roles.keys), "denoising_steps": ",".join(map(str, s["DENOISING_STEPS"])),
-                "teacher": f"{s['BASE_MODEL_DIR']} + {s['CHECKPOINT'] or 'no checkpoint'}"}, ranks.main)
+                "teacher": f"{s['BASE_MODEL_DIR']} + {s['CHECKPOINT'] or 'no checkpoint'}"}, ranks.main,
+                student_lora(s))
             if name not in exports:
                 exports.append(name)
 
@@ -789,7 +819,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             # stage C saves where its sequences end: a stream's KV cache holds keys and values that
             # the student's weights of earlier steps computed, which a resumed run cannot remake
             # (and at 480x832 it is ~1.7 GB per GPU); LONG_TUNE_STEPS is whole sequences
-            if save_due and (stage != "long_tune" or stream_plan(s).position(step)[1] == 0):
+            if save_due and (stage != "long_tune" or StreamPlan.of(s).position(step)[1] == 0):
                 save_due = False
                 save_state()
                 write_info("training" if step < total_steps else "finishing")
@@ -839,7 +869,11 @@ def run_demo(s: dict, ranks: Ranks, device) -> dict:
 
 
 def plan(s: dict) -> str:
-    """--plan: each stage's GPU memory, predicted on the CPU (planning/distill.py)."""
+    """--plan: each stage's GPU memory and cost, predicted on the CPU (planning/distill.py),
+    for GPUS GPUs (whose run would refuse the one-GPU savers, so the plan does too)."""
+    problems = savers_problems(s, s["GPUS"])
+    if problems:
+        raise SettingsError(f"bad settings for a plan on GPUS={s['GPUS']} GPUs:\n  " + "\n  ".join(problems))
     return plan_distillation(s).format()
 
 

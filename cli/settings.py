@@ -249,6 +249,13 @@ def at_least(low: int, most: int | None = None):
     return rule
 
 
+def whole_in(low: int, high: int):
+    def rule(value):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            return f"must be a whole number in [{low}, {high}]"
+    return rule
+
+
 def positive(value):
     if not _number(value) or value <= 0:
         return "must be a positive number"
@@ -387,6 +394,7 @@ SETTING_RULES = {
     "TEACHER_STEPS": at_least(1, MAX_SAMPLING_STEPS), "EXPORT_EVERY_STEPS": at_least(0, MAX_STEPS),
     "STREAM_CHUNK_LATENTS": at_least(1, MAX_CLIP_LATENTS), "STREAM_OVERLAP_LATENTS": at_least(1, MAX_CLIP_LATENTS),
     "STREAM_MAX_LATENTS": at_least(1, MAX_CLIP_LATENTS), "LONG_TUNE_STEPS": at_least(1, MAX_STEPS),
+    "GPUS": whole_in(1, 64),
 }
 
 

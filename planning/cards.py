@@ -11,6 +11,9 @@ Peaks are dense (no 2:4 sparsity) bf16 with float32 accumulation, from NVIDIA's 
 - H200: NVIDIA H200 Tensor Core GPU datasheet (1,979 with sparsity; the H100 SXM's compute).
 Memory is the nominal size; the total nvidia-smi shows is up to ~5% lower (L40S: 45 GiB of
 its 48 GB, H100: 79.6 GiB), which the plan's margin covers.
+
+The plans' time floors are FLOPs at the dense peak; real training runs reach a fraction of
+it (UTILISATION), which the plans say beside the floor.
 """
 
 from dataclasses import dataclass
@@ -37,6 +40,18 @@ CARDS = (
     Card("H100 SXM", 80, 989.4, ("H100",)),
     Card("H200", 141, 989.4, ("H200",)),
 )
+
+
+UTILISATION = (0.30, 0.60)  # the share of the dense peak real training runs reach, low to high
+
+
+def seconds_at_peak(flops: float, card: Card) -> float:
+    """The time floor of `flops` on one card: its dense bf16 peak, fully used."""
+    return flops / (card.bf16_tflops * 1e12)
+
+
+def card_named(name: str) -> Card:
+    return next(card for card in CARDS if card.name == name)
 
 
 def card_for_device(device_name: str) -> Card | None:

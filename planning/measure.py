@@ -90,7 +90,7 @@ def build_tables(config: WanConfig, latent_frames: int, latent_height: int, late
 
 
 @contextmanager
-def _flops_of(tracker: MemoryTracker, parts: dict, name: str):
+def flops_of(tracker: MemoryTracker, parts: dict, name: str):
     before = tracker.flops
     yield
     parts[name] = tracker.flops - before
@@ -189,14 +189,14 @@ def _preview_during_training(model: WanModel, vae: WanVAE, config: WanConfig, se
     clip, _, _ = training_inputs(config, 1, *grid, IMITATED_DEVICE)
     parts = {}
     with tracker.phase(memory.ACTIVATIONS):
-        with _flops_of(tracker, parts, "sampling step"):
+        with flops_of(tracker, parts, "sampling step"):
             latents = sample_latents(
                 model, clip["cond_concat"], clip["visual_context"], clip["keyboard"][0].to(HOST),
                 clip["mouse"][0].to(HOST), 1, settings["TIMESTEP_SHIFT"], torch.Generator().manual_seed(0),
                 imitated_autocast(settings["MIXED_PRECISION"] == "bf16"))
         vae = materialise(vae, IMITATED_DEVICE, GPU_DTYPE).requires_grad_(False).eval()
         tracker.track(list(vae.parameters()), memory.WEIGHTS)
-        with _flops_of(tracker, parts, "decode"):
+        with flops_of(tracker, parts, "decode"):
             decode_frames(vae, latents)
     return Measurement(**_measurement(tracker), flops_by_part=parts)
 
@@ -242,15 +242,15 @@ def measure_preview(config: WanConfig, settings: dict, vae_config: VAEConfig | N
         mouse = torch.zeros(frames, config.action_config.mouse_dim_in, device=HOST)
         parts = {}
         with tracker.phase(memory.ACTIVATIONS):  # generate_frames' window, with one sampling step
-            with _flops_of(tracker, parts, "conditioning"):
+            with flops_of(tracker, parts, "conditioning"):
                 image = first_frame[None].to(device=vae.device, dtype=vae.dtype)
                 cond_concat = build_cond_concat(vae, image, frames).float()
                 visual_context = build_visual_context(clip, image).float()
-            with _flops_of(tracker, parts, "sampling step"):
+            with flops_of(tracker, parts, "sampling step"):
                 latents = sample_latents(model, cond_concat, visual_context, keyboard, mouse, 1,
                                                      settings["TIMESTEP_SHIFT"], torch.Generator().manual_seed(0),
                                                      imitated_autocast(True))
-            with _flops_of(tracker, parts, "decode"):
+            with flops_of(tracker, parts, "decode"):
                 decode_frames(vae, latents)
         return Measurement(**_measurement(tracker), flops_by_part=parts)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cli.settings import check_choices
 from planning import memory
-from planning.cards import CARDS
+from planning.cards import CARDS, UTILISATION, seconds_at_peak
 from planning.measure import (Measurement, StepMeasurement, latent_grid, measure_cache_build, measure_preview,
                               measure_training)
 from generation.bidirectional import window_spans
@@ -178,7 +178,7 @@ class TrainingPlan:
             f"predicted peak GPU memory: {gib(step.peak):.2f} GiB",
             f"  = {step.peak / 1e9:.2f} GB; with a margin of {MARGIN_FRACTION:.0%} + {MARGIN_FIXED_GIB} GiB: "
             f"{gib(with_margin(step.peak)):.2f} GiB",
-            f"  at the peak ({_where(step.peak_op)}):",
+            f"  at the peak ({where_peak(step.peak_op)}):",
         ]
         lines += _breakdown(step.breakdown)
         lines += [f"  the forward leaves {gib(step.saved_activations):.2f} GiB of activations for the backward",
@@ -187,7 +187,7 @@ class TrainingPlan:
                          ("Validation / preview during training (weights + optimizer state resident; one no-grad "
                           "sampling step, then the VAE decode)", self.training_preview)):
             lines.append(f"{title}: peak {gib(m.peak):.2f} GiB ({gib(with_margin(m.peak)):.2f} GiB with the margin),"
-                         f" {_where(m.peak_op)}")
+                         f" {where_peak(m.peak_op)}")
         lines += ["", *self._time_lines(), "", *self._fit_lines()]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -198,14 +198,15 @@ class TrainingPlan:
         steps = math.ceil(micro_batches / accum)
         lines = [f"FLOPs: {self.step.flops / 1e12:,.1f} TFLOP per micro-batch (recomputation included), "
                  f"{self.step_flops / 1e12:,.1f} TFLOP per optimizer step ({accum} micro-batch(es))",
-                 f"Time floor at each card's dense bf16 peak (100% utilisation; real runs reach 30-60% of it), "
+                 f"Time floor at each card's dense bf16 peak (100% utilisation; real runs reach "
+                 f"{UTILISATION[0]:.0%}-{UTILISATION[1]:.0%} of it), "
                  f"{clips:,} clips (NUM_CLIPS) = {steps:,} optimizer steps per epoch",
                  f"  {'card':<10} {'memory':>7} {'TFLOP/s':>8} {'fits':>5} {'s/step':>8} {'min/epoch':>10} "
                  f"{'h/run':>7}"]
         needed = with_margin(self.step.peak)
         for card in CARDS:
-            per_step = self.step_flops / (card.bf16_tflops * 1e12)
-            epoch = micro_batches * self.step.flops / (card.bf16_tflops * 1e12)
+            per_step = seconds_at_peak(self.step_flops, card)
+            epoch = micro_batches * seconds_at_peak(self.step.flops, card)
             lines.append(f"  {card.name:<10} {card.memory_gb:>5g}GB {card.bf16_tflops:>8.0f} "
                          f"{'yes' if needed <= card.memory_gb * GIB else 'no':>5} {per_step:>8.2f} {epoch / 60:>10.1f} "
                          f"{epoch * s['NUM_EPOCHS'] / 3600:>7.1f}")
@@ -254,7 +255,7 @@ def _strategy(s: dict) -> str:
                                      else "")
 
 
-def _where(op: str) -> str:
+def where_peak(op: str) -> str:
     if not op:
         return "before the run"
     return ("in the backward, at " + op.replace(" (backward)", "")) if op.endswith("(backward)") else f"at {op}"
@@ -342,7 +343,7 @@ class PreviewPlan:
                  f"frames at {s['VIDEO_WIDTH']}x{s['VIDEO_HEIGHT']}",
                  f"predicted peak GPU memory: {gib(m.peak):.2f} GiB",
                  f"  = {m.peak / 1e9:.2f} GB; with a margin of {MARGIN_FRACTION:.0%} + {MARGIN_FIXED_GIB} GiB: "
-                 f"{gib(with_margin(m.peak)):.2f} GiB; {_where(m.peak_op)}",
+                 f"{gib(with_margin(m.peak)):.2f} GiB; {where_peak(m.peak_op)}",
                  *_breakdown(m.breakdown), f"  {NOT_COUNTED}",
                  f"  {'fits' if fits else 'does not fit'} a {s['GPU_MEMORY_GB']:g} GB card (GPU_MEMORY_GB)",
                  f"FLOPs: {total / 1e12:,.1f} TFLOP for {windows} window(s) x {models} model(s): "
@@ -353,7 +354,7 @@ class PreviewPlan:
         for card in CARDS:
             lines.append(f"  {card.name:<10} {card.memory_gb:>5g}GB "
                          f"{'yes' if with_margin(m.peak) <= card.memory_gb * GIB else 'no':>5} "
-                         f"{total / (card.bf16_tflops * 1e12):>16.1f}")
+                         f"{seconds_at_peak(total, card):>16.1f}")
         return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ same bits, two gloo ranks (FSDP) train what one rank does, bad settings are name
 the plan's counts."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 import distill_streaming_model as ds
 from conftest import REPO_ROOT
 from planning import memory
-from planning.distill import per_gpu, plan_distillation
+from planning.distill import fewest_gpus, iteration_flops, per_gpu, plan_distillation, run_flops
+from planning.measure import Measurement
 from play.model import load_play_model
 from runs.folder import METRICS_FILE, STATE_FILE
 from wan.config import tiny_config
@@ -160,11 +162,20 @@ sys.exit(ds.main(sys.argv[2:]))
 """
 
 
+# stage B's savers all at once (one GPU's): LoRA student and critic, 8-bit state offloaded to the host
+# with the EMA, the frozen blocks on the host, checkpointed rollouts
+SAVERS = dict(LORA_ROLES=("student", "critic"), LORA_RANK=4, LORA_ALPHA=4.0, OPTIMIZER="adamw_8bit",
+              OFFLOAD_OPTIMIZER=True, OFFLOAD_FROZEN=True, GRADIENT_CHECKPOINTING=True)
+
+
 @pytest.mark.slow
-def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_path):
+@pytest.mark.parametrize("savers", [{}, SAVERS], ids=["plain", "savers"])
+def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_path, savers):
+    if savers:
+        pytest.importorskip("torchao", reason="OPTIMIZER=adamw_8bit needs torchao (requirements.txt)")
     s, _ = stage_a
     common = dict(s, STAGE="dmd", STUDENT_DIR=str(Path(s["CHECKPOINT_DIR"]) / "student"), VAL_PREVIEW=False,
-                  VAL_EVERY_STEPS=100)
+                  VAL_EVERY_STEPS=100, **savers)
     straight = run([sys.executable, SCRIPT, *cli_args(dict(common, CHECKPOINT_DIR=str(tmp_path / "straight")))])
     assert straight.returncode == 0, straight.stderr[-3000:]
     killer = tmp_path / "killer.py"
@@ -184,9 +195,11 @@ def test_a_stage_b_run_killed_mid_step_resumes_to_the_same_bits(stage_a, tmp_pat
     assert [r.split(",")[:8] for r in rows[0]] == [r.split(",")[:8] for r in rows[1]]
 
 
-# stage C on the tiny clips: streams of 9 latent frames (6, then 3 more), windows of 6 with 3 overlap
+# stage C on the tiny clips: streams of 9 latent frames (6, then 3 more), windows of 6 with 3 overlap;
+# checkpointed (its rollouts replayed from a copy of the stream's cache), which resumes to the bit too
 LONG = dict(STAGE="long_tune", STREAM_CHUNK_LATENTS=6, STREAM_OVERLAP_LATENTS=3, STREAM_MAX_LATENTS=9,
-            LONG_TUNE_STEPS=6, SAVE_EVERY_STEPS=1, VAL_PREVIEW=False, VAL_EVERY_STEPS=100)
+            LONG_TUNE_STEPS=6, SAVE_EVERY_STEPS=1, VAL_PREVIEW=False, VAL_EVERY_STEPS=100,
+            GRADIENT_CHECKPOINTING=True)
 
 
 @pytest.mark.slow
@@ -249,27 +262,84 @@ def test_two_gloo_ranks_with_fsdp_train_what_one_rank_does(stage_a, tmp_path):
 
 # ----------------------------------------------------------------------------- the plan
 
-def test_the_plan_counts_three_models_and_shards_what_fsdp_shards():
-    s, _ = ds.parse_settings(["--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64", "--SEQUENCE_LENGTH=21", "--EMA_DECAY=0"])
-    config = tiny_config()
+@pytest.fixture(scope="module")
+def tiny_plan():
+    """The plan of every stage on the tiny config, 3 GPUs asked for, the EMA on."""
+    s, _ = ds.parse_settings(["--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64", "--SEQUENCE_LENGTH=21", "--GPUS=3",
+                              "--DMD_STEPS=10", "--LONG_TUNE_STEPS=12"])
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    plan = plan_distillation(s, config=config)
-    params = sum(p.numel() for p in ds.CausalWanModel(config.with_window(6, 0)).parameters())
-    a, b = plan.stages["causal_init"], plan.stages["dmd"]
-    # by hand: float32 student (and critic) with two AdamW moments; the teacher bf16
-    slack = 512 * 4 * len(list(ds.CausalWanModel(config.with_window(6, 0)).parameters()))  # allocator rounding
+    try:
+        return plan_distillation(s, config=tiny_config())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_plan_counts_three_models_the_ema_and_shards_what_fsdp_shards(tiny_plan):
+    config = tiny_config()
+    student = ds.CausalWanModel(config.with_window(6, 0))
+    params = sum(p.numel() for p in student.parameters())
+    a, b = tiny_plan.stages["causal_init"], tiny_plan.stages["dmd"]
+    # by hand: float32 student (and critic) with two AdamW moments, the student's float32 EMA; the teacher bf16
+    slack = 512 * 4 * len(list(student.parameters()))  # allocator rounding
     assert abs(a.breakdown[memory.WEIGHTS] - params * (4 + 2)) <= slack
+    assert abs(a.breakdown[memory.OPTIMIZER_STATE] - params * (2 * 4 + 4)) <= slack
     assert abs(b.breakdown[memory.WEIGHTS] - params * (4 + 4 + 2)) <= slack
-    assert abs(b.breakdown[memory.OPTIMIZER_STATE] - params * 2 * 2 * 4) <= 2 * slack
+    assert abs(b.breakdown[memory.OPTIMIZER_STATE] - params * (2 * 2 * 4 + 4)) <= 2 * slack
     assert b.peak > a.peak and b.flops > a.flops > 0
     sharded = sum(b.breakdown.get(label, 0) for label in (memory.WEIGHTS, memory.OPTIMIZER_STATE, memory.GRADIENTS))
     assert per_gpu(b, 1) == b.peak and per_gpu(b, 4) == pytest.approx(b.peak - sharded * 3 / 4)
     # stage C: stage B's models plus the VAE (bf16 like the teacher) for the anchors
-    c = plan.stages["long_tune"]
+    c = tiny_plan.stages["long_tune"]
     with torch.device("meta"):
         vae = list(WanVAE(VAEConfig()).parameters())
     vae_bytes, vae_slack = sum(p.numel() for p in vae) * 2, 512 * len(vae)
     assert abs(c.breakdown[memory.WEIGHTS] - b.breakdown[memory.WEIGHTS] - vae_bytes) <= vae_slack
     assert c.breakdown[memory.OPTIMIZER_STATE] == b.breakdown[memory.OPTIMIZER_STATE] and c.flops > 0
-    text = plan.format()
-    assert "Stage A" in text and "Stage B" in text and "Stage C" in text and "fits" in text and "H100" in text
+
+
+def test_each_stage_of_the_plan_starts_with_its_peak_on_gpus_gpus(tiny_plan):
+    text = tiny_plan.format()
+    peaks = re.findall(r"^predicted peak GPU memory: ([0-9.]+) GiB$", text, flags=re.M)
+    stages = list(tiny_plan.stages)
+    assert peaks == [f"{per_gpu(tiny_plan.stages[stage], 3) / 2**30:.2f}" for stage in stages]
+    for stage, section in zip(stages, text.split("predicted peak GPU memory")[1:]):
+        assert "on each of 3 GPU(s)" in section and "3 GPUs" in section and "8 GPUs" in section
+        assert all(card in section for card in ("H100 SXM", "A100 80GB", "L40S", "RTX 4090")), stage
+    assert "The whole recipe (DF_STEPS=3000, DMD_STEPS=10, LONG_TUNE_STEPS=12)" in text
+    assert "Which card" in text and "GPU-h" in text
+    with pytest.raises(ValueError, match="GPUS=0: must be a whole number in \\[1, 64\\]"):
+        ds.parse_settings(["--GPUS=0"])
+    with pytest.raises(ValueError, match="GPUS=65"):
+        ds.parse_settings(["--GPUS=65"])
+
+
+def test_the_runs_cost_counts_generator_and_critic_only_iterations(tiny_plan):
+    s = tiny_plan.settings
+    b, c = tiny_plan.stages["dmd"], tiny_plan.stages["long_tune"]
+    generator, critic = b.flops_by_part["generator"], b.flops_by_part["critic"]
+    assert generator > critic > 0 and b.flops == generator + critic
+    # DMD_STEPS=10, GENERATOR_EVERY=5: two generator iterations, eight critic-only ones
+    assert run_flops("dmd", b, s) == pytest.approx(2 * (generator + critic) + 8 * critic)
+    assert run_flops("dmd", b, dict(s, GRAD_ACCUM_STEPS=3)) == pytest.approx(3 * run_flops("dmd", b, s))
+    # stage C, 12 steps = two sequences of 6: the 5th step of each is a generator iteration, the
+    # first of each a stream's first iteration (9 new frames, no anchor)
+    part = c.flops_by_part
+    first, later = (part[f"{k}:rollout"] + part[f"{k}:critic"] for k in ("first", "later"))
+    expected = 2 * (first + 4 * later + later + part["later:generator"])
+    assert run_flops("long_tune", c, s) == pytest.approx(expected)
+    assert iteration_flops("causal_init", tiny_plan.stages["causal_init"], s, 0) == tiny_plan.stages["causal_init"].flops
+
+
+def test_the_fewest_gpus_that_fit_follow_the_sharded_share():
+    gib = 2**30
+    m = Measurement(peak=50 * gib, breakdown={memory.WEIGHTS: 40 * gib, memory.ACTIVATIONS: 10 * gib}, peak_op="")
+    # 40 / n + 10 GiB per GPU, with the margin (x1.1 + 0.75): 1 GPU 55.75, 2 GPUs 33.75, 4 GPUs 22.75
+    assert [fewest_gpus(m, card) for card in (80, 48, 24, 20)] == [1, 2, 4, 8]
+    assert fewest_gpus(m, 12) is None
+
+
+def test_a_plan_for_several_gpus_refuses_the_one_gpu_savers():
+    s, _ = ds.parse_settings(["--GPUS=2", "--OFFLOAD_OPTIMIZER=true"])
+    with pytest.raises(ValueError, match="GPUS=2 GPUs:\n  FSDP .* use OPTIMIZER=adamw without OFFLOAD_OPTIMIZER"):
+        ds.plan(s)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from generation.streaming import x0_from_velocity
-from training.rollout import Conditions, FewStepSchedule, SampleNoise, rollout
+from training.rollout import Conditions, FewStepSchedule, SampleNoise, backward_with_replays, rollout
 from wan import flow
 from wan.flow import NUM_TRAIN_TIMESTEPS
 from wan.shapes import LATENT_CHANNELS
@@ -81,6 +81,12 @@ def critic_losses(critic, x_gen: torch.Tensor, conditions: dict, sigma: torch.Te
     return per_sample_mean((prediction.float() - flow.velocity_target(x0, noise).float()) ** 2, mask)
 
 
+def is_generator_step(step: int, generator_every: int) -> bool:
+    """Whether optimizer step `step` (from 0) updates the student: every generator_every-th
+    (the critic learns at every step)."""
+    return (step + 1) % generator_every == 0
+
+
 @dataclass
 class DistillationModels:
     """The three roles. Each is what its forward goes through (with FSDP, the sharded model)."""
@@ -116,7 +122,7 @@ def generator_loss(models: DistillationModels, x_gen: torch.Tensor, conditions: 
         direction = dmd_direction(x_gen, denoise(models.teacher, x_t, sigma, conditions, autocast),
                                   denoise(models.critic, x_t, sigma, conditions, autocast))
     losses = dmd_losses(x_gen, direction, mask)
-    (losses.sum() * loss_scale).backward()
+    backward_with_replays(losses.sum() * loss_scale)  # a checkpointed rollout's blocks after the loss's backward
     return {"losses": losses.detach(), "sigma": sigma}
 
 

@@ -33,6 +33,11 @@ class StreamPlan:
     overlap: int      # of a later window, the frames the previous window already judged
     max_latents: int  # a sequence's whole length
 
+    @classmethod
+    def of(cls, settings: dict) -> "StreamPlan":
+        """The script's STREAM_CHUNK_LATENTS, STREAM_OVERLAP_LATENTS, STREAM_MAX_LATENTS."""
+        return cls(settings["STREAM_CHUNK_LATENTS"], settings["STREAM_OVERLAP_LATENTS"], settings["STREAM_MAX_LATENTS"])
+
     @property
     def new_per_iteration(self) -> int:
         """New latent frames of every iteration after a sequence's first."""

@@ -26,8 +26,8 @@ from torch.distributed.tensor import DTensor
 from training.ema import EMA
 from training.flow_matching import flow_matching_step, prepare_trainable
 from training.offload import FrozenBlocksOffload
-from training.optim import (OPTIMIZERS, OffloadedOptimizer, StepInBackward, build_optimizer, load_named_state,
-                            parameter_groups)
+from training.optim import (BETAS, OPTIMIZERS, OffloadedOptimizer, StepInBackward, build_optimizer,
+                            load_named_state, parameter_groups)
 from wan.lora import LoRAConfig
 
 
@@ -116,13 +116,14 @@ class TrainingRecipe:
         savers = Savers.of(settings)
         kernel_device = torch.device("cuda") if imitating_cuda else device  # fused AdamW, also on the host
         lr, groups = settings["LEARNING_RATE"], parameter_groups(trainable, settings["WEIGHT_DECAY"])
+        betas = settings.get("ADAM_BETAS", BETAS)  # distillation sets its own
         if savers.offload_optimizer:
             # the host's fused AdamW when training on CUDA (not on the planner's meta host)
             host_kernel = host if host.type == "meta" else kernel_device
             return OffloadedOptimizer(groups, lambda on_host: build_optimizer(on_host, savers.optimizer, lr,
-                                                                             host_kernel),
+                                                                             host_kernel, betas),
                                       host, pin=device.type == "cuda")
-        optimizer = build_optimizer(groups, savers.optimizer, lr, kernel_device)
+        optimizer = build_optimizer(groups, savers.optimizer, lr, kernel_device, betas)
         if savers.in_backward:
             optimizer.in_backward = StepInBackward(optimizer, trainable, settings["MAX_GRAD_NORM"])
         return optimizer

@@ -133,7 +133,7 @@ class CausalWanModel(WanModel):
                            device or weight.device, dtype or weight.dtype)
 
     def forward_cached(self, x, t, visual_context, cond_concat, cache: StreamCache, start_frame: int,
-                       keyboard_cond=None, mouse_cond=None):
+                       keyboard_cond=None, mouse_cond=None, checkpointing: bool = False):
         """One block of a stream through the KV cache: flow velocity, float32 [B, 16, n, H, W].
 
         x [B, 16, n, H, W]: latents of absolute latent frames start_frame .. start_frame+n-1;
@@ -147,8 +147,10 @@ class CausalWanModel(WanModel):
         at start_frame + n or repeats start_frame (a later denoising step or the clean
         context pass, which overwrite this block's entries). With gradients on, the
         backward of this call reaches the parameters; cached entries are detached, so no
-        gradient crosses calls. Gradient checkpointing does not apply here: one block's
-        activations are small, and a recompute would see caches that later calls changed.
+        gradient crosses calls. checkpointing: each transformer block recomputes its
+        activations in the backward (with the model's gradient checkpointing on) - only for
+        a call whose backward runs before any other call changes the cache, since the
+        recomputation reads the cache again (training/rollout.py's Replay does so).
         """
         if not isinstance(start_frame, int) or start_frame < 0:
             raise ValueError(f"start_frame must be a latent frame index >= 0, got {start_frame!r}")
@@ -163,7 +165,7 @@ class CausalWanModel(WanModel):
         cache.begin_call(start_frame, frames, batch, tokens_per_latent_frame(*x.shape[3:]))
         return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond,
                          attention=cache.layers, first_frame=start_frame, tables=tables,
-                         checkpointing=False)
+                         checkpointing=checkpointing)
 
 
 def causal_from(model: WanModel, local_attn_size: int, sink_size: int = 0,

@@ -18,6 +18,7 @@ The counters are kept in latent frames, once for the whole model (every buffer m
 step); a frame is `tokens_per_frame` self-attention entries and one action entry.
 """
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,12 @@ class RollingKV:
         self.entries_per_frame = entries_per_frame
         self.sink = sink_frames
 
+    def copy(self) -> "RollingKV":
+        copied = object.__new__(RollingKV)
+        copied.__dict__.update(self.__dict__)
+        copied.k, copied.v = self.k.clone(), self.v.clone()
+        return copied
+
     @torch.no_grad()
     def evict(self, plan: CacheWrite) -> None:
         """Move the kept frames down over the evicted ones (plan in frames, for this sink)."""
@@ -99,7 +106,10 @@ class LayerCache:
 
     def __init__(self, stream: "StreamCache", self_kv: RollingKV, mouse: RollingKV | None,
                  keyboard: RollingKV | None):
-        self.stream = stream
+        # a proxy, not a reference: a StreamCache and its layers in a cycle would outlive their
+        # stream until Python's cyclic collector ran, holding every buffer (a GB per stream at
+        # 352x640) - a training rollout makes a fresh stream each time
+        self.stream = weakref.proxy(stream)
         self.self_kv, self.mouse_kv, self.keyboard_kv = self_kv, mouse, keyboard
         self.context = None  # cross-attention (k, v) of the image context, made at the first call
 
@@ -166,6 +176,21 @@ class StreamCache:
         self.self_plan = self.action_plan = None
         for layer in self.layers:
             layer.context = None
+
+    @torch.no_grad()
+    def copy(self) -> "StreamCache":
+        """An independent copy of the stream as it stands (buffers, counters, the context's
+        keys and values): a checkpointed rollout that continues a stream replays its blocks
+        from this in the backward (training/rollout.py)."""
+        copied = object.__new__(StreamCache)
+        copied.__dict__.update(self.__dict__)
+        copied.layers = []
+        for layer in self.layers:
+            buffers = [None if kv is None else kv.copy() for kv in (layer.self_kv, layer.mouse_kv, layer.keyboard_kv)]
+            twin = LayerCache(copied, *buffers)
+            twin.context = layer.context  # detached and never written in place: shared
+            copied.layers.append(twin)
+        return copied
 
     @property
     def next_frame(self) -> int | None:
