@@ -4,6 +4,8 @@ Both rotate consecutive element pairs (2k, 2k+1) of a head as complex numbers
 (a + ib) * (cos + i sin). A table holds, per position, one angle per pair; an axis with
 n pairs turns pair k at position p by p * theta^(-k/n). Tables are built in float64 and
 stored as float32 cos/sin, once per (shape, start frame, device): every block reuses them.
+A stream (StreamRope) keeps the parts that do not move on its device and turns the frame
+axis by a position held there, so its blocks need no table from the host.
 
 A streaming model rotates its frames by their absolute position in the stream
 (`first_frame`). The reference's tables end at frame 1024 (self-attention) and 7500
