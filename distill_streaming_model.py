@@ -61,6 +61,7 @@ from demo_world.distill_demo import (DEMO_STAGES, DISTILL_DEMO_SETTINGS, clear_d
                                      missing_demo_inputs)
 from generation.errors import GenerationError
 from generation.finetuned import load_model
+from generation.streaming import COMPILE_MODES
 from latents.cache import CACHE_DTYPES, CacheError
 from planning.distill import STEPS_SETTING, plan_distillation
 from runs.errors import TrainingError
@@ -159,6 +160,7 @@ VAL_CLIPS = 4                            # the most active validation clips
 VAL_SAMPLES = 4                          # noises per clip, student and teacher: the distribution distance compares them all (1: off)
 TEACHER_STEPS = 50                       # Euler steps of the teacher's reference videos
 VAL_PREVIEW = True                       # write previews/step<N>.mp4: student, teacher, ground truth with the action overlay
+VAL_COMPILE = "off"                      # the streams' student calls: "off", "default" (torch.compile) or "reduce-overhead" (+ CUDA graphs), as play_world.py's COMPILE
 # speed and memory
 GRADIENT_CHECKPOINTING = True            # recompute in the backward instead of keeping activations: the whole-sequence forwards (stage A, the critic) block by block; the student's rollouts (B, C) replayed block by block
 MIXED_PRECISION = "bf16"                 # "bf16" (CUDA: bf16 autocast, float32 masters; the teacher in bf16) or "fp32"
@@ -222,7 +224,8 @@ def check_settings(s: dict) -> None:
     """Every range (cli/settings.py's rules), every choice, and the folders, before any work."""
     problems = check_ranges(s)
     problems += check_choices(s, {"STAGE": STAGES, "MIXED_PRECISION": MIXED_PRECISIONS,
-                                  "CACHE_DTYPE": tuple(CACHE_DTYPES), "DF_WEIGHTING": df.WEIGHTINGS})
+                                  "CACHE_DTYPE": tuple(CACHE_DTYPES), "DF_WEIGHTING": df.WEIGHTINGS,
+                                  "VAL_COMPILE": COMPILE_MODES})
     if not problems:
         latent_frames = latent_frame_count(s["SEQUENCE_LENGTH"])
         if latent_frames % FRAMES_PER_BLOCK:
@@ -756,7 +759,7 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                     roles.keys, precision.autocast, cache_dtype,
                     preview_path=run.path / PREVIEW_DIR / f"step{step}.mp4" if s["VAL_PREVIEW"] and ranks.main
                     else None, preview_info={"stage": stage, "step": step}, height=prepared.height,
-                    width=prepared.width)
+                    width=prepared.width, compile_mode=s["VAL_COMPILE"])
             history.append({"step": step, "weights": "ema" if ema is not None else "trained", **entry})
             log(format_validation(history[-1]))
 

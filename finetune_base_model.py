@@ -17,7 +17,6 @@ train() below reads as its phases; the pieces live in the `runs` (run folder) an
 """
 
 import datetime
-import math
 import platform
 import sys
 import time
@@ -48,13 +47,15 @@ from runs.saved_state import (MAX_SAVED_STEPS, absent_or_none, check_saved_state
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
 from training.controls import controls_learned, describe_controls
 from training.data import prepare_data
-from training.epochs import actions_digest, epoch_order, plan_epoch, sample_noise, seed_global_generators
-from training.flow_matching import model_inputs, validate
+from training.epochs import (EpochBatches, NoisedClips, actions_digest, epoch_order, plan_epoch,
+                             seed_global_generators)
+from training.flow_matching import noised_inputs, validate
 from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
                             sharded, wrap_for_ranks)
 from training.recipe import Savers, TrainingRecipe, lora_config
 from training.schedule import LRSchedule, apply_learning_rate
+from training.step_log import StepLog
 from wan import flow
 from wan.files import check_output_folder
 from wan.fingerprint import FINGERPRINT_KEY, model_fingerprint
@@ -485,68 +486,65 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             return full_tensors(ema.shadow if ema is not None else trainable, ranks.main)
 
         write_info("training")
+        # One DataLoader for the run: its workers live as long as it, draw each sample's noise
+        # (NoisedClips) and hand the batches over in pinned memory; the figures of the steps are
+        # read every LOG_EVERY_STEPS steps, before every save and at the epoch's end (StepLog).
+        batches = EpochBatches()
+        loader = DataLoader(NoisedClips(train_set, s["SEED"], sampling), batch_sampler=batches,
+                            num_workers=s["NUM_WORKERS"], persistent_workers=s["NUM_WORKERS"] > 0,
+                            pin_memory=device.type == "cuda")
+        step_log = StepLog(ranks)
+        bar = None
+
+        def take_figures() -> None:
+            """The pending steps' figures (a sync on a GPU): metrics rows, the epoch's loss; the
+            first non-finite loss or gradient norm stops the run, before anything of it is saved."""
+            for row in step_log.flush(run.on_disk()):
+                epoch_loss[0] += row.pop("loss_sum")
+                epoch_loss[1] += row.pop("samples")
+                metrics.append(row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                    s_step=f"{row['seconds_per_step']:.2f}")
+
         train_start = time.time()
         while epoch < s["NUM_EPOCHS"]:
             epoch_started = time.time()
             order = epoch_order(len(train_set), s["SEED"], epoch)
             steps, _ = plan_epoch(position, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
-            my_batches = [[order[p] for p in micro[ranks.rank]] for step in steps for micro in step]
-            loader = iter(DataLoader(train_set, batch_sampler=my_batches, num_workers=s["NUM_WORKERS"],
-                                     pin_memory=device.type == "cuda"))
+            batches.set_epoch(epoch, order, [micro[ranks.rank] for step in steps for micro in step])
+            micro_batches = iter(loader)
             bar = tqdm(total=steps_per_epoch, initial=steps_per_epoch - len(steps), unit="step",
                        desc=f"epoch {epoch + 1}/{s['NUM_EPOCHS']}", disable=not ranks.main)
-            step_started = time.time()
+            step_log.start_clock()
             for step in steps:
                 # Each sample's loss is weighted 1/(samples in the step), summed over ranks by
                 # the gradient all-reduce (which averages: hence x world), so the step's gradient
                 # is the mean over all its samples, whatever the ranks and micro-batches.
                 step_samples = sum(len(per_rank) for micro in step for per_rank in micro)
-                step_loss, step_sigma = 0.0, 0.0
                 lr = apply_learning_rate(optimizer, s["LEARNING_RATE"], schedule, global_step)
                 seed_global_generators(s["SEED"], "step", global_step, ranks.rank)  # LoRA's dropout, exactly on resume
                 for micro_index, micro in enumerate(step):
-                    batch = next(loader)
-                    inputs = model_inputs(batch, device)
-                    drawn = [sample_noise(s["SEED"], epoch, p, inputs["latents"].shape[1:], sampling)
-                             for p in micro[ranks.rank]]
-                    sigma = torch.cat([d[0] for d in drawn])
-                    noise = torch.stack([d[1] for d in drawn])
+                    batch = next(micro_batches)
+                    inputs, sigma, noise = noised_inputs(batch, device)
                     with gradient_sync(wrapped, model, enabled=micro_index == len(step) - 1):
                         losses = RECIPE.micro_batch(wrapped, optimizer, inputs, sigma, noise, precision.autocast,
                                                     ranks.world / step_samples)
-                    finite, loss_sum, sigma_sum = ranks.sum([float(torch.isfinite(losses).all()),
-                                                             losses.sum().item(), sigma.sum().item()])
-                    if finite < ranks.world:
-                        clips = ", ".join(f"{r}:{f}" for r, f in zip(batch["recording"], batch["first_frame"].tolist()))
-                        raise TrainingError(
-                            f"the loss became {loss_sum} at optimizer step {global_step + 1} (epoch {epoch + 1}; "
-                            f"clips {clips}{f' on rank {ranks.rank}' if ranks.world > 1 else ''}); training stopped "
-                            f"before applying it. {run.on_disk()}. Try a lower LEARNING_RATE or MAX_GRAD_NORM, "
-                            "or MIXED_PRECISION=fp32.")
-                    step_loss += loss_sum
-                    step_sigma += sigma_sum
+                    step_log.micro_batch(losses, batch["sigma"], batch["recording"], batch["first_frame"])
 
-                grad_norm = RECIPE.clip_gradients(optimizer, trainable, s)
-                if not math.isfinite(grad_norm):
-                    raise TrainingError(f"the gradient norm became {grad_norm} at optimizer step {global_step + 1}; "
-                                        f"training stopped before saving anything of this step. {run.on_disk()}. "
-                                        "Try a lower LEARNING_RATE or MIXED_PRECISION=fp32.")
+                grad_norm = RECIPE.clip_gradients_on_device(optimizer, trainable, s)
                 RECIPE.optimizer_step(optimizer, ema, trainable, global_step)
                 global_step += 1
                 position = step[-1][-1][-1] + 1
-                loss = step_loss / step_samples
-                epoch_loss = [epoch_loss[0] + step_loss, epoch_loss[1] + step_samples]
-                seconds = time.time() - step_started
-                step_started = time.time()
-                metrics.append({"step": global_step, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                                "grad_norm": grad_norm, "sigma": step_sigma / step_samples,
-                                "seconds_per_step": seconds})
+                step_log.step_done(global_step, epoch + 1, lr, grad_norm, step_samples)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_step=f"{seconds:.2f}")
                 if global_step % s["LOG_EVERY_STEPS"] == 0:
+                    take_figures()
                     run.write_metrics(metrics)
                 if s["SAVE_EVERY_STEPS"] and global_step % s["SAVE_EVERY_STEPS"] == 0 and step is not steps[-1]:
+                    take_figures()
                     save_state()
+            take_figures()
             bar.close()
 
             # --- end of epoch: validate, save, report

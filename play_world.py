@@ -46,7 +46,7 @@ from generation.errors import GenerationError
 from generation.inputs import recording_range
 from generation.previews import preview_clip_index
 from generation.streaming import DENOISING_STEPS as STUDENT_DENOISING_STEPS  # the setting takes the name
-from generation.streaming import STUDENT_KEYBOARD_KEYS, StreamingGenerator, first_frame_conditions
+from generation.streaming import COMPILE_MODES, STUDENT_KEYBOARD_KEYS, StreamingGenerator, first_frame_conditions
 from latents.encoders import load_encoders
 from play.controls import controls_for
 from play.headless import BlockActions, blocks_covering, blocks_within, script_blocks, sequence_blocks, stream_frames
@@ -87,6 +87,7 @@ MOUSE_SCALE = data.MOUSE_SCALE           # as in training: the recording's mouse
 DENOISING_STEPS = ()                     # the student's steps before warping; (): MODE's (1000,666,333)
 TIMESTEP_SHIFT = 5.0                     # the schedule's shift (5: the students' own)
 SEED = 0                                 # the noise seed
+COMPILE = "off"                          # "off"; "default": torch.compile the student's calls (fused kernels, the first two blocks wait for the compiler; a CPU needs a C++ compiler); "reduce-overhead": the same replayed as CUDA graphs (GPU)
 # live in the browser
 HOST = "127.0.0.1"                       # the address the page is served on (0.0.0.0: every network; beyond loopback the URL carries a token)
 PORT = 8000                              # its port (0: any free one)
@@ -119,7 +120,7 @@ def parse_settings(argv) -> tuple[dict, bool]:
 def check_settings(s: dict) -> None:
     """Every range (cli/settings.py's rules) and choice, before any model is loaded."""
     problems = check_ranges(s)
-    problems += check_choices(s, {"MODE": tuple(STUDENT_KEYBOARD_KEYS)})
+    problems += check_choices(s, {"MODE": tuple(STUDENT_KEYBOARD_KEYS), "COMPILE": COMPILE_MODES})
     try:
         denoising_steps(s)
     except SettingsError as error:
@@ -206,7 +207,8 @@ def start_stream(s: dict, loaded: PlayModel, cond_latent_frames: int) -> Streami
                                                          cond_latent_frames)
     del clip
     return StreamingGenerator(loaded.model, cond_concat, visual_context, StreamingDecoder(vae),
-                              denoising_steps=denoising_steps(s), shift=s["TIMESTEP_SHIFT"], seed=s["SEED"])
+                              denoising_steps=denoising_steps(s), shift=s["TIMESTEP_SHIFT"], seed=s["SEED"],
+                              compile_mode=s["COMPILE"])
 
 
 def not_distilled_warning(s: dict, loaded: PlayModel) -> str:

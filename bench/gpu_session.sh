@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The prepared script for a session lent a GPU (see bench/RESULTS.md): two device calls of
-# under 10 minutes each (the device tool's limit per command; about 15 minutes in all):
+# The prepared script for a session lent a GPU (see bench/RESULTS.md): device calls of under
+# 10 minutes each (the device tool's limit per command; about 15 minutes in all per session):
 #   bash bench/gpu_session.sh 1     # the CUDA tests; a training step per strategy, measured peak
 #                                   #   beside the planner's; streaming FPS of the distilled student
 #   bash bench/gpu_session.sh 2     # the model, the VAE, CLIP and a whole preview
+#   bash bench/gpu_session.sh 3     # no stalls (issue 31): the streaming loop and a training step
+#                                   #   per strategy and saver under torch.cuda.set_sync_debug_mode,
+#                                   #   streaming FPS compiled (CUDA graphs) against eager, the CUDA
+#                                   #   tests of the compiled stream, the prefetch and the offloaded step
 # Figures go to $OUT (the device tool's folder) or bench/gpu_out. No network is needed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +32,14 @@ case "${1:-1}" in
         run vae 150 python bench/bench_vae.py --no-cpu
         run clip 60 python bench/bench_clip.py --no-cpu
         run preview 200 python bench/bench_preview.py
+        ;;
+    3)  # in order of value: a later step may not fit the 10 minutes; each has its own limit
+        run check_syncs 200 python bench/check_syncs.py --blocks 4 --compile-layers 6 --steps 2
+        run streaming_compile 150 python bench/bench_streaming.py --no-cpu --compile off,reduce-overhead \
+            --layers 6 --blocks 8
+        run tests_cuda_issue31 120 python -m pytest -q tests/test_cuda.py -k "compiled or prefetched or offloaded"
+        run streaming_compile_30 110 python bench/bench_streaming.py --no-cpu --compile off,reduce-overhead \
+            --blocks 5
         ;;
 esac
 cat "$out/summary.txt"

@@ -21,8 +21,10 @@ from typing import Iterable, Iterator
 
 import torch
 
+from generation.errors import GenerationError
 from wan.causal import CausalWanModel
 from wan.conditioning import STREAM_COND_LATENT_FRAMES, build_cond_concat, build_visual_context
+from wan.device import to_device_without_waiting
 from wan.flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
 from wan.shapes import LATENT_CHANNELS, VAE_TIME_STRIDE, video_frame_count
 from wan.vae import StreamingDecoder
@@ -125,11 +127,55 @@ def block_action_chunks(keyboard_cond: torch.Tensor | None, mouse_cond: torch.Te
     if any(c.shape[1] != rows for c in given) or (rows - 1) % VAE_TIME_STRIDE or latent_frames % frames_per_block:
         raise ValueError(f"action sequences must have the same 1 + 4(F-1) rows with F a multiple of "
                          f"{frames_per_block} latent frames, got {[list(c.shape) for c in given]}")
+    if not all(torch.isfinite(c).all() for c in given):  # checked once here, not per block (a sync on a GPU)
+        raise ValueError("action sequences have non-finite values")
     start = 0
     for index in range(latent_frames // frames_per_block):
         end = start + block_rows(index, frames_per_block)
         yield tuple(None if c is None else c[:, start:end] for c in (keyboard_cond, mouse_cond))
         start = end
+
+
+# ----------------------------------------------------------------------------- compiling a block's calls
+
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+COMPILE_HELP = ('"off" (eager), "default" (torch.compile: fused kernels; the first blocks wait for the '
+                'compiler) or "reduce-overhead" (the same, replayed as CUDA graphs on a GPU)')
+
+
+def compiled_step(model: CausalWanModel, mode: str, backend: str = "inductor"):
+    """model.cached_step as a stream runs it: itself ("off"), or compiled whole by
+    torch.compile with fullgraph=True (a graph break is an error, not a slow path) and
+    static shapes. Its first calls compile (a stream's first two blocks have their own
+    shapes and cache plans); from the third block on every call runs one graph.
+    "reduce-overhead" also captures it as a CUDA graph on a GPU (on a CPU it is "default").
+    backend: torch.compile's ("inductor" needs a C++ compiler on a CPU; tests use "eager"
+    or "aot_eager", which check the graph without generating code)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"COMPILE={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "off":
+        return model.cached_step
+    options = dict(mode=None if mode == "default" else mode) if backend == "inductor" else {}
+    return torch.compile(model.cached_step, fullgraph=True, dynamic=False, backend=backend, **options)
+
+
+def _compile_errors() -> tuple:
+    """What torch.compile raises when it cannot compile (dynamo's errors; inductor's own where
+    this torch has them)."""
+    import torch._dynamo.exc
+    errors = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _compile_failed(error: Exception, mode: str) -> GenerationError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return GenerationError(f"COMPILE={mode}: torch.compile could not compile the streaming step "
+                           f"({type(error).__name__}: {first_line[:300]}); set COMPILE=off to run it eagerly")
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -151,38 +197,58 @@ class StreamingGenerator:
     Fc - 1, which is exact once Fc >= STREAM_COND_LATENT_FRAMES. decoder: a StreamingDecoder
     for pixel frames, or None for latents only. denoising_steps: the student's list before
     warping (DENOISING_STEPS). context_noise: timestep of the clean-context pass (0 in the
-    released settings; above 0 the block is re-noised to it first).
+    released settings; above 0 the block is re-noised to it first). compile_mode: one of
+    COMPILE_MODES, for the student's calls (compiled_step; compile_backend: its backend).
 
     Noise comes from one torch.Generator on the model's device seeded with `seed`, drawn
     block by block (the block's starting noise, then one draw per re-noising step): the
     same seed gives the same stream here. It does not reproduce the reference's random
     numbers (which draws all starting noise before the loop and each step's noise in the
     model output's memory layout, STREAMING_SPEC 6.4c), only their distribution.
+
+    A block waits for nothing on the host: the schedule's timesteps and sigmas, the
+    conditions and the action history live on the device in buffers made once per stream,
+    the student's tables are computed there from its cache's position, and nothing is read
+    back. What enters from the host is the block's actions, checked on the host (a CPU
+    tensor, as a player gives it) and copied without waiting; actions already on the device
+    were checked where they entered (block_action_chunks checks whole sequences).
     """
 
     def __init__(self, model: CausalWanModel, cond_concat: torch.Tensor, visual_context: torch.Tensor,
                  decoder: StreamingDecoder | None = None, *, denoising_steps=DENOISING_STEPS["universal"],
                  shift: float = DEFAULT_SHIFT, context_noise: float = 0.0, seed: int = 0,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, compile_mode: str = "off", compile_backend: str = "inductor"):
         weight = model.patch_embedding.weight
         self.model, self.decoder, self.device = model, decoder, weight.device
-        self.frames_per_block = model.frames_per_block
+        self.frames_per_block = P = model.frames_per_block
         if cond_concat.dim() != 5 or visual_context.dim() != 3 or cond_concat.shape[0] != visual_context.shape[0]:
             raise ValueError(f"cond_concat must be [B, 20, F, h, w] and visual_context [B, tokens, width] for the "
                              f"same B, got {list(cond_concat.shape)} and {list(visual_context.shape)}")
-        self.batch = cond_concat.shape[0]
+        self.batch = B = cond_concat.shape[0]
         self.latent_size = tuple(cond_concat.shape[3:])
         self.cond_concat = cond_concat.to(self.device)
         self.visual_context = visual_context.to(self.device)
         self.timesteps = warped_timesteps(denoising_steps, shift)
         self.sigmas = grid_sigma(self.timesteps, shift)
         self.context_timestep = float(context_noise)
-        self.context_sigma = grid_sigma(torch.tensor(self.context_timestep), shift).item()
+        self.context_sigma = grid_sigma(torch.tensor(self.context_timestep), shift)
+        # the schedule on the device, once: a block's steps read it without a host copy
+        self.step_timesteps = [torch.full((B, P), t, device=self.device) for t in self.timesteps.tolist()]
+        self.step_sigmas = self.sigmas.to(self.device).unbind()
+        self.context_t = torch.full((B, P), self.context_timestep, device=self.device)
+        self.context_sigma_on_device = self.context_sigma.to(self.device)
         action = model.config.action_config
         self.action_widths = {"keyboard": action.keyboard_dim_in if action.enable_keyboard else None,
                               "mouse": action.mouse_dim_in if action.enable_mouse else None}
         # rows a later block reads (its windows' first row to its last raw frame): all we keep
         self.history_rows = action.window_frames + VAE_TIME_STRIDE * (self.frames_per_block - 1) + 1
+        self.history_buffers = {name: None if width is None else
+                                torch.zeros(B, self.history_rows, width, device=self.device)
+                                for name, width in self.action_widths.items()}
+        self.cond_buffer = torch.empty(B, *self.cond_concat.shape[1:2], P, *self.latent_size,
+                                       dtype=self.cond_concat.dtype, device=self.device)
+        self.compile_mode = compile_mode
+        self.cached_step = compiled_step(model, compile_mode, compile_backend)
         self.seed = seed
         self.cache = model.new_cache(self.batch, *self.latent_size, self.device, cache_dtype)
         self.reset()
@@ -195,7 +261,14 @@ class StreamingGenerator:
         if self.decoder is not None:
             self.decoder.reset()
         self.block_index, self.next_frame = 0, 0
-        self.history = {"keyboard": None, "mouse": None}
+        self.history_filled = 0
+
+    @property
+    def history(self) -> dict:
+        """The action rows kept, [B, R, width] per branch (None: none or no such branch),
+        ending at the last block's last raw frame: at most history_rows."""
+        return {name: None if buffer is None or not self.history_filled else buffer[:, -self.history_filled:]
+                for name, buffer in self.history_buffers.items()}
 
     @property
     def rows_for_next_block(self) -> int:
@@ -216,51 +289,71 @@ class StreamingGenerator:
         with R = rows_for_next_block, one row per frame (a scripted sequence, 6.4). A model
         without a mouse branch takes mouse=None.
         """
-        start, P = self.next_frame, self.frames_per_block
+        start = self.next_frame
         rows = {name: self._block_rows(name, cond) for name, cond in (("keyboard", keyboard), ("mouse", mouse))}
         cond_concat = self._cond_block(start)  # checked before the stream's state changes
         for name, new in rows.items():  # the history ends at the block's last raw frame
             if new is not None:
-                old = self.history[name]
-                self.history[name] = (new if old is None else torch.cat([old, new], dim=1))[:, -self.history_rows:]
+                buffer = self.history_buffers[name]
+                buffer.copy_(torch.cat([buffer[:, new.shape[1]:], new], dim=1))
+        self.history_filled = min(self.history_rows, self.history_filled + self.rows_for_next_block)
         call = dict(visual_context=self.visual_context, cond_concat=cond_concat, cache=self.cache,
                     start_frame=start, keyboard_cond=self.history["keyboard"], mouse_cond=self.history["mouse"])
 
         x = self._randn()
-        for j, (t, sigma) in enumerate(zip(self.timesteps.tolist(), self.sigmas.tolist())):
-            velocity = self.model.forward_cached(x, self._t(t), **call)
-            x0 = x0_from_velocity(x, velocity, sigma)
-            if j + 1 < len(self.timesteps):
-                x = renoise(x0, self._randn(), self.sigmas[j + 1].item())
-        context = x0 if self.context_timestep == 0 else renoise(x0, self._randn(), self.context_sigma)
-        self.model.forward_cached(context, self._t(self.context_timestep), **call)  # rewrites the block's cache
+        last = len(self.step_timesteps) - 1
+        for j, t in enumerate(self.step_timesteps):
+            x0 = x0_from_velocity(x, self._student(x, t, call), self.step_sigmas[j])
+            if j < last:
+                x = renoise(x0, self._randn(), self.step_sigmas[j + 1])
+        context = x0 if self.context_timestep == 0 else renoise(x0, self._randn(), self.context_sigma_on_device)
+        self._student(context, self.context_t, call)  # rewrites the block's cache
 
         video = None if self.decoder is None else self.decoder.decode(x0)
         block = StreamBlock(self.block_index, start, x0, video)
-        self.block_index, self.next_frame = self.block_index + 1, start + P
+        self.block_index, self.next_frame = self.block_index + 1, start + self.frames_per_block
         return block
+
+    def _student(self, x: torch.Tensor, t: torch.Tensor, call: dict) -> torch.Tensor:
+        """One call of the student: the host-side preparation, then the (compiled) tensor work."""
+        prepared = self.model.prepare_cached(x, t, **call)
+        if self.compile_mode == "off":
+            return self.cached_step(**prepared)
+        if self.compile_mode == "reduce-overhead":
+            if self.block_index < 2:  # the buffers the stream keeps (the first blocks make the last of them)
+                for tensor in (*self.cache.tensors(), *self.history_buffers.values(), self.cond_buffer,
+                               self.visual_context):
+                    if tensor is not None:
+                        torch._dynamo.mark_static_address(tensor)
+            torch.compiler.cudagraph_mark_step_begin()  # the last call's output is no longer read
+        try:
+            return self.cached_step(**prepared)
+        except _compile_errors() as error:
+            raise _compile_failed(error, self.compile_mode) from error
 
     def _randn(self) -> torch.Tensor:
         shape = (self.batch, LATENT_CHANNELS, self.frames_per_block, *self.latent_size)
         return torch.randn(shape, generator=self.noise, device=self.device, dtype=torch.float32)
 
-    def _t(self, value: float) -> torch.Tensor:
-        return torch.full((self.batch, self.frames_per_block), value, device=self.device, dtype=torch.float32)
-
     def _cond_block(self, start: int) -> torch.Tensor:
+        """The block's conditions in the stream's buffer: frames start.. of cond_concat, those
+        past its end held at its last frame."""
         available = self.cond_concat.shape[2]
         end = start + self.frames_per_block
-        if end <= available:
-            return self.cond_concat[:, :, start:end]
-        if available < STREAM_COND_LATENT_FRAMES:
+        if end > available and available < STREAM_COND_LATENT_FRAMES:
             raise ValueError(f"cond_concat has {available} latent frames and the stream has reached frame {end - 1}; "
                              f"streaming on needs at least {STREAM_COND_LATENT_FRAMES} (from then on they no longer "
                              f"change, see wan.conditioning.STREAM_COND_LATENT_FRAMES)")
-        index = torch.arange(start, end, device=self.device).clamp(max=available - 1)
-        return self.cond_concat[:, :, index]
+        inside = max(0, min(end, available) - start)
+        if inside:
+            self.cond_buffer[:, :, :inside].copy_(self.cond_concat[:, :, start:start + inside])
+        if inside < self.frames_per_block:
+            self.cond_buffer[:, :, inside:].copy_(self.cond_concat[:, :, available - 1:available])
+        return self.cond_buffer
 
     def _block_rows(self, name: str, cond: torch.Tensor | None) -> torch.Tensor | None:
-        """The block's action rows [B, R, width] from one action or R rows."""
+        """The block's action rows [B, R, width] on the device from one action or R rows,
+        checked on the host (values too, when they come from there)."""
         width, rows = self.action_widths[name], self.rows_for_next_block
         if width is None:
             if cond is not None:
@@ -268,13 +361,13 @@ class StreamingGenerator:
             return None
         if cond is None:
             raise ValueError(f"this model needs a {name} action for every block ([B, {width}] or [B, {rows}, {width}])")
-        cond = torch.as_tensor(cond, dtype=torch.float32, device=self.device)
+        cond = torch.as_tensor(cond, dtype=torch.float32)
         if cond.dim() == 2:
             cond = cond[:, None].expand(-1, rows, -1)
         if tuple(cond.shape) != (self.batch, rows, width):
             raise ValueError(f"{name} action must be [B={self.batch}, {width}] (one for the block) or "
                              f"[B={self.batch}, {rows}, {width}] (one per frame of block {self.block_index}), "
                              f"got {list(cond.shape)}")
-        if not torch.isfinite(cond).all():
+        if cond.device.type == "cpu" and not torch.isfinite(cond).all():
             raise ValueError(f"{name} action has non-finite values")
-        return cond
+        return to_device_without_waiting(cond, self.device)

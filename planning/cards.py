@@ -9,8 +9,10 @@ Peaks are dense (no 2:4 sparsity) bf16 with float32 accumulation, from NVIDIA's 
 - H100 SXM and PCIe: NVIDIA H100 Tensor Core GPU datasheet (1,979 / 1,513 with sparsity).
 - H100 NVL: same datasheet (1,671 with sparsity per GPU).
 - H200: NVIDIA H200 Tensor Core GPU datasheet (1,979 with sparsity; the H100 SXM's compute).
-Memory is the nominal size; the total nvidia-smi shows is up to ~5% lower (L40S: 45 GiB of
-its 48 GB, H100: 79.6 GiB), which the plan's margin covers.
+Memory is the nominal size, which is in GiB: cards are sold by the binary size of their
+memory ("24 GB" is 24 GiB of chips), so the planner compares it, and GPU_MEMORY_GB, as GiB
+(card_bytes) and prints GiB. The total nvidia-smi shows is up to ~5% lower (L40S: 45 GiB of
+its 48, H100: 79.6 of 80: ECC and the driver's share), which the plan's margin covers.
 
 The plans' time floors are FLOPs at the dense peak; real training runs reach a fraction of
 it (UTILISATION), which the plans say beside the floor.
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Card:
     name: str
-    memory_gb: float        # nominal
+    memory_gb: float        # nominal, = GiB (card_bytes)
     bf16_tflops: float      # dense bf16 tensor-core peak, TFLOP/s
     device_name: tuple      # substrings of torch.cuda.get_device_name() that all name this card
 
@@ -52,6 +54,11 @@ def seconds_at_peak(flops: float, card: Card) -> float:
 
 def card_named(name: str) -> Card:
     return next(card for card in CARDS if card.name == name)
+
+
+def card_bytes(memory_gb: float) -> float:
+    """A card's memory as sold ("24 GB", GPU_MEMORY_GB=24) in bytes: that many GiB."""
+    return memory_gb * 2**30
 
 
 def card_for_device(device_name: str) -> Card | None:

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 import torch
 
 from planning import memory
-from planning.cards import UTILISATION, card_named, seconds_at_peak
+from planning.cards import UTILISATION, card_bytes, card_named, seconds_at_peak
 from planning.imitation import IMITATED_DEVICE, fake_tensors, imitated_autocast
 from planning.measure import HOST, GPU_DTYPE, Measurement, flops_of, materialise, meta_module, training_inputs
 from planning.memory import MemoryTracker
-from planning.plan import (GIB, MARGIN_FIXED_GIB, MARGIN_FRACTION, NOT_COUNTED, gib, model_config, where_peak,
+from planning.plan import (MARGIN_FIXED_GIB, MARGIN_FRACTION, NOT_COUNTED, gib, model_config, where_peak,
                            with_margin)
 from training import diffusion_forcing as df
 from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
@@ -297,7 +297,7 @@ def run_flops(stage: str, m: Measurement, settings: dict) -> float:
 
 def fewest_gpus(m: Measurement, memory_gb: float) -> int | None:
     """The fewest of GPU_COUNTS GPUs whose per-GPU peak, with the margin, fits memory_gb."""
-    return next((n for n in GPU_COUNTS if with_margin(per_gpu(m, n)) <= memory_gb * GIB), None)
+    return next((n for n in GPU_COUNTS if with_margin(per_gpu(m, n)) <= card_bytes(memory_gb)), None)
 
 
 @dataclass
@@ -337,7 +337,7 @@ class DistillationPlan:
                                              "replayed block by block)" if s["GRADIENT_CHECKPOINTING"] else "off")
             + (f"; EMA {s['EMA_DECAY']}" if s["EMA_DECAY"] > 0 else "") + f"; memory savers: {describe_savers(s)}",
             f"Each stage's peak per GPU with FSDP over GPUS={s['GPUS']} GPU(s) first, then over 1, 2, 4 and 8 (weights, "
-            f"gradients and optimizer state sharded, the rest not), against a {s['GPU_MEMORY_GB']:g} GB card "
+            f"gradients and optimizer state sharded, the rest not), against a {s['GPU_MEMORY_GB']:g} GiB card "
             "(GPU_MEMORY_GB)",
         ]
         for stage in self.stages:
@@ -354,8 +354,8 @@ class DistillationPlan:
         counts = sorted({*GPU_COUNTS, gpus})
         lines = [f"predicted peak GPU memory: {gib(peak):.2f} GiB",
                  f"  on each of {gpus} GPU(s); with a margin of {MARGIN_FRACTION:.0%} + {MARGIN_FIXED_GIB} GiB: "
-                 f"{gib(with_margin(peak)):.2f} GiB, {'fits' if with_margin(peak) <= card * GIB else 'does not fit'} "
-                 f"a {card:g} GB card; the peak {where_peak(m.peak_op)}",
+                 f"{gib(with_margin(peak)):.2f} GiB, {'fits' if with_margin(peak) <= card_bytes(card) else 'does not fit'} "
+                 f"a {card:g} GiB card; the peak {where_peak(m.peak_op)}",
                  f"  {'GiB per GPU, FSDP over':<28}" + "".join(f"{f'{n} GPU' + ('s' if n > 1 else ''):>9}"
                                                               for n in counts)]
         for label in memory.LABELS:
@@ -366,8 +366,8 @@ class DistillationPlan:
         lines.append(f"    {'peak':<26}" + "".join(f"{gib(per_gpu(m, n)):>9.2f}" for n in counts))
         lines.append(f"    {'with the margin':<26}" + "".join(f"{gib(with_margin(per_gpu(m, n))):>9.2f}"
                                                               for n in counts))
-        lines.append(f"    {f'fits {card:g} GB?':<26}" + "".join(
-            f"{'yes' if with_margin(per_gpu(m, n)) <= card * GIB else 'no':>9}" for n in counts))
+        lines.append(f"    {f'fits {card:g} GiB?':<26}" + "".join(
+            f"{'yes' if with_margin(per_gpu(m, n)) <= card_bytes(card) else 'no':>9}" for n in counts))
         steps_name = STEPS_SETTING[stage]
         first = iteration_flops(stage, m, s, s["GENERATOR_EVERY"] - 1)
         if stage == "causal_init":
@@ -398,7 +398,7 @@ class DistillationPlan:
             hours = sum(seconds_at_peak(f, card) for f in totals) / 3600
             counts = [fewest_gpus(m, card.memory_gb) for m in self.stages.values()]
             n = None if None in counts else max(counts)
-            lines.append(f"  {f'{card.name} ({card.memory_gb:g} GB)':<22} {hours:>7.2f} {n or 'none of 1-8':>34} "
+            lines.append(f"  {f'{card.name} ({card.memory_gb:g} GiB)':<22} {hours:>7.2f} {n or 'none of 1-8':>34} "
                          + (f"{hours * n:>16.2f}" if n else f"{'-':>16}"))
         return lines
 
@@ -406,7 +406,7 @@ class DistillationPlan:
         s = self.settings
         lines = ["Which card: the fewest GPUs (of 1, 2, 4, 8) that fit each stage with the margin, and the stage's "
                  "GPU-hours there (time floor)",
-                 f"  {'stage':<12}" + "".join(f"{f'{c.name} ({c.memory_gb:g} GB)':>26}" for c in cost_cards())]
+                 f"  {'stage':<12}" + "".join(f"{f'{c.name} ({c.memory_gb:g} GiB)':>26}" for c in cost_cards())]
         for stage, m in self.stages.items():
             cells = []
             for card in cost_cards():

@@ -11,10 +11,13 @@ parts of a peak that grow with the tokens of a micro-batch (activations, backwar
 temporaries, inputs) grow linearly with them - every op in the model is linear in tokens
 at a fixed frame size, attention included, since the fused kernels hold no L x L matrix -
 while weights, optimizer state, gradients and autocast's weight copies stay. That line
-gives the longest clip and the largest batch that fit GPU_MEMORY_GB; one more measurement
-at the longest clip checks it.
+says where the longest clip and the largest batch that fit GPU_MEMORY_GB lie; for your
+settings both answers are then measured (at the answer and one above it) and moved until
+the measurement agrees (largest_fitting), so the answers printed are checked ones.
+Memory sizes are GiB throughout (planning/cards.py: a "24 GB" card holds 24 GiB).
 """
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from cli.settings import check_choices
 from planning import memory
-from planning.cards import CARDS, UTILISATION, seconds_at_peak
+from planning.cards import CARDS, UTILISATION, card_bytes, seconds_at_peak
 from planning.measure import (Measurement, StepMeasurement, latent_grid, measure_cache_build, measure_preview,
                               measure_training)
 from generation.bidirectional import window_spans
@@ -52,6 +55,11 @@ def gib(nbytes: float) -> float:
     return nbytes / GIB
 
 
+def largest_peak(capacity: float) -> float:
+    """The largest measured peak whose with_margin fits capacity bytes."""
+    return (capacity - MARGIN_FIXED_GIB * GIB) / (1 + MARGIN_FRACTION)
+
+
 # -----------------------------------------------------------------------------
 # Settings
 
@@ -65,7 +73,7 @@ def resolve_settings(settings: dict) -> dict:
         problems.append(f"VIDEO_HEIGHT/VIDEO_WIDTH: {error}")
     for name in ("GPU_MEMORY_GB",):
         if not isinstance(s[name], (int, float)) or isinstance(s[name], bool) or not s[name] > 0:
-            problems.append(f"{name}={s[name]!r}: must be a positive number (the card's memory in GB)")
+            problems.append(f"{name}={s[name]!r}: must be a positive number (the card's memory, \"24 GB\" = 24 GiB)")
     for name in ("NUM_CLIPS", "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LAST_LAYERS", "NUM_EPOCHS", "PREVIEW_STEPS",
                  "NUM_STEPS", "WINDOW_FRAMES", "SEQUENCE_LENGTH"):
         if name in s and (not isinstance(s[name], int) or isinstance(s[name], bool) or s[name] < 1):
@@ -121,7 +129,7 @@ class TokenLine:
 
     def most_tokens(self, capacity: float) -> int:
         """The most tokens per micro-batch whose peak, with the margin, fits capacity bytes."""
-        room = (capacity - MARGIN_FIXED_GIB * GIB) / (1 + MARGIN_FRACTION) - self.fixed
+        room = largest_peak(capacity) - self.fixed
         return max(0, math.floor(room / self.per_token)) if self.per_token > 0 else 10**12
 
 
@@ -131,6 +139,45 @@ class Fit:
     fits: bool                 # the measured settings, with the margin
     longest_frames: int        # at batch 1; 0: none
     largest_batch: int         # at the requested clip; 0: none
+    checked: bool = False      # both answers measured (largest_fitting), not only read off the line
+
+
+@dataclass
+class Checked:
+    """An answer measured where it lies: the largest value whose measured peak fits."""
+
+    what: str                  # "the longest clip at batch 1" / "the largest BATCH_SIZE at ... frames"
+    value: int                 # frames or clips; 0: not even the smallest fits
+    peak: int                  # measured at value (0 when none fits)
+    line_value: int            # where the line put it
+    measurements: int
+
+
+def largest_fitting(guess: int, limit: int, peak_at, capacity: float, slope: float) -> tuple[int, int, int]:
+    """The largest whole x in 1..limit whose measured peak (peak_at(x), growing with x), with
+    the margin, fits capacity bytes: (x or 0, its peak or 0, measurements). Searched from the
+    line's guess: each next x is where the line through the two measurements nearest the
+    limit (at first: slope bytes per unit of x) reaches it, kept strictly between the largest
+    x known to fit and the smallest known not to, so the answer is always measured and so is
+    the value above it."""
+    room = largest_peak(capacity)
+    measured = {}
+    fitting, failing = 0, limit + 1
+    x = min(max(guess, 1), limit)
+    while failing - fitting > 1:
+        measured[x] = peak_at(x)
+        if measured[x] <= room:
+            fitting = x
+        else:
+            failing = x
+        if failing - fitting <= 1:
+            break
+        near = sorted(measured, key=lambda k: abs(measured[k] - room))[:2]
+        if len(near) == 2 and near[0] != near[1] and measured[near[0]] != measured[near[1]]:
+            slope = (measured[near[1]] - measured[near[0]]) / (near[1] - near[0])
+        estimate = near[0] + (room - measured[near[0]]) / slope if slope > 0 else (fitting + failing) / 2
+        x = min(max(math.floor(estimate), fitting + 1), failing - 1)
+    return fitting, measured.get(fitting, 0), len(measured)
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +191,7 @@ class TrainingPlan:
     training_preview: Measurement
     cache_build: Measurement
     fits: list
-    check: tuple | None        # (frames, measured peak, the line's peak)
+    checks: list               # Checked answers: your settings' longest clip and largest batch (and the advice's)
     seconds: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -207,46 +254,49 @@ class TrainingPlan:
         for card in CARDS:
             per_step = seconds_at_peak(self.step_flops, card)
             epoch = micro_batches * seconds_at_peak(self.step.flops, card)
-            lines.append(f"  {card.name:<10} {card.memory_gb:>5g}GB {card.bf16_tflops:>8.0f} "
-                         f"{'yes' if needed <= card.memory_gb * GIB else 'no':>5} {per_step:>8.2f} {epoch / 60:>10.1f} "
-                         f"{epoch * s['NUM_EPOCHS'] / 3600:>7.1f}")
+            lines.append(f"  {card.name:<10} {card.memory_gb:>4g}GiB {card.bf16_tflops:>8.0f} "
+                         f"{'yes' if needed <= card_bytes(card.memory_gb) else 'no':>5} {per_step:>8.2f} "
+                         f"{epoch / 60:>10.1f} {epoch * s['NUM_EPOCHS'] / 3600:>7.1f}")
         lines.append(f"  (h/run: NUM_EPOCHS={s['NUM_EPOCHS']}; validation and previews come on top)")
         return lines
 
     def _fit_lines(self) -> list[str]:
         s = self.settings
         card = s["GPU_MEMORY_GB"]
-        lines = [f"On a {card:g} GB card (GPU_MEMORY_GB), with the margin - the step's peak at {s['SEQUENCE_LENGTH']} "
+        lines = [f"On a {card:g} GiB card (GPU_MEMORY_GB), with the margin - the step's peak at {s['SEQUENCE_LENGTH']} "
                  f"frames, the longest clip at BATCH_SIZE 1, the largest BATCH_SIZE at {s['SEQUENCE_LENGTH']} frames:",
                  f"  {'TRAINING_STRATEGY':<18} {'checkpointing':<13} {'peak':>10} {'+margin':>10} {'fits':>5} "
                  f"{'longest clip':>13} {'largest batch':>14}"]
         for fit in self.fits:
             m = fit.line.measured
             mine = m.strategy == s["TRAINING_STRATEGY"] and m.checkpointing == s["GRADIENT_CHECKPOINTING"]
+            about = "" if fit.checked else "~"
             lines.append(
                 f"{'*' if mine else ' '} {m.strategy:<18} {'on' if m.checkpointing else 'off':<13} "
                 f"{gib(m.peak):>6.2f} GiB {gib(with_margin(m.peak)):>6.2f} GiB "
                 f"{'yes' if fit.fits else 'no':>5} "
-                + (f"{fit.longest_frames:>6} frames" if fit.longest_frames else f"{'-':>13}")
-                + (f" {fit.largest_batch:>14}" if fit.largest_batch else f" {'-':>14}"))
-        lines.append("  (* your settings; GRAD_ACCUM_STEPS as set. The longest clip and largest batch follow the "
-                     f"line through each measured peak, capped at {video_frame_count(MAX_LATENT_FRAMES)} frames and "
-                     f"{MAX_BATCH}.)")
+                + (f"{about + str(fit.longest_frames):>6} frames" if fit.longest_frames else f"{'-':>13}")
+                + (f" {about + str(fit.largest_batch):>14}" if fit.largest_batch else f" {'-':>14}"))
+        lines.append("  (* your settings; GRAD_ACCUM_STEPS as set. Their longest clip and largest batch are measured, "
+                     "below; ~: where the line through each measured peak puts them (capped at "
+                     f"{video_frame_count(MAX_LATENT_FRAMES)} frames and {MAX_BATCH}).)")
         mine = next((f for f in self.fits if f.line.measured is self.step), None)
         fitting = [f"{f.line.measured.strategy} with checkpointing {'on' if f.line.measured.checkpointing else 'off'}"
                    for f in self.fits if f.fits]
         if mine is not None:
-            longest = max(self.fits, key=lambda f: f.longest_frames)
+            longest = max(self.fits, key=lambda f: (f.longest_frames, f.checked))
             otherwise = (f"the longest clip that fits: {longest.longest_frames} frames ({longest.line.measured.strategy}"
                          f", checkpointing {'on' if longest.line.measured.checkpointing else 'off'})"
                          if longest.longest_frames else "no clip fits this card")
-            lines.append(f"  -> your settings {'fit' if mine.fits else 'do not fit'} a {card:g} GB card; at "
+            lines.append(f"  -> your settings {'fit' if mine.fits else 'do not fit'} a {card:g} GiB card; at "
                          f"{s['SEQUENCE_LENGTH']} frames " + (f"these fit: {', '.join(fitting)}" if fitting
                                                               else f"nothing fits; {otherwise}"))
-        if self.check is not None:
-            frames, measured, predicted = self.check
-            lines.append(f"  check of the line: measured {gib(measured):.2f} GiB at {frames} frames, batch 1; the line "
-                         f"gives {gib(predicted):.2f} GiB ({(predicted - measured) / measured:+.1%})")
+        for check in self.checks:
+            found = (f"{check.value}" + (" frames" if "clip" in check.what else "") + f": measured "
+                     f"{gib(check.peak):.2f} GiB, {gib(with_margin(check.peak)):.2f} GiB with the margin" if check.value
+                     else "none fits")
+            lines.append(f"  checked: {check.what}, {found} (the line said {check.line_value or 'none'}; "
+                         f"{check.measurements} measurements, the next size up measured too)")
         return lines
 
 
@@ -267,12 +317,35 @@ def _breakdown(breakdown: dict) -> list[str]:
 
 
 def fit_card(line: TokenLine, settings: dict, tokens_per_frame: int, latent_frames: int) -> Fit:
-    capacity = settings["GPU_MEMORY_GB"] * GIB
+    """The line's answers (Fit.checked False; check_fit measures them)."""
+    capacity = card_bytes(settings["GPU_MEMORY_GB"])
     most = line.most_tokens(capacity)
     longest = min(MAX_LATENT_FRAMES, most // tokens_per_frame)
     batch = min(MAX_BATCH, most // (tokens_per_frame * latent_frames))
     return Fit(line, with_margin(line.measured.peak) <= capacity,
                video_frame_count(longest) if longest >= 1 else 0, batch)
+
+
+def check_fit(fit: Fit, measure, settings: dict, grid: tuple, tokens_per_frame: int) -> tuple[Fit, list]:
+    """The fit with its longest clip and largest batch measured (largest_fitting), and the
+    two Checked records. measure(settings, latent_frames, height, width) -> StepMeasurement
+    (the fit's strategy and checkpointing are set here)."""
+    m = fit.line.measured
+    mine = dict(settings, TRAINING_STRATEGY=m.strategy, GRADIENT_CHECKPOINTING=m.checkpointing)
+    latent_frames, height, width = grid
+    capacity = card_bytes(settings["GPU_MEMORY_GB"])
+    line_frames = (fit.longest_frames - 1) // 4 + 1 if fit.longest_frames else 0
+    frames, frames_peak, count = largest_fitting(
+        line_frames, MAX_LATENT_FRAMES, lambda f: measure(dict(mine, BATCH_SIZE=1), f, height, width).peak, capacity,
+        fit.line.per_token * tokens_per_frame)
+    longest = Checked("the longest clip at batch 1", video_frame_count(frames) if frames else 0, frames_peak,
+                      fit.longest_frames, count)
+    batch, batch_peak, count = largest_fitting(
+        fit.largest_batch, MAX_BATCH, lambda b: measure(dict(mine, BATCH_SIZE=b), latent_frames, height, width).peak,
+        capacity, fit.line.per_token * tokens_per_frame * latent_frames)
+    largest = Checked(f"the largest BATCH_SIZE at {settings['SEQUENCE_LENGTH']} frames", batch, batch_peak,
+                      fit.largest_batch, count)
+    return Fit(fit.line, fit.fits, longest.value, largest.value, checked=True), [longest, largest]
 
 
 def plan_training(settings: dict, recipe: TrainingRecipe | None = None, config: WanConfig | None = None,
@@ -282,7 +355,8 @@ def plan_training(settings: dict, recipe: TrainingRecipe | None = None, config: 
 
     recipe: how the step is run (training/recipe.py; default: the trainer's). config /
     encoders (a VAEConfig, CLIPVisionConfig pair): instead of BASE_MODEL_DIR's config and
-    the real encoders (tests use tiny ones). search=False measures only your own settings.
+    the real encoders (tests use tiny ones). search=False measures only your own settings
+    (and checks no answer).
     """
     started = time.perf_counter()
     s = resolve_settings(settings)
@@ -299,7 +373,7 @@ def plan_training(settings: dict, recipe: TrainingRecipe | None = None, config: 
     step, preview = measure_training(config, s, *grid, recipe=recipe, count_flops=True, with_preview=True,
                                      vae_config=vae_config)
     cache_build = measure_cache_build(s, vae_config, clip_config)
-    fits, check = [], None
+    fits, checks = [], []
     if search:
         for strategy in STRATEGIES:
             for checkpointing in (True, False):
@@ -309,15 +383,22 @@ def plan_training(settings: dict, recipe: TrainingRecipe | None = None, config: 
                     other = dict(s, TRAINING_STRATEGY=strategy, GRADIENT_CHECKPOINTING=checkpointing)
                     measured, _ = measure_training(config, other, *grid, recipe=recipe)
                 fits.append(fit_card(TokenLine(measured), s, per_frame, latent_frames))
-        mine = next(f for f in fits if f.line.measured is step)
-        check_frames = mine.longest_frames if mine.longest_frames and mine.longest_frames != s["SEQUENCE_LENGTH"] \
-            else video_frame_count(max(1, latent_frames // 2))
-        check_grid = latent_grid(check_frames, s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"])
-        checked, _ = measure_training(config, dict(s, BATCH_SIZE=1), *check_grid, recipe=recipe)
-        check = (check_frames, checked.peak, mine.line.peak(checked.tokens))
+
+        def measure(settings_at, frames, height, width):
+            return measure_training(config, settings_at, frames, height, width, recipe=recipe)[0]
+
+        mine = next(i for i, f in enumerate(fits) if f.line.measured is step)
+        fits[mine], checks = check_fit(fits[mine], measure, s, grid, per_frame)
+        while not any(f.fits for f in fits):  # the advice names the longest clip of any row: checked too
+            advised = max(range(len(fits)), key=lambda i: (fits[i].longest_frames, fits[i].checked))
+            if fits[advised].checked:
+                break
+            fits[advised], more = check_fit(fits[advised], measure, s, grid, per_frame)
+            checks.append(dataclasses.replace(more[0], what=f"{more[0].what} ({fits[advised].line.measured.strategy}, "
+                                              f"checkpointing {'on' if fits[advised].line.measured.checkpointing else 'off'})"))
     else:
         fits.append(fit_card(TokenLine(step), s, per_frame, latent_frames))
-    return TrainingPlan(s, source, step, preview, cache_build, fits, check, time.perf_counter() - started, notes)
+    return TrainingPlan(s, source, step, preview, cache_build, fits, checks, time.perf_counter() - started, notes)
 
 
 # -----------------------------------------------------------------------------
@@ -337,7 +418,7 @@ class PreviewPlan:
         step = m.flops_by_part.get("sampling step", 0)
         per_window = m.flops_by_part.get("conditioning", 0) + s["NUM_STEPS"] * step + m.flops_by_part.get("decode", 0)
         total = per_window * windows * models
-        fits = with_margin(m.peak) <= s["GPU_MEMORY_GB"] * GIB
+        fits = with_margin(m.peak) <= card_bytes(s["GPU_MEMORY_GB"])
         lines = [f"GPU plan for generate_preview.py (fake tensors on the CPU, nothing allocated; {self.seconds:.0f} s)",
                  f"model: {self.config_source}; bf16 weights, VAE and CLIP resident; windows of {s['WINDOW_FRAMES']} "
                  f"frames at {s['VIDEO_WIDTH']}x{s['VIDEO_HEIGHT']}",
@@ -345,15 +426,15 @@ class PreviewPlan:
                  f"  = {m.peak / 1e9:.2f} GB; with a margin of {MARGIN_FRACTION:.0%} + {MARGIN_FIXED_GIB} GiB: "
                  f"{gib(with_margin(m.peak)):.2f} GiB; {where_peak(m.peak_op)}",
                  *_breakdown(m.breakdown), f"  {NOT_COUNTED}",
-                 f"  {'fits' if fits else 'does not fit'} a {s['GPU_MEMORY_GB']:g} GB card (GPU_MEMORY_GB)",
+                 f"  {'fits' if fits else 'does not fit'} a {s['GPU_MEMORY_GB']:g} GiB card (GPU_MEMORY_GB)",
                  f"FLOPs: {total / 1e12:,.1f} TFLOP for {windows} window(s) x {models} model(s): "
                  f"{step / 1e12:,.2f} per sampling step x NUM_STEPS={s['NUM_STEPS']}, "
                  f"{m.flops_by_part.get('conditioning', 0) / 1e12:,.2f} for the conditioning, "
                  f"{m.flops_by_part.get('decode', 0) / 1e12:,.2f} for the decode",
                  f"  {'card':<10} {'memory':>7} {'fits':>5} {'seconds (floor)':>16}"]
         for card in CARDS:
-            lines.append(f"  {card.name:<10} {card.memory_gb:>5g}GB "
-                         f"{'yes' if with_margin(m.peak) <= card.memory_gb * GIB else 'no':>5} "
+            lines.append(f"  {card.name:<10} {card.memory_gb:>4g}GiB "
+                         f"{'yes' if with_margin(m.peak) <= card_bytes(card.memory_gb) else 'no':>5} "
                          f"{seconds_at_peak(total, card):>16.1f}")
         return "\n".join(lines)
 

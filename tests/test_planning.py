@@ -18,7 +18,8 @@ from planning.imitation import (CUDA_AUTOCAST_POLICY, IMITATED_DEVICE, cpu_autoc
                                 imitated_autocast, registered_autocast_ops)
 from planning.measure import build_tables, materialise, measure_training, meta_module, training_inputs
 from planning.memory import MemoryTracker, allocated_bytes
-from planning.plan import TokenLine, plan_preview, plan_training
+from planning.plan import (TokenLine, check_fit, fit_card, gib, largest_fitting, plan_preview, plan_training,
+                           with_margin)
 from training.flow_matching import flow_matching_step, prepare_trainable
 from training.recipe import TrainingRecipe, lora_config
 from wan.clip import CLIPVisionConfig
@@ -309,18 +310,40 @@ def test_autocast_without_its_weight_cache_casts_no_more_often():
 TINY_ENCODERS = (VAEConfig.tiny(), CLIPVisionConfig.tiny())
 
 
+def _card_between_5_and_6_latent_frames(config, s) -> float:
+    """A GPU_MEMORY_GB (GiB) where s's longest clip at batch 1 is 17 frames (5 latent frames)."""
+    at_5, at_6 = (measure_training(config, dict(s, BATCH_SIZE=1), frames, 4, 8)[0].peak for frames in (5, 6))
+    return gib(with_margin((at_5 + at_6) / 2))
+
+
 def test_the_training_plan_prints_one_peak_line_and_a_fit_for_every_strategy():
-    plan = plan_training(settings(GPU_MEMORY_GB=0.5, NUM_CLIPS=10), config=tiny(), encoders=TINY_ENCODERS)
+    config = tiny()
+    card = _card_between_5_and_6_latent_frames(config, settings())
+    plan = plan_training(settings(GPU_MEMORY_GB=card, NUM_CLIPS=10), config=config, encoders=TINY_ENCODERS)
     text = plan.format()
     peaks = re.findall(r"^predicted peak GPU memory: ([0-9.]+) GiB$", text, flags=re.M)
     assert peaks == [f"{plan.step.peak / 2**30:.2f}"]
     assert sum(1 for line in text.splitlines() if "predicted peak GPU memory" in line) == 1
     assert len(plan.fits) == 2 * len(STRATEGIES)
     for name in ("weights", "optimizer state", "gradients", "activations", "backward temporaries", "not counted",
-                 "Latent-cache build", "H100 SXM", "RTX 4090", "check of the line"):
+                 "Latent-cache build", "H100 SXM", "RTX 4090", "checked: the longest clip at batch 1"):
         assert name in text
     assert plan.step_flops == plan.step.flops * fb.GRAD_ACCUM_STEPS > 0
     assert plan.cache_build.peak > 0 and plan.training_preview.peak > plan.step.breakdown[memory.WEIGHTS]
+    # GiB where it compares GiB; your settings' longest clip and largest batch measured there
+    assert f"On a {card:g} GiB card" in text and "GB card" not in text and "24GiB" in text
+    mine = next(f for f in plan.fits if f.line.measured is plan.step)
+    assert mine.checked and not any(f.checked for f in plan.fits if f is not mine)
+    longest, largest = plan.checks
+    assert (mine.longest_frames, mine.largest_batch) == (longest.value, largest.value) == (17, 1)
+    assert re.search(r"checked: the longest clip at batch 1, 17 frames: measured [0-9.]+ GiB", text)
+    beyond = measure_training(config, dict(settings(), BATCH_SIZE=1), 6, 4, 8)[0].peak
+    assert with_margin(longest.peak) <= card * 2**30 < with_margin(beyond)
+    # the same answer from the line at BATCH_SIZE 2 (the line's own guess differs)
+    at_2 = settings(GPU_MEMORY_GB=card, BATCH_SIZE=2)
+    measure = lambda at, frames, h, w: measure_training(config, at, frames, h, w)[0]  # noqa: E731
+    checked, _ = check_fit(fit_card(TokenLine(measure(at_2, 3, 4, 8)), at_2, 8, 3), measure, at_2, (3, 4, 8), 8)
+    assert (checked.longest_frames, checked.largest_batch) == (17, 1)
 
 
 def test_bad_settings_are_named_not_traced():
@@ -340,3 +363,18 @@ def test_the_preview_plan_holds_the_model_and_both_encoders():
     assert len(re.findall(r"^predicted peak GPU memory: [0-9.]+ GiB$", text, flags=re.M)) == 1
     assert set(plan.window.flops_by_part) == {"conditioning", "sampling step", "decode"}
     assert "2 window(s)" in text
+
+
+# ----------------------------------------------------------------------------- checked answers
+
+@pytest.mark.parametrize("guess", [0, 1, 7, 9, 10, 30, 64])
+def test_the_largest_fitting_value_is_found_from_any_guess_and_measured_with_the_value_above(guess):
+    # a peak that grows unevenly (not on any line), capacity between x = 9 and x = 10
+    peak_at = lambda x: 1000 * x + 30 * x * x  # noqa: E731
+    calls = []
+    capacity = with_margin((peak_at(9) + peak_at(10)) / 2)
+    value, peak, count = largest_fitting(guess, 64, lambda x: calls.append(x) or peak_at(x), capacity, 1000.0)
+    assert (value, peak) == (9, peak_at(9)) and count == len(calls) <= 6
+    assert {9, 10} <= set(calls)
+    assert largest_fitting(guess, 64, peak_at, with_margin(peak_at(1)) - 1, 1000.0)[:2] == (0, 0)  # none fits
+    assert largest_fitting(guess, 64, peak_at, with_margin(peak_at(64)) + 1, 1000.0)[0] == 64  # the cap

@@ -4,6 +4,7 @@ run gives the same steps on any number of ranks and after any interruption."""
 import hashlib
 
 import torch
+from torch.utils.data import Dataset
 
 from wan import flow
 
@@ -64,6 +65,44 @@ def sample_noise(seed: int, epoch: int, position: int, shape, sampling: dict) ->
     g = seeded_generator(seed, epoch, position)
     sigma = flow.sample_sigmas(1, generator=g, **sampling)
     return sigma, torch.randn(shape, generator=g)
+
+
+class EpochBatches:
+    """The batch sampler of one DataLoader for a whole run (its workers then live as long as
+    the run, persistent_workers): set_epoch() gives it an epoch's micro-batches, each a list
+    of (clip index, epoch, position in the epoch's order) for NoisedClips."""
+
+    def __init__(self):
+        self.batches = []
+
+    def set_epoch(self, epoch: int, order: list[int], positions: list[list[int]]) -> None:
+        """positions: the epoch-order positions of each micro-batch this rank trains on."""
+        self.batches = [[(order[p], epoch, p) for p in batch] for batch in positions]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class NoisedClips(Dataset):
+    """A training set whose items carry their sample's sigma and noise (sample_noise: seeded
+    by the run's seed, the epoch and the position, so the numbers are those of a loop that
+    draws them itself), drawn by the DataLoader's workers off the training loop and handed
+    over in pinned memory with the batch. Indexed by EpochBatches' (index, epoch, position)."""
+
+    def __init__(self, dataset, seed: int, sampling: dict):
+        self.dataset, self.seed, self.sampling = dataset, seed, sampling
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        index, epoch, position = key
+        item = self.dataset[index]
+        sigma, noise = sample_noise(self.seed, epoch, position, item["latents"].shape, self.sampling)
+        return {**item, "sigma": sigma[0], "noise": noise}
 
 
 def actions_digest(clips) -> str:

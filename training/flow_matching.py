@@ -41,6 +41,14 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
             for name in ("latents", "cond_concat", "visual_context", "keyboard", "mouse")}
 
 
+def noised_inputs(batch: dict, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(model inputs, sigma, noise) of a training batch whose items carry their noise
+    (training.epochs.NoisedClips), on the device; copied without waiting (the DataLoader
+    pins them on a GPU run)."""
+    return (model_inputs(batch, device), batch["sigma"].to(device, non_blocking=True),
+            batch["noise"].to(device, non_blocking=True))
+
+
 def flow_matching_step(model, inputs: dict, sigma: torch.Tensor, noise: torch.Tensor, autocast,
                        keyboard=None, mouse=None) -> torch.Tensor:
     """Per-sample flow-matching loss [B] of one forward pass (actions may be swapped in)."""

@@ -155,8 +155,15 @@ class OffloadedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({key: value for key, value in outer.items() if key != "params"})
+        with_grad = [p for p in self.copies if p.grad is not None]
+        # every gradient to the host in one batch of copies that do not wait, then one wait
+        # for all of them (the host steps on them next): one sync per step, not one per tensor
+        torch._foreach_copy_([self.host_grads[p] for p in with_grad], [p.grad for p in with_grad], non_blocking=True)
+        devices = {p.grad.device for p in with_grad if p.grad.device.type == "cuda"}
+        for device in devices:
+            torch.cuda.current_stream(device).synchronize()
         for p, copy in self.copies.items():
-            copy.grad = None if p.grad is None else self.host_grads[p].copy_(p.grad)
+            copy.grad = self.host_grads[p] if p.grad is not None else None
         self.inner.step()
         for p, copy in self.copies.items():
             if copy.grad is not None:
@@ -276,7 +283,11 @@ class StepInBackward:
 
     def take_norm(self) -> float:
         """The norm of the step's whole gradient before clipping (a sync on a GPU); resets it."""
-        norm = 0.0 if self.norm is None else self.norm.item()
+        return self.take_norm_tensor().item()
+
+    def take_norm_tensor(self) -> torch.Tensor:
+        """take_norm, left on the device (no sync)."""
+        norm = torch.zeros(()) if self.norm is None else self.norm.detach()
         self.norm = None
         return norm
 

@@ -151,10 +151,15 @@ class TrainingRecipe:
         (a synchronisation on a GPU: the loop checks it is finite before stepping). In the
         backward: every tensor was clipped and stepped already; returns the whole gradient's
         norm (a non-finite one has been applied in memory, and the run stops before saving it)."""
+        return self.clip_gradients_on_device(optimizer, trainable, settings).item()
+
+    def clip_gradients_on_device(self, optimizer, trainable: dict, settings: dict) -> torch.Tensor:
+        """clip_gradients, the norm left on the device (0-d, no synchronisation): for a loop
+        that reads it later (training/step_log.py)."""
         if hasattr(optimizer, "in_backward"):
-            return optimizer.in_backward.take_norm()
+            return optimizer.in_backward.take_norm_tensor()
         norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), settings["MAX_GRAD_NORM"])
-        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).detach()
 
     def optimizer_step(self, optimizer, ema, trainable: dict, updates_done: int) -> None:
         if not hasattr(optimizer, "in_backward"):  # else every tensor has stepped in the backward

@@ -100,12 +100,14 @@ def prepare_validation(teacher, dataset, count: int, teacher_steps: int, shift: 
 
 @torch.no_grad()
 def stream_clip(student, clip: ValidationClip, denoising_steps, shift: float, seed: int, decoder, autocast,
-                cache_dtype=None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """The student streams the clip's window block by block under the clip's own actions.
-    Returns (latents [1, 16, F, h, w], frames [T, 3, H, W] on the CPU or None, seconds)."""
+                cache_dtype=None, compile_mode: str = "off") -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The student streams the clip's window block by block under the clip's own actions
+    (compile_mode: StreamingGenerator's). Returns (latents [1, 16, F, h, w], frames
+    [T, 3, H, W] on the CPU or None, seconds)."""
     c = clip.conditions
     generator = StreamingGenerator(student, c.cond_concat, c.visual_context, decoder,
-                                   denoising_steps=denoising_steps, shift=shift, seed=seed, cache_dtype=cache_dtype)
+                                   denoising_steps=denoising_steps, shift=shift, seed=seed, cache_dtype=cache_dtype,
+                                   compile_mode=compile_mode)
     device = c.cond_concat.device
     started = time.perf_counter()
     latents, video = [], []
@@ -154,13 +156,14 @@ def _mean(values) -> float | None:
 @torch.no_grad()
 def validate_student(student, clips: list[ValidationClip], denoising_steps, shift: float, seed: int, vae_path,
                      keys, autocast, cache_dtype=None, preview_path=None, preview_info: dict | None = None,
-                     height: int = 0, width: int = 0) -> dict:
+                     height: int = 0, width: int = 0, compile_mode: str = "off") -> dict:
     """Stream every validation clip from as many noises as the teacher made videos for it;
     returns teacher_distance, distribution_distance, student_spread, teacher_spread,
     action_score, teacher_action_score (means over the clips), fps (of the first noise's
     streams, decoded as a player sees them), and the preview's summary when
     preview_path is given (the first clip: student, teacher and ground truth side by side,
-    with the action overlay; the JSON beside it holds every panel's scores)."""
+    with the action overlay; the JSON beside it holds every panel's scores). compile_mode: the
+    streams' (VAL_COMPILE; the first validation's fps then includes the compiling)."""
     device = clips[0].conditions.cond_concat.device
     was_training = student.training
     student.eval()
@@ -169,9 +172,10 @@ def validate_student(student, clips: list[ValidationClip], denoising_steps, shif
     first_frames = None
     for n, clip in enumerate(clips):
         latents, frames, took = stream_clip(student, clip, denoising_steps, shift, sample_seed(seed, n, 0),
-                                            StreamingDecoder(vae), autocast, cache_dtype)
+                                            StreamingDecoder(vae), autocast, cache_dtype, compile_mode)
         samples = [latents] + [stream_clip(student, clip, denoising_steps, shift, sample_seed(seed, n, k), None,
-                                           autocast, cache_dtype)[0] for k in range(1, len(clip.teacher_samples))]
+                                           autocast, cache_dtype, compile_mode)[0]
+                               for k in range(1, len(clip.teacher_samples))]
         distances.append(latent_distance(latents, clip.teacher_latents))
         energies.append(energy_distance(samples, clip.teacher_samples))
         spreads.append(spread(samples))

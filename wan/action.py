@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wan.config import ActionConfig
-from wan.rope import action_rope_angles, apply_rope, cached_table, cos_sin
+from wan.device import to_device_without_waiting
+from wan.rope import action_rope_angles, apply_rope, axis_frequencies, cached_table, cos_sin
 from wan.shapes import VAE_TIME_STRIDE, video_frame_count
 
 RMS_EPS = 1e-6
@@ -38,12 +39,19 @@ def action_window_rows(f: int, ratio: int, window_size: int) -> list[int]:
     return [max(ratio * f - window + j, 0) for j in range(window)]
 
 
+def action_window_lists(num_latent_frames: int, ratio: int, window_size: int, first_frame: int = 0,
+                        first_row: int = 0) -> tuple[tuple[int, ...], ...]:
+    """Row f = action_window_rows(first_frame + f) counted from raw row first_row (the first
+    row the caller passes)."""
+    return tuple(tuple(row - first_row for row in action_window_rows(f, ratio, window_size))
+                 for f in range(first_frame, first_frame + num_latent_frames))
+
+
 def action_window_index(num_latent_frames: int, ratio: int, window_size: int,
                         first_frame: int = 0, first_row: int = 0) -> torch.Tensor:
-    """[F, P] row indices, row f = action_window_rows(first_frame + f) counted from raw row
-    first_row (the first row the caller passes): one gather for all frames."""
-    return torch.tensor([[row - first_row for row in action_window_rows(f, ratio, window_size)]
-                         for f in range(first_frame, first_frame + num_latent_frames)], dtype=torch.long)
+    """[F, P] row indices (action_window_lists): one gather for all frames."""
+    return torch.tensor(action_window_lists(num_latent_frames, ratio, window_size, first_frame, first_row),
+                        dtype=torch.long)
 
 
 class ActionTables(NamedTuple):
@@ -63,6 +71,40 @@ def action_tables(config: ActionConfig, num_latent_frames: int, device, first_fr
                                 config.windows_size, first_frame, first_row)
     angles = action_rope_angles(num_latent_frames, config.rope_dim_list, config.rope_theta, first_frame)
     return ActionTables(index.to(device), *cos_sin(angles, device))
+
+
+class StreamActionTables:
+    """The action tables of a stream's blocks, on its device, made once per stream: the
+    RoPE's frequencies, and each window index the stream needs (the block's rows relative to
+    the first row it is given, which are the same for every block after the first ones).
+    `at` turns them into a block's ActionTables from a latent frame index held on the
+    device: no table from the host and no host copy per block. The numbers are those of
+    action_tables."""
+
+    def __init__(self, config: ActionConfig, device):
+        self.config, self.device = config, device
+        self.frequencies = axis_frequencies(config.rope_dim_list[0] // 2, config.rope_theta).to(device)
+        self.still_pairs = sum(config.rope_dim_list[1:]) // 2
+        self.indices = {}  # window rows -> the index on the device
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.frequencies, *self.indices.values()]
+
+    def window_index(self, num_latent_frames: int, first_frame: int, first_row: int) -> torch.Tensor:
+        """[F, P] rows on the device (copied there the first time these rows occur)."""
+        rows = action_window_lists(num_latent_frames, self.config.vae_time_compression_ratio,
+                                   self.config.windows_size, first_frame, first_row)
+        if rows not in self.indices:
+            self.indices[rows] = to_device_without_waiting(torch.tensor(rows, dtype=torch.long), self.device)
+        return self.indices[rows]
+
+    def at(self, position: torch.Tensor, window_index: torch.Tensor) -> ActionTables:
+        """The tables of window_index's frames from latent frame `position` (0-d integer tensor)."""
+        frames = position + torch.arange(window_index.shape[0], device=position.device)
+        turning = frames.to(torch.float64)[:, None] * self.frequencies
+        still = turning.new_zeros(turning.shape[0], self.still_pairs)
+        angles = torch.cat([turning, still], dim=-1)
+        return ActionTables(window_index, angles.cos().float(), angles.sin().float())
 
 
 def _branch_inputs(config: ActionConfig, mouse_cond, keyboard_cond):

@@ -21,11 +21,11 @@ two agree for any config (the reference's masks drop the sink, so its two paths 
 import torch
 import torch.nn.functional as F
 
-from wan.action import action_tables, trim_block_actions
+from wan.action import trim_block_actions
 from wan.config import FRAMES_PER_BLOCK, WanConfig
 from wan.kv_cache import StreamCache
 from wan.model import WanModel
-from wan.shapes import tokens_per_latent_frame
+from wan.shapes import PATCH_SIZE, tokens_per_latent_frame
 
 
 def visible_frames(block_end: int, local_attn_size: int, sink_size: int) -> list[tuple[int, int]]:
@@ -126,11 +126,13 @@ class CausalWanModel(WanModel):
 
     def new_cache(self, batch: int, latent_height: int, latent_width: int, device=None,
                   dtype: torch.dtype | None = None) -> StreamCache:
-        """Empty caches for a stream of `batch` samples at this latent size, allocated once.
-        dtype: that of the keys/values (default: the parameters'); bf16 on a GPU."""
+        """Empty caches for a stream of `batch` samples at this latent size, allocated once,
+        with the stream's RoPE and action tables. dtype: that of the keys/values (default:
+        the parameters'); bf16 on a GPU."""
         weight = self.patch_embedding.weight
         return StreamCache(self.config, batch, tokens_per_latent_frame(latent_height, latent_width),
-                           device or weight.device, dtype or weight.dtype)
+                           device or weight.device, dtype or weight.dtype,
+                           token_grid=(latent_height // PATCH_SIZE[1], latent_width // PATCH_SIZE[2]))
 
     def forward_cached(self, x, t, visual_context, cond_concat, cache: StreamCache, start_frame: int,
                        keyboard_cond=None, mouse_cond=None, checkpointing: bool = False):
@@ -151,9 +153,22 @@ class CausalWanModel(WanModel):
         activations in the backward (with the model's gradient checkpointing on) - only for
         a call whose backward runs before any other call changes the cache, since the
         recomputation reads the cache again (training/rollout.py's Replay does so).
+
+        It is prepare_cached (checks and bookkeeping, on the host) then cached_step (the
+        tensor work, which torch.compile can take whole: generation/streaming.py).
         """
+        return self.cached_step(**self.prepare_cached(x, t, visual_context, cond_concat, cache, start_frame,
+                                                      keyboard_cond, mouse_cond), checkpointing=checkpointing)
+
+    def prepare_cached(self, x, t, visual_context, cond_concat, cache: StreamCache, start_frame: int,
+                       keyboard_cond=None, mouse_cond=None) -> dict:
+        """forward_cached's host side: check the call (shapes and numbers only, never a
+        tensor's values), plan and evict the cache, and make the context's keys/values at a
+        stream's first call. Returns cached_step's arguments."""
         if not isinstance(start_frame, int) or start_frame < 0:
             raise ValueError(f"start_frame must be a latent frame index >= 0, got {start_frame!r}")
+        if cache.video_rope is None:
+            raise ValueError("this cache has no RoPE tables: make it with CausalWanModel.new_cache")
         if torch.is_tensor(t) and t.dim() == 1 and x.dim() == 5:
             t = t[:, None].expand(-1, x.shape[2])
         self.check_inputs(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond,
@@ -161,11 +176,24 @@ class CausalWanModel(WanModel):
         batch, frames = x.shape[0], x.shape[2]
         mouse_cond, keyboard_cond, first_row = trim_block_actions(
             self.config.action_config, batch, start_frame, frames, mouse_cond, keyboard_cond)
-        tables = action_tables(self.config.action_config, frames, x.device, start_frame, first_row)
+        window_index = cache.action_tables.window_index(frames, start_frame, first_row)
         cache.begin_call(start_frame, frames, batch, tokens_per_latent_frame(*x.shape[3:]))
-        return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond,
-                         attention=cache.layers, first_frame=start_frame, tables=tables,
-                         checkpointing=checkpointing)
+        if not torch.is_grad_enabled() and any(layer.context is None for layer in cache.layers):
+            context = self.img_emb(visual_context.to(self.patch_embedding.weight.dtype))
+            for block, layer in zip(self.blocks, cache.layers):
+                layer.context_kv(lambda: block.cross_attn.context_kv(context))
+        return dict(x=x, t=t, visual_context=visual_context, cond_concat=cond_concat, cache=cache,
+                    keyboard_cond=keyboard_cond, mouse_cond=mouse_cond, window_index=window_index)
+
+    def cached_step(self, x, t, visual_context, cond_concat, cache: StreamCache, keyboard_cond, mouse_cond,
+                    window_index, checkpointing: bool = False):
+        """forward_cached's tensor work, on prepare_cached's arguments: no host copy, no sync,
+        no branch on a tensor's values. Its tables are computed from the cache's position on
+        the device, so from the third block on every call runs the same graph."""
+        rope = cache.video_rope.at(cache.position, x.shape[2])
+        tables = cache.action_tables.at(cache.position, window_index)
+        return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond, attention=cache.layers,
+                         tables=tables, checkpointing=checkpointing, rope=rope)
 
 
 def causal_from(model: WanModel, local_attn_size: int, sink_size: int = 0,

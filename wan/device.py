@@ -38,3 +38,13 @@ def run_dtype(device: torch.device) -> torch.dtype:
 def autocast_for(device: torch.device, enabled: bool = True):
     """bf16 autocast on a GPU; nothing on the CPU (or when not enabled)."""
     return torch.autocast("cuda", **AUTOCAST_SETTINGS) if enabled and device.type == "cuda" else nullcontext()
+
+
+def to_device_without_waiting(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on device, copied without making the host wait: from pinned memory on a
+    GPU (a copy from pageable memory first waits for the GPU's queue to drain, which stalls
+    a stream that keeps the GPU ahead of the host)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and torch.cuda.is_available():
+        tensor = tensor.contiguous().pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -15,7 +15,11 @@ fresh keys/values keep their autograd graph, so a backward through one call reac
 parameters (Self-Forcing training), but no gradient crosses calls.
 
 The counters are kept in latent frames, once for the whole model (every buffer moves in
-step); a frame is `tokens_per_frame` self-attention entries and one action entry.
+step); a frame is `tokens_per_frame` self-attention entries and one action entry. They are
+host-side integers: where a call's entries go is planned on the host, and from the third
+block on every call gets the same plan, so a compiled call sees the same graph. The call's
+absolute position is the one number that changes; it is also kept on the device
+(`position`), where the stream's RoPE and action tables (made once per stream) read it.
 """
 
 import weakref
@@ -24,7 +28,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from wan.action import StreamActionTables
 from wan.config import WanConfig
+from wan.rope import StreamRope
 
 
 class CacheWrite(NamedTuple):
@@ -145,7 +151,10 @@ class StreamCache:
     fails half-way leaves the stream unusable: reset() it.
     """
 
-    def __init__(self, config: WanConfig, batch: int, tokens_per_frame: int, device, dtype):
+    def __init__(self, config: WanConfig, batch: int, tokens_per_frame: int, device, dtype,
+                 token_grid: tuple[int, int] | None = None):
+        """token_grid: the (rows, columns) of a latent frame's tokens, for the stream's RoPE
+        tables (None: a cache without them, which forward_cached does not take)."""
         if not config.windowed:
             raise ValueError(f"a KV cache needs a streaming window: local_attn_size is "
                              f"{config.local_attn_size} (no window) in this config")
@@ -167,7 +176,20 @@ class StreamCache:
             keyboard = rolling(batch, action.heads_num, 1, action.head_dim) \
                 if owns_action and action.enable_keyboard else None
             self.layers.append(LayerCache(self, self_kv, mouse, keyboard))
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # the call's first latent frame
+        self.video_rope = None if token_grid is None else StreamRope(*token_grid, config.head_dim, device)
+        self.action_tables = StreamActionTables(action, device)
         self.reset()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a call reads or writes besides its inputs: each stays at its address
+        for the stream's life (torch.compile's CUDA graphs take them as static inputs)."""
+        kept = [self.position, *self.action_tables.tensors()]
+        kept += self.video_rope.tensors() if self.video_rope is not None else []
+        for layer in self.layers:
+            kept += [t for rolling in layer.rolling() for t in (rolling.k, rolling.v)]
+            kept += list(layer.context or ())
+        return kept
 
     def reset(self) -> None:
         """Start a new stream in the same buffers (their old contents are never read again)."""
@@ -184,6 +206,7 @@ class StreamCache:
         from this in the backward (training/rollout.py)."""
         copied = object.__new__(StreamCache)
         copied.__dict__.update(self.__dict__)
+        copied.position = self.position.clone()  # each stream's own: a replay must not move the original's
         copied.layers = []
         for layer in self.layers:
             buffers = [None if kv is None else kv.copy() for kv in (layer.self_kv, layer.mouse_kv, layer.keyboard_kv)]
@@ -218,3 +241,4 @@ class StreamCache:
             for rolling in layer.rolling():
                 rolling.evict(self.self_plan if rolling is layer.self_kv else self.action_plan)
         self.global_end, self.local_end = self.self_plan.global_end, self.self_plan.local_end
+        self.position.fill_(start_frame)  # a kernel with the number as its argument: no copy, no sync

@@ -283,10 +283,11 @@ class WanModel(nn.Module):
         return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond)
 
     def _run(self, x, t, visual_context, cond_concat, keyboard_cond, mouse_cond, attention=None,
-             first_frame: int = 0, tables=None, checkpointing: bool = True):
+             first_frame: int = 0, tables=None, checkpointing: bool = True, rope=None):
         """The forward pass on checked inputs. t: [B] or [B, F]; attention: one object per
         block (wan/causal.py) or None; first_frame: the RoPE position of x's first frame;
-        tables: action tables for the given action rows (default: N = 4(F-1)+1 from frame 0)."""
+        tables: action tables for the given action rows (default: N = 4(F-1)+1 from frame 0);
+        rope: the self-attention (cos, sin), instead of the table at first_frame."""
         dtype = self.patch_embedding.weight.dtype
         # float32 unless the whole model is bf16 and runs without autocast (see the docstring)
         stream = torch.float32 if torch.is_autocast_enabled(x.device.type) else dtype
@@ -300,7 +301,8 @@ class WanModel(nn.Module):
             e0 = linear_float32(self.time_projection[1], F.silu(e)).unflatten(1, (6, C)).to(stream)
             e, e0 = e.unflatten(0, t.shape), e0.unflatten(0, t.shape)  # per sample or per frame
         context = self.img_emb(visual_context.to(dtype))
-        rope_cos, rope_sin = video_rope_table(f, h, w, self.config.head_dim, x.device, first_frame)
+        rope_cos, rope_sin = rope if rope is not None else video_rope_table(f, h, w, self.config.head_dim, x.device,
+                                                                             first_frame)
         if tables is None:
             tables = action_tables(self.config.action_config, f, x.device)
 

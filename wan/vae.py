@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wan.device import to_device_without_waiting
 from wan.files import load_torch_checkpoint, torch_save_atomic
 from wan.shapes import LATENT_CHANNELS, VAE_SPACE_STRIDE, VAE_TIME_STRIDE, check_frame_count
 
@@ -411,6 +412,7 @@ class WanVAE(nn.Module):
 
     def __init__(self, config: VAEConfig = VAEConfig()):
         super().__init__()
+        self._stats = {}  # (dtype, device) -> the latent mean and std there (see _latent_stats)
         self.config = config
         self.encoder = Encoder3d(config)
         self.conv1 = nn.Conv3d(config.z_dim * 2, config.z_dim * 2, 1)  # -> (mu, log_var); log_var unused
@@ -456,9 +458,16 @@ class WanVAE(nn.Module):
         self.conv2.bias.copy_(-(mean / std).flatten())
 
     def _latent_stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, -1, 1, 1, 1)
-        return (torch.tensor(LATENT_MEAN, dtype=dtype, device=self.device).view(shape),
-                torch.tensor(LATENT_STD, dtype=dtype, device=self.device).view(shape))
+        """The latent mean and std [1, 16, 1, 1, 1], made once per dtype and device: a
+        (streaming) decode then copies nothing from the host, which on a GPU would wait
+        for it. Made outside inference mode, so that they serve any later call."""
+        key = (dtype, self.device)
+        if key not in self._stats:
+            shape = (1, -1, 1, 1, 1)
+            with torch.inference_mode(False), torch.no_grad():
+                self._stats[key] = tuple(to_device_without_waiting(torch.tensor(values, dtype=dtype), self.device)
+                                         .view(shape) for values in (LATENT_MEAN, LATENT_STD))
+        return self._stats[key]
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
         mean, std = self._latent_stats(torch.float32)
