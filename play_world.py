@@ -59,7 +59,7 @@ from video.writer import write_video_stream
 from wan.conditioning import STREAM_COND_LATENT_FRAMES
 from wan.device import pick_device, run_dtype
 from wan.flow import NUM_TRAIN_TIMESTEPS
-from wan.shapes import FPS, video_frame_count
+from wan.shapes import FPS, VAE_TIME_STRIDE, video_frame_count
 from wan.vae import StreamingDecoder
 
 # -----------------------------------------------------------------------------
@@ -91,7 +91,10 @@ MOUSE_LIMIT = 0.25                       # the largest mouse value per frame sen
 OVERLAY = True                           # draw the action strip under the frames on the page
 # headless: to an MP4 instead of the browser (or --headless)
 HEADLESS = False                         # True: play ACTIONS (or the recording's own) into OUTPUT
-ACTIONS = ""                             # an action script; "": RECORDING's own actions from START_FRAME
+# an action script (generate_preview.py's, one row per frame; e.g. W*45 W+mouse(0,0.1)*24) played as
+# whole blocks - the first 9 frames, each later one 12 -, the last row held to its block's end (W*20:
+# 2 blocks, 21 frames); "": RECORDING's own actions from START_FRAME
+ACTIONS = ""
 NUM_BLOCKS = 0                           # blocks of 12 frames (the first 9); 0: as long as the actions
 OUTPUT = "previews/play_world.mp4"       # the MP4 a headless run writes
 # -----------------------------------------------------------------------------
@@ -248,7 +251,9 @@ def headless_actions(s: dict, frames_per_block: int) -> HeadlessActions:
         if rows != len(keyboard):
             change = f"the last row held for {rows - len(keyboard)} more" if rows > len(keyboard) else \
                 f"cut to the first {rows}"
-            print(f"note: ACTIONS gives {len(keyboard)} rows; {num_blocks} blocks show {rows} frames ({change})")
+            print(f"note: ACTIONS gives {len(keyboard)} rows, one per frame; the model makes whole blocks (the first "
+                  f"{video_frame_count(frames_per_block)} frames, each later one {VAE_TIME_STRIDE * frames_per_block}), "
+                  f"so {num_blocks} blocks show {rows} frames ({change})")
         return HeadlessActions(fit_rows(keyboard, rows), fit_rows(mouse, rows), num_blocks, None,
                                f"actions {s['ACTIONS']!r}")
     if s["START_IMAGE"]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recordings.layout import LAYOUT_RULES
+from runs.logbook import tensorboard_installed
 from wan.device import pick_device
 from wan.shapes import PIXELS_PER_TOKEN_SIDE, check_frame_count
 
@@ -277,6 +278,13 @@ def optional(rule):
     return lambda value: None if value is None else rule(value)
 
 
+def tensorboard(value):
+    if not isinstance(value, bool):
+        return "must be true or false"
+    if value and not tensorboard_installed():
+        return "the tensorboard package is not installed (pip install tensorboard), or set TENSORBOARD=false"
+
+
 def device(value):
     try:
         pick_device(value)
@@ -297,7 +305,7 @@ SETTING_RULES = {
     "EMA_DECAY": in_range(0, 1, high_included=False), "TIMESTEP_SHIFT": positive, "MIN_SIGMA": in_range(0, 1),
     "MAX_SIGMA": in_range(0, 1), "VAL_SIGMAS": at_least(1), "NUM_WORKERS": at_least(0),
     "SAVE_EVERY_EPOCHS": at_least(0), "VAL_EVERY_EPOCHS": at_least(1), "SAVE_EVERY_STEPS": at_least(0),
-    "LOG_EVERY_STEPS": at_least(1),
+    "LOG_EVERY_STEPS": at_least(1), "TENSORBOARD": tensorboard, "NUM_CLIPS": optional(at_least(1)),
     "SEED": at_least(0), "PREVIEW_EVERY_EPOCHS": at_least(0), "PREVIEW_STEPS": at_least(1),
     "LORA_RANK": at_least(1), "LORA_ALPHA": positive, "LORA_DROPOUT": in_range(0, 1, high_included=False),
     # previews and play
