@@ -14,7 +14,7 @@ from pathlib import Path
 from wan.files import write_atomic
 
 STEP_ROWS, VALIDATIONS = "rows", "history"   # where a series' points come from
-SMOOTH_WINDOW = 20                           # per-step series: a running mean over this many steps beside the raw
+SMOOTH_WINDOW = 20                           # noisy per-step series: a centred mean over this many steps beside the raw
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Series:
     label: str                   # the legend's words
     source: str = VALIDATIONS    # STEP_ROWS or VALIDATIONS
     style: str = "-"             # matplotlib's line style
+    smooth: bool = False         # a noisy per-step series: drawn faint, with its centred mean over SMOOTH_WINDOW
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,19 @@ class Panel:
 
 FINE_TUNING_CURVES = (
     Panel("loss", "flow-matching loss (velocity MSE)",
-          (Series("loss", "train, per optimizer step", STEP_ROWS), Series("train_loss", "train, epoch mean"),
+          (Series("loss", "train, per optimizer step", STEP_ROWS, smooth=True), Series("train_loss", "train, epoch mean"),
            Series("val_loss", "validation (fixed sigmas and noise)"))),
     Panel("action gain", "val loss with another clip's keys / with its own",
           (Series("action_gain", "action gain"),),
           reference=((1.0, "1: the keys change nothing"), (1.01, "1.01: learned (training/controls.py)"))),
-    Panel("learning rate", "learning rate", (Series("lr", "learning rate", STEP_ROWS),), log_y=True),
-    Panel("gradient norm", "norm before clipping", (Series("grad_norm", "gradient norm", STEP_ROWS),), log_y=True),
+    Panel("learning rate", "learning rate", (Series("lr", "learning rate", STEP_ROWS),)),
+    Panel("gradient norm", "norm before clipping", (Series("grad_norm", "gradient norm", STEP_ROWS, smooth=True),),
+          log_y=True),
 )
 
 DISTILLATION_CURVES = (
-    Panel("losses", "loss", (Series("loss", "student", STEP_ROWS), Series("critic_loss", "critic", STEP_ROWS))),
+    Panel("losses", "loss", (Series("loss", "student", STEP_ROWS, smooth=True),
+                             Series("critic_loss", "critic", STEP_ROWS, smooth=True))),
     Panel("distance to the teacher", "latent RMS / energy distance",
           (Series("teacher_distance", "teacher distance (one stream vs one teacher video)"),
            Series("distribution_distance", "distribution distance (what distillation lowers)"),
@@ -54,7 +57,7 @@ DISTILLATION_CURVES = (
            Series("teacher_spread", "teacher spread", style=":"))),
     Panel("action-following score", "share of frame pairs that move as commanded",
           (Series("action_score", "student"), Series("teacher_action_score", "teacher", style="--"))),
-    Panel("learning rate", "student learning rate", (Series("lr", "learning rate", STEP_ROWS),), log_y=True),
+    Panel("learning rate", "student learning rate", (Series("lr", "learning rate", STEP_ROWS),)),
 )
 
 
@@ -65,12 +68,14 @@ def series_points(series: Series, rows: list, history: list) -> list[tuple[float
             if isinstance(item.get(series.key), (int, float)) and not isinstance(item.get(series.key), bool)]
 
 
-def running_mean(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
+def centred_mean(values: list[float], window: int) -> list[float]:
+    """Each value's mean with its neighbours, window wide (narrower at the ends): no lag."""
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    half = window // 2
+    return [(sums[min(len(values), i + half + 1)] - sums[max(0, i - half)]) /
+            (min(len(values), i + half + 1) - max(0, i - half)) for i in range(len(values))]
 
 
 def draw_curves(path, panels, rows: list, history: list, title: str) -> Path:
@@ -91,10 +96,10 @@ def draw_curves(path, panels, rows: list, history: list, title: str) -> Path:
             drawn = True
             steps, values = zip(*points)
             colour = f"C{colour}"
-            if series.source == STEP_ROWS and len(points) > SMOOTH_WINDOW:
+            if series.smooth and len(points) > SMOOTH_WINDOW:
                 axes.plot(steps, values, series.style, color=colour, alpha=0.3, linewidth=0.8)
-                axes.plot(steps, running_mean(list(values), SMOOTH_WINDOW), series.style, color=colour,
-                          label=f"{series.label} (mean of {SMOOTH_WINDOW})")
+                axes.plot(steps, centred_mean(list(values), SMOOTH_WINDOW), series.style, color=colour,
+                          label=f"{series.label} (mean of {SMOOTH_WINDOW} steps)")
             else:
                 axes.plot(steps, values, series.style, color=colour, label=series.label,
                           marker="o" if series.source == VALIDATIONS else None, markersize=4)
