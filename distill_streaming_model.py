@@ -46,6 +46,7 @@ rollout.py, dmd.py, long_tuning.py, streaming_validation.py), the run folder in 
 import datetime
 import math
 import platform
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -65,10 +66,13 @@ from generation.streaming import COMPILE_MODES
 from latents.cache import CACHE_DTYPES, CacheError
 from planning.distill import STEPS_SETTING, plan_distillation
 from runs.errors import TrainingError
+from runs.curves import DISTILLATION_CURVES
 from runs.folder import RunFolder
 from runs.saved_state import (MAX_SAVED_STEPS, absent_or_none, check_saved_state, list_of, nullable, of_type,
                               optimizer_state_for, schedule_state, step_within_schedule, tensors_like, whole_number)
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
+from runs.logbook import tensorboard_installed
+from runs.progress import ProgressBar
 from training import diffusion_forcing as df
 from training.data import prepare_data
 from training.dmd import (DistillationModels, RolloutSettings, critic_loss, critic_micro_batch, generator_loss,
@@ -84,7 +88,7 @@ from training.roles import (allow_saved_optimizer_state, describe_savers, learni
                             role_optimizer, savers_problems, student_ema, student_lora)
 from training.long_tuning import StreamPlan, advance, new_stream
 from training.rollout import FewStepSchedule, SampleNoise, conditions_from_batch, exit_step_for
-from training.schedule import LRSchedule, apply_learning_rate
+from training.schedule import LRSchedule, apply_learning_rate, warmup_warning
 from training.streaming_validation import prepare_validation, validate_student
 from wan.causal import CausalWanModel, causal_from
 from wan.clip import read_clip_file
@@ -179,7 +183,8 @@ GPUS = 1                                 # --plan: the GPUs (FSDP) each stage's 
 # saving
 SAVE_EVERY_STEPS = 100                   # training_state.pt every N steps (0: only at the end)
 EXPORT_EVERY_STEPS = 0                   # 0: the student only at the end; else also student_step<N>/ every N steps
-LOG_EVERY_STEPS = 10                     # metrics.csv is rewritten this often
+LOG_EVERY_STEPS = 10                     # metrics.csv (and TensorBoard's events) are written this often
+TENSORBOARD = tensorboard_installed()    # TensorBoard event files in CHECKPOINT_DIR/tensorboard/ (on where the package is installed)
 RESUME = False                           # continue the run in CHECKPOINT_DIR/training_state.pt
 SEED = 42                                # data order and every noise draw
 # -----------------------------------------------------------------------------
@@ -210,6 +215,7 @@ RESUME_MUST_MATCH = ("STAGE", "BASE_MODEL_DIR", "CHECKPOINT", "STUDENT_DIR", "KE
                      "TEACHER_STEPS", "MIXED_PRECISION", "SEED", "FRAME_NAME", "OPTIMIZER", "LORA_ROLES", "LORA_RANK",
                      "LORA_ALPHA", "LORA_TARGETS")
 STREAM_MUST_MATCH = ("STREAM_CHUNK_LATENTS", "STREAM_OVERLAP_LATENTS", "STREAM_MAX_LATENTS")  # stage C's too
+NEXT_STAGE = {"causal_init": "dmd", "dmd": "long_tune"}
 
 
 # -----------------------------------------------------------------------------
@@ -610,6 +616,23 @@ def run_header(s: dict, ranks: Ranks, device, precision, roles: Roles, prepared,
         lines.append(f"objective: Self-Forcing DMD; student every {s['GENERATOR_EVERY']} steps at {s['GENERATOR_LR']:g}, "
                      f"critic every step at {s['CRITIC_LR']:g}; scores at timesteps "
                      f"[{s['SCORE_MIN_TIMESTEP']:g}, {s['SCORE_MAX_TIMESTEP']:g}]")
+    warning = warmup_warning(s["WARMUP_STEPS"], total_steps,
+                             s["DF_LEARNING_RATE"] if s["STAGE"] == "causal_init" else s["GENERATOR_LR"])
+    return lines + ([warning] if warning else [])
+
+
+def play_command(student: Path) -> str:
+    return f"python play_world.py --MODEL_DIR={shlex.quote(str(student))}"
+
+
+def what_next(stage: str, checkpoint_dir: str, student: str) -> list[str]:
+    """The commands that play a stage's student and start the next stage from it, with its paths."""
+    lines = [f"play it: {play_command(Path(student))}"]
+    if stage in NEXT_STAGE:
+        following = NEXT_STAGE[stage]
+        lines.append(f"next stage (with your other settings as in this run): python distill_streaming_model.py "
+                     f"--STAGE={following} --STUDENT_DIR={shlex.quote(student)} "
+                     f"--CHECKPOINT_DIR={shlex.quote(str(Path(checkpoint_dir).parent / following))}")
     return lines
 
 
@@ -628,7 +651,7 @@ def format_validation(entry: dict) -> str:
 
 
 def info_text(header: list, status: str, history: list, metrics: list, device, ranks: Ranks, exports: list,
-              settings_text: str, report, cache_report) -> str:
+              folder: Path, outputs: str, settings_text: str, report, cache_report) -> str:
     lines = header + [f"status: {status}", "",
                       "Validation (the student streams the validation clips through the real streaming loop; teacher "
                       "distance: RMS latent difference to the teacher's many-step video of the same window, lower is "
@@ -639,8 +662,9 @@ def info_text(header: list, status: str, history: list, metrics: list, device, r
                       "video/action_score.py, 1 = every frame pair moves as commanded):"]
     lines += [format_validation(h) for h in history] or ["  none yet"]
     lines += ["", *speed_lines(metrics, device, ranks.world),
-              "students: " + (", ".join(exports) or "none yet") + " (play one: python play_world.py --MODEL_DIR=...)",
-              *settings_and_data_lines(settings_text, report, cache_report)]
+              "students: " + (", ".join(exports) or "none yet")
+              + (f" (play the latest: {play_command(folder / exports[-1])})" if exports else ""),
+              outputs, *settings_and_data_lines(settings_text, report, cache_report)]
     return "\n".join(lines)
 
 
@@ -656,7 +680,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
 
     # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
     allow_saved_optimizer_state(s)
-    with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, METRICS_COLUMNS) as run:
+    with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, METRICS_COLUMNS, tensorboard=s["TENSORBOARD"],
+                   curves=DISTILLATION_CURVES, title=f"distillation, stage {s['STAGE']}: {s['CHECKPOINT_DIR']}") as run:
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
         stage = s["STAGE"]
         # FRAME_NAME: which files are frames (None for frame_<number>.png, as in runs from before it)
@@ -707,7 +732,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         settings_text = "\n".join(f"  {n} = {s[n]!r}" for n in SETTING_NAMES)
 
         def write_info(status: str) -> None:
-            run.write_text(INFO_FILE, info_text(header, status, history, metrics, device, ranks, exports,
+            run.write_text(INFO_FILE, info_text(header, status, history, metrics, device, ranks, exports, run.path,
+                                                run.logbook.describe(),
                                                 settings_text, prepared.report, prepared.cache_report))
 
         def start_ema() -> None:
@@ -761,10 +787,13 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                     else None, preview_info={"stage": stage, "step": step}, height=prepared.height,
                     width=prepared.width, compile_mode=s["VAL_COMPILE"])
             history.append({"step": step, "weights": "ema" if ema is not None else "trained", **entry})
-            log(format_validation(history[-1]))
+            bar.write(format_validation(history[-1]))
+            run.logbook.record(metrics, history,
+                               run.path / PREVIEW_DIR / f"step{step}" if entry.get("preview") else None)
 
         start_ema()
         write_info("training")
+        bar = ProgressBar(total=total_steps, initial=step, desc=f"stage {stage}", enabled=ranks.main)
         if not history:
             validate()
         train_start = time.time()
@@ -808,12 +837,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             metrics.append({"step": step, "loss": result.loss, "critic_loss": result.critic_loss, "lr": lr,
                             "grad_norm": grad_norm, "critic_grad_norm": critic_norm, "sigma": result.sigma,
                             "exit_step": result.exit_step, "seconds_per_step": time.time() - step_started})
+            bar.update(1, **{name: f"{value:.4f}" for name, value in (("loss", result.loss), ("critic", result.critic_loss))
+                             if value is not None})
             if step % s["LOG_EVERY_STEPS"] == 0:
                 run.write_metrics(metrics)
-                shown = f"loss {result.loss:.4f}" if result.loss is not None else "critic only"
-                log(f"step {step}/{total_steps}: {shown}" + (f", critic loss {result.critic_loss:.4f}"
-                                                              if result.critic_loss is not None else "")
-                    + f", {metrics[-1]['seconds_per_step']:.2f} s")
             if step % s["VAL_EVERY_STEPS"] == 0 or step == total_steps:
                 validate()
             if s["EXPORT_EVERY_STEPS"] and step % s["EXPORT_EVERY_STEPS"] == 0 and step < total_steps:
@@ -828,11 +855,12 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 write_info("training" if step < total_steps else "finishing")
 
         # --- the student, a streaming model folder play_world.py loads
+        bar.close()
         export(STUDENT_FOLDER)
         run.write_metrics(metrics)
         summary = {"history": history, "steps": step, "train_seconds": time.time() - train_start,
                    "seconds": time.time() - started, "checkpoint_dir": str(run.path),
-                   "student": str(run.path / STUDENT_FOLDER)}
+                   "student": str(run.path / STUDENT_FOLDER), "stage": stage}
         write_info(f"finished in {summary['seconds']:.0f} s")
         ranks.barrier()
     return summary
@@ -901,6 +929,7 @@ def main(argv=None) -> int:
     if ranks.main:
         print(f"done: {summary['steps']} steps in {summary['seconds']:.0f} s; the student is in {summary['student']} "
               f"(read {Path(summary['checkpoint_dir']) / INFO_FILE})")
+        print("\n".join(what_next(summary["stage"], summary["checkpoint_dir"], summary["student"])))
     return 0
 
 

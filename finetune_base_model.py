@@ -17,6 +17,7 @@ train() below reads as its phases; the pieces live in the `runs` (run folder) an
 """
 
 import datetime
+import math
 import platform
 import sys
 import time
@@ -28,23 +29,26 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import convert_unreal_data as data
 from cli.settings import MAX_EPOCHS, ScriptSettings, ShowHelp, check_choices, check_ranges, raise_for_problems
 from demo_world.setup import DEMO_CONTROLS_NOTES, TRAINING_DEMO_SETTINGS, prepare_demo
-from generation.finetuned import FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE, TRAINED_CONTENTS, merge_lora_file
+from generation.finetuned import (BASE_MODEL_KEY, FINAL_FILE, FULL_CONTENTS, LORA_CONTENTS, MERGED_FILE,
+                                  TRAINED_CONTENTS, merge_lora_file, recorded_base_model)
 from generation.previews import epoch_preview
 from latents.cache import CACHE_DTYPES, CacheError
 from planning.plan import plan_training
 from recordings.errors import DataError
 from recordings.report import check_data
 from runs.errors import TrainingError
-from runs.folder import RunFolder
+from runs.curves import FINE_TUNING_CURVES
+from runs.folder import STATE_FILE, RunFolder, load_state, same_setting
 from runs.saved_state import (MAX_SAVED_STEPS, absent_or_none, check_saved_state, list_of, number_in, of_type,
                               optimizer_state_for, optional, schedule_state, sequence, step_within_schedule,
                               tensors_like, whole_number)
 from runs.info import device_name, format_count, git_commit, settings_and_data_lines, speed_lines
+from runs.logbook import tensorboard_installed
+from runs.progress import ProgressBar
 from training.controls import controls_learned, describe_controls
 from training.data import prepare_data
 from training.epochs import (EpochBatches, NoisedClips, actions_digest, epoch_order, plan_epoch,
@@ -54,7 +58,7 @@ from training.precision import MIXED_PRECISIONS, choose_precision
 from training.ranks import (Ranks, end_with_error, full_tensors, gradient_sync, init_ranks, load_full_tensors,
                             sharded, wrap_for_ranks)
 from training.recipe import Savers, TrainingRecipe, lora_config
-from training.schedule import LRSchedule, apply_learning_rate
+from training.schedule import LRSchedule, apply_learning_rate, warmup_warning
 from training.step_log import StepLog
 from wan import flow
 from wan.files import check_output_folder
@@ -117,6 +121,7 @@ COMPILE = False                          # torch.compile each block (CUDA; slow 
 NUM_WORKERS = 2                          # DataLoader workers
 DEVICE = "auto"                          # "auto", "cuda", "cuda:1", "cpu"
 GPU_MEMORY_GB = 24                       # --plan: the card to fit (its memory in GB)
+NUM_CLIPS = None                         # --plan: training clips per epoch for its epoch times (None: counted in DATA_DIR, else 1000)
 # memory savers (--plan shows what each saves; FINETUNING_GUIDE.md says which card needs which)
 OPTIMIZER = "adamw"                      # "adamw", or "adamw_8bit": torchao's, both moments in 8 bits (1/4 the state)
 OPTIMIZER_IN_BACKWARD = False            # step each tensor as its gradient is ready: no whole gradient (one GPU, GRAD_ACCUM_STEPS=1)
@@ -126,7 +131,8 @@ SHARD_MODEL = False                      # several GPUs: FSDP for every strategy
 # saving
 SAVE_EVERY_EPOCHS = 2                    # weights file every N epochs (0: only the final file)
 SAVE_EVERY_STEPS = 0                     # 0: only at epoch ends; else also every N optimizer steps
-LOG_EVERY_STEPS = 10                     # metrics.csv is rewritten this often
+LOG_EVERY_STEPS = 10                     # metrics.csv (and TensorBoard's events) are written this often
+TENSORBOARD = tensorboard_installed()    # TensorBoard event files in CHECKPOINT_DIR/tensorboard/ (on where the package is installed)
 RESUME = False                           # continue the run in CHECKPOINT_DIR/training_state.pt
 SEED = 42                                # data order, noise and any re-initialised weights
 # previews (generate_preview.py): the most active validation clip, generated from its first frame and actions
@@ -314,7 +320,7 @@ def run_header(s: dict, ranks: Ranks, device, precision, model, trainable: dict,
            + (" and the head" if s["LORA_HEAD"] else "") if s["TRAINING_STRATEGY"] == "lora" else "")
         + (f"; {'FSDP' if sharded(s['TRAINING_STRATEGY'], s['SHARD_MODEL'], ranks.world) else 'DDP'} over "
            f"{ranks.world} ranks" if ranks.world > 1 else "") + ")",
-        f"memory savers: {describe_savers(s)}",
+        f"memory savers: {describe_savers(s, device)}",
         (f"re-initialised {len(reinitialised)} keyboard tensors because the checkpoint's keyboard width differs "
          f"from KEYBOARD_KEYS ({len(s['KEYBOARD_KEYS'])}): " + ", ".join(reinitialised)) if reinitialised
         else "keyboard embeddings: loaded from the checkpoint (its width matches KEYBOARD_KEYS)",
@@ -326,7 +332,7 @@ def run_header(s: dict, ranks: Ranks, device, precision, model, trainable: dict,
         f"{ranks.world} rank(s))"
         + (f"; {dropped_per_epoch} clip(s) per epoch left out so that every rank gets one" if dropped_per_epoch
            else "") + f"; validation sigmas {', '.join(f'{x:.3f}' for x in val_sigmas.tolist())}",
-    ]
+    ] + [line for line in [warmup_warning(s["WARMUP_STEPS"], total_steps, s["LEARNING_RATE"])] if line]
 
 
 def due_after_epoch(epoch: int, every: int, num_epochs: int) -> bool:
@@ -335,10 +341,11 @@ def due_after_epoch(epoch: int, every: int, num_epochs: int) -> bool:
     return bool(every) and (epoch % every == 0 or epoch == num_epochs)
 
 
-def info_text(header: list, status: str, history: list, metrics: list, ema, device, ranks: Ranks,
-              checkpoints: list, settings_text: str, report, cache_report) -> str:
-    """training_info.txt: the header, the status, one line per epoch, speed, files, settings, data."""
-    lines = header + [f"status: {status}"] + ([describe_controls(history)] if history else []) + ["", "Per epoch:"]
+def info_text(header: list, status: str, controls: str, history: list, metrics: list, ema, device, ranks: Ranks,
+              checkpoints: list, outputs: str, settings_text: str, report, cache_report) -> str:
+    """training_info.txt: the header, the status and the controls line, one line per epoch,
+    speed, files, settings, data."""
+    lines = header + [f"status: {status}", controls, "", "Per epoch:"]
     lines += [f"  epoch {h['epoch']}: train loss {h['train_loss']:.5f}"
               + ("" if h.get("val_loss") is None else  # not validated (VAL_EVERY_EPOCHS, or no clips)
                  f", val loss {h['val_loss']:.5f}, action gain "
@@ -347,26 +354,32 @@ def info_text(header: list, status: str, history: list, metrics: list, ema, devi
               + f", {h['seconds']:.0f} s" + (f"; preview {h['preview']}" if h.get("preview") else "")
               for h in history]
     lines += ["", *speed_lines(metrics, device, ranks.world), "checkpoints: " + (", ".join(checkpoints) or "none yet"),
-              *settings_and_data_lines(settings_text, report, cache_report)]
+              outputs, *settings_and_data_lines(settings_text, report, cache_report)]
     return "\n".join(lines)
+
+
+def next_due(done: int, every: int, num_epochs: int) -> int | None:
+    """The first epoch after `done` after which a periodic job runs (None: none is left)."""
+    return next((e for e in range(done + 1, num_epochs + 1) if due_after_epoch(e, every, num_epochs)), None)
 
 
 def checkpoint_metadata(s: dict, epoch: int, step: int, ema, contents: str, base_fingerprint: str) -> dict:
     """What a weights file says about itself, with the fingerprint of the base model it was
     trained over (checked when the file is applied over a base model: wan/fingerprint.py)."""
     lora = lora_config(s)
-    return {"strategy": s["TRAINING_STRATEGY"], "epoch": epoch, "step": step,
+    return {"strategy": s["TRAINING_STRATEGY"], "epoch": epoch, "step": step, BASE_MODEL_KEY: s["BASE_MODEL_DIR"],
             "keyboard_keys": ",".join(s["KEYBOARD_KEYS"]), "weights": "ema" if ema else "trained",
             "contents": contents, FINGERPRINT_KEY: base_fingerprint, **(lora.metadata() if lora is not None else {})}
 
 
-def describe_savers(s: dict) -> str:
+def describe_savers(s: dict, device: torch.device) -> str:
     savers = Savers.of(s)
     used = ([f"OPTIMIZER {savers.optimizer}"] if savers.optimizer != "adamw" else []) + [
         name for name, on in (("OPTIMIZER_IN_BACKWARD (two backward passes: global clipping)", savers.in_backward),
                               ("OFFLOAD_OPTIMIZER", savers.offload_optimizer),
                               ("OFFLOAD_FROZEN", savers.offload_frozen)) if on]
-    return ", ".join(used) or "none (float32 AdamW on the GPU)"
+    where = "the GPU" if device.type == "cuda" else f"the {device.type.upper()}"
+    return ", ".join(used) or f"none (float32 AdamW on {where})"
 
 
 def run_identity(s: dict, effective_batch: int) -> dict:
@@ -392,12 +405,22 @@ def final_weights(s: dict, model, weights: dict, main: bool) -> tuple[dict, str]
     return final, FULL_CONTENTS
 
 
-def merge(s: dict) -> str:
-    """--merge: CHECKPOINT_DIR's final LoRA file merged into BASE_MODEL_DIR's model."""
+def merge(s: dict, base_given: bool = False) -> str:
+    """--merge: CHECKPOINT_DIR's final LoRA file merged into the base model the run trained
+    over - the one its final file (or, for older runs, its training state) records - unless
+    BASE_MODEL_DIR is given on the command line (base_given)."""
     folder = Path(s["CHECKPOINT_DIR"])
-    written = merge_lora_file(s["BASE_MODEL_DIR"], folder / FINAL_FILE, folder / MERGED_FILE,
-                              s["IGNORE_BASE_FINGERPRINT"])
-    return (f"wrote {written}: {folder / FINAL_FILE} merged into {s['BASE_MODEL_DIR']}'s model, a full state dict "
+    recorded = recorded_base_model(folder / FINAL_FILE)
+    if recorded is None and (folder / STATE_FILE).is_file():
+        recorded = load_state(folder / STATE_FILE)["settings"].get("BASE_MODEL_DIR")
+    base, note = s["BASE_MODEL_DIR"], ""
+    if recorded and not same_setting("BASE_MODEL_DIR", recorded, base):
+        if base_given:
+            note = f" (the run recorded {recorded}; --BASE_MODEL_DIR chose another)"
+        else:
+            base, note = recorded, " (the base model the run recorded; --BASE_MODEL_DIR=... chooses another)"
+    written = merge_lora_file(base, folder / FINAL_FILE, folder / MERGED_FILE, s["IGNORE_BASE_FINGERPRINT"])
+    return (f"wrote {written}: {folder / FINAL_FILE} merged into {base}'s model{note}, a full state dict "
             "(float32) that loads like the official checkpoint")
 
 
@@ -415,7 +438,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         raise TrainingError("these memory savers do not fit this run:\n  " + "\n  ".join(problems))
 
     # --- the run folder (locked while this run lives): a new run, or the state of the run it continues
-    with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log) as run:
+    with RunFolder(s["CHECKPOINT_DIR"], s["RESUME"], ranks.main, log, tensorboard=s["TENSORBOARD"],
+                   curves=FINE_TUNING_CURVES, title=f"fine-tuning {s['CHECKPOINT_DIR']}") as run:
         effective_batch = s["BATCH_SIZE"] * s["GRAD_ACCUM_STEPS"] * ranks.world
         run.check_same_run(run_identity(s, effective_batch), RESUME_MUST_MATCH)
         check_model_files(s)
@@ -462,7 +486,10 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         settings_text = "\n".join(f"  {n} = {s[n]!r}" for n in SETTING_NAMES)
 
         def write_info(status: str) -> None:
-            run.write_text(INFO_FILE, info_text(header, status, history, metrics, ema, device, ranks, checkpoints,
+            controls = describe_controls(history, len(val_set), next_due(len(history), s["VAL_EVERY_EPOCHS"],
+                                                                         s["NUM_EPOCHS"]))
+            run.write_text(INFO_FILE, info_text(header, status, controls, history, metrics, ema, device, ranks,
+                                                checkpoints, run.logbook.describe(),
                                                 settings_text, prepared.report, prepared.cache_report))
 
         def save_state() -> None:
@@ -504,8 +531,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                 epoch_loss[1] += row.pop("samples")
                 metrics.append(row)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                    s_step=f"{row['seconds_per_step']:.2f}")
+                    bar.update(0, loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                               s_step=f"{row['seconds_per_step']:.2f}")
 
         train_start = time.time()
         while epoch < s["NUM_EPOCHS"]:
@@ -514,8 +541,8 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
             steps, _ = plan_epoch(position, len(train_set), s["BATCH_SIZE"], s["GRAD_ACCUM_STEPS"], ranks.world)
             batches.set_epoch(epoch, order, [micro[ranks.rank] for step in steps for micro in step])
             micro_batches = iter(loader)
-            bar = tqdm(total=steps_per_epoch, initial=steps_per_epoch - len(steps), unit="step",
-                       desc=f"epoch {epoch + 1}/{s['NUM_EPOCHS']}", disable=not ranks.main)
+            bar = ProgressBar(total=steps_per_epoch, initial=steps_per_epoch - len(steps), unit="step",
+                              desc=f"epoch {epoch + 1}/{s['NUM_EPOCHS']}", enabled=ranks.main)
             step_log.start_clock()
             for step in steps:
                 # Each sample's loss is weighted 1/(samples in the step), summed over ranks by
@@ -575,6 +602,9 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
                         prepared.width, run.path / PREVIEW_DIR, epoch, s["KEYBOARD_KEYS"], s["PREVIEW_STEPS"],
                         s["TIMESTEP_SHIFT"], s["SEED"], precision.autocast, write=ranks.main))
                 log(f"epoch {epoch} preview: {entry.get('preview')}")
+            if "val_loss" in entry or "preview" in entry:  # TensorBoard's validation events, training_curves.png
+                run.logbook.record(metrics, history, run.path / PREVIEW_DIR / f"epoch{epoch}" if "preview" in entry
+                                   else None)
             save_state()
             write_info("training" if epoch < s["NUM_EPOCHS"] else "finished")
 
@@ -582,19 +612,21 @@ def train(s: dict, ranks: Ranks | None = None, device: torch.device | None = Non
         final, contents = final_weights(s, model, weights_to_save(), ranks.main)
         run.save_weights(final, FINAL_FILE, checkpoint_metadata(s, epoch, global_step, ema, contents, base_fingerprint))
         run.write_metrics(metrics)
+        run.logbook.record(metrics, history)
         if FINAL_FILE not in checkpoints:
             checkpoints.append(FINAL_FILE)
         summary = {"history": history, "steps": global_step, "train_seconds": time.time() - train_start,
-                   "seconds": time.time() - started, "checkpoint_dir": str(run.path)}
+                   "seconds": time.time() - started, "checkpoint_dir": str(run.path), "validation_clips": len(val_set)}
         write_info(f"finished in {summary['seconds']:.0f} s")
         ranks.barrier()
     return summary
 
 
 def plan(s: dict) -> str:
-    """--plan: the GPU memory and time this run needs, predicted on the CPU (planning/)."""
+    """--plan: the GPU memory and time this run needs, predicted on the CPU (planning/). Epoch
+    times use NUM_CLIPS, else the clip count of DATA_DIR's recordings (file headers only)."""
     settings = dict(s)
-    if Path(s["DATA_DIR"]).is_dir():  # epoch times from your own clip count (file headers only)
+    if s["NUM_CLIPS"] is None and Path(s["DATA_DIR"]).is_dir():
         try:
             settings["NUM_CLIPS"] = len(check_data(s["DATA_DIR"], data.data_settings(s)).split.train) or 1
         except DataError:
@@ -611,7 +643,7 @@ def main(argv=None) -> int:
             print(plan(settings))
             return 0
         if "--merge" in argv:
-            print(merge(settings))
+            print(merge(settings, any(a.startswith("--BASE_MODEL_DIR=") for a in argv)))
             return 0
         ranks, device = init_ranks(settings["DEVICE"])
         if demo and ranks.main:
@@ -631,7 +663,7 @@ def main(argv=None) -> int:
         print(f"done: {summary['steps']} optimizer steps in {summary['seconds']:.0f} s; train loss "
               f"{first['train_loss']:.4f} (epoch 1) -> {last['train_loss']:.4f} (epoch {last['epoch']}); "
               f"outputs in {summary['checkpoint_dir']} (read {INFO_FILE})")
-        print(describe_controls(history))
+        print(describe_controls(history, summary["validation_clips"]))
         if demo:
             print(DEMO_CONTROLS_NOTES[controls_learned(history)])
     return 0

@@ -52,8 +52,11 @@ CLIP_PATH = data.CLIP_PATH               # the CLIP image encoder
 FIRST_FRAME = ""                         # a picture to start from ("": frame START_FRAME of RECORDING)
 RECORDING = data.DATA_DIR                # a recording folder (frame_*.png + input.csv)
 START_FRAME = 1                          # the recording's frame to start from
-# the actions: a script (see generation/action_scripts.py), or "" for RECORDING's own rows
-# from START_FRAME on, whose real frames are then shown beside the generated ones
+# the actions: "" for RECORDING's own rows from START_FRAME on (its real frames are then shown
+# beside the generated ones), or a script: terms separated by spaces, each one frame's input -
+# keys of KEYBOARD_KEYS joined by +, mouse(pitch,yaw) (yaw > 0 turns right) or idle - repeated
+# by *count, e.g. "W*24 A*8 W+mouse(0,0.1)*25"; one row per frame, the first frame's included,
+# so NUM_FRAMES rows (57 = 1 + 56); generation/action_scripts.py has the whole syntax
 ACTIONS = ""
 KEYBOARD_KEYS = data.KEYBOARD_KEYS       # the keyboard columns the checkpoint was trained with
 MOUSE_SCALE = data.MOUSE_SCALE           # as in training: the recording's mouse -> the model's units

@@ -62,7 +62,7 @@ from wan.config import FRAMES_PER_BLOCK
 from wan.device import pick_device, run_dtype
 from wan.files import remove_stale_temps_of
 from wan.flow import NUM_TRAIN_TIMESTEPS
-from wan.shapes import FPS, video_frame_count
+from wan.shapes import FPS, VAE_TIME_STRIDE, video_frame_count
 from wan.vae import StreamingDecoder
 
 # -----------------------------------------------------------------------------
@@ -96,7 +96,10 @@ MOUSE_LIMIT = 0.25                       # the largest mouse value per frame sen
 OVERLAY = True                           # draw the action strip under the frames on the page
 # headless: to an MP4 instead of the browser (or --headless)
 HEADLESS = False                         # True: play ACTIONS (or the recording's own) into OUTPUT
-ACTIONS = ""                             # an action script; "": RECORDING's own actions from START_FRAME
+# an action script (generate_preview.py's, one row per frame; e.g. W*45 W+mouse(0,0.1)*24) played as
+# whole blocks - the first 9 frames, each later one 12 -, the last row held to its block's end (W*20:
+# 2 blocks, 21 frames); "": RECORDING's own actions from START_FRAME
+ACTIONS = ""
 NUM_BLOCKS = 0                           # blocks of 12 frames (the first 9); 0: as long as the actions
 OUTPUT = "previews/play_world.mp4"       # the MP4 a headless run writes
 # -----------------------------------------------------------------------------
@@ -255,8 +258,9 @@ def headless_actions(s: dict, keys) -> HeadlessActions:
         num_blocks = s["NUM_BLOCKS"] or blocks_covering(script.rows, P)
         rows = video_frame_count(num_blocks * P)
         if rows != script.rows:
-            print(f"note: ACTIONS gives {script.rows} rows; {num_blocks} blocks show {rows} frames (the last row "
-                  f"held for {rows - script.rows} more)")
+            print(f"note: ACTIONS gives {script.rows} rows, one per frame; the model makes whole blocks (the first "
+                  f"{video_frame_count(P)} frames, each later one {VAE_TIME_STRIDE * P}), so {num_blocks} blocks show "
+                  f"{rows} frames (the last row held for {rows - script.rows} more)")
         return HeadlessActions(lambda mouse: script_blocks(script, num_blocks, P, mouse), script.uses_mouse,
                                num_blocks, None, f"actions {s['ACTIONS'][:200]!r}")
     if s["START_IMAGE"]:

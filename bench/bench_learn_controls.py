@@ -5,6 +5,7 @@ measure, epoch by epoch, how much its predictions and its videos depend on the k
     python bench/bench_learn_controls.py --shifts=1,3,5     # one run per TIMESTEP_SHIFT
     python bench/bench_learn_controls.py --epochs=5 --out=/tmp/lc   # shorter, elsewhere
     python bench/bench_learn_controls.py --world=turns      # the camera only turns, from one spot
+    python bench/bench_learn_controls.py --redraw bench/learn_controls.json   # only the plot, from saved results
 
 Training is finetune_base_model.train() itself, on the --demo set-up (demo_world/setup.py:
 the demo recording, the trained demo VAE) with the recipe's settings, from a random tiny base
@@ -27,13 +28,13 @@ world seen by a camera that only turns where it stands. Each saved epoch is then
     (video/action_score.mean_shift), which tells a video that moves the wrong way from one
     that barely moves.
 
-Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with PIL) and
+Prints a table per run and writes OUT/learn_controls.png (the curves, drawn with matplotlib) and
 OUT/learn_controls.json (learn_controls_turns.* for --world=turns). Progress is measured in
 optimizer steps and epochs: the wall times printed depend on what else the machine runs.
 """
 
 import argparse
-import math
+import json
 import shutil
 import sys
 import time
@@ -41,7 +42,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,7 +106,8 @@ PREVIEW_STEPS = 20                     # Euler steps per preview (the scores bar
 # The videos each preview scores, all against the clip's own keys, in the plot's line styles:
 # generated with its keys, generated with another clip's, the real frames, the VAE's
 # reconstruction of them. Each over consecutive frames, and with LATENT_SUFFIX over every 4th.
-PREVIEW_VIDEOS = {"true": "solid", "shuffled": "dashed", "truth": "dotted", "recon": "points"}
+PREVIEW_VIDEOS = {"true": ("-", "generated, own keys"), "shuffled": ("--", "generated, another clip's keys"),
+                  "truth": (":", "the real frames"), "recon": ("", "the VAE's reconstruction of them (dots)")}
 LATENT_SUFFIX = "_latent"
 MOTION_SUFFIX = "_px"                  # the video's image motion per frame (pixels), not a score
 PREVIEW_COLUMNS = tuple(name + suffix for suffix in ("", LATENT_SUFFIX, MOTION_SUFFIX) for name in PREVIEW_VIDEOS)
@@ -210,89 +211,64 @@ def format_row(row: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# The plot (PIL: no plotting library is a dependency)
+# The plot (matplotlib)
 
 def preview_series(suffix: str) -> tuple:
-    """(row key, line style) of every preview video's measure with that suffix."""
-    return tuple((f"preview_{video}{suffix}", style) for video, style in PREVIEW_VIDEOS.items())
+    """(row key, line style, label) of every preview video's measure with that suffix."""
+    return tuple((f"preview_{video}{suffix}", style, label) for video, (style, label) in PREVIEW_VIDEOS.items())
 
 
-# (name, title, the series drawn: (row key, line style) each)
-PANELS = (("val_loss", "validation loss (fixed sigmas)", (("val_loss", "solid"),)),
-          ("action_gain", "action gain: fixed sigmas (solid), the training script's (dashed)",
-           (("action_gain", "solid"), ("script_action_gain", "dashed"))),
-          ("preview_psnr", "PSNR of generated frames 1-8 (dB)", (("preview_psnr", "solid"),)),
-          ("preview", "following the keys: true (solid), other (dashed), real (dotted), recon (dots)",
-           preview_series("")),
-          ("preview_latent", "the same, every 4th frame (the latent frames' own)", preview_series(LATENT_SUFFIX)),
-          ("preview_motion", "image motion per frame (px) of the same videos", preview_series(MOTION_SUFFIX)))
+# (title, y-axis label, the series drawn: (row key, line style, label) each, a reference line or None)
+PANELS = (("validation loss at fixed sigmas", "velocity MSE", (("val_loss", "-", "validation loss"),), None),
+          ("action gain", "val loss, another clip's keys / its own",
+           (("action_gain", "-", "at fixed sigmas"), ("script_action_gain", "--", "the training script's sigmas")),
+           (1.0, "1: the keys change nothing")),
+          ("PSNR of generated frames 1-8", "dB", (("preview_psnr", "-", "PSNR"),), None),
+          ("following the keys (consecutive frames)", "share of frame pairs", preview_series(""), None),
+          ("following the keys (every 4th frame: the latent frames')", "share of frame pairs",
+           preview_series(LATENT_SUFFIX), None),
+          ("image motion of the same videos", "pixels per frame", preview_series(MOTION_SUFFIX), None))
 COLUMNS = 3
-COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 
 
 def plot(runs: list[dict], path: Path) -> Path:
-    """One panel per measure, one line per run, epochs along x."""
-    panel_w, panel_h, margin = 460, 260, 46
-    rows = math.ceil(len(PANELS) / COLUMNS)
-    image = Image.new("RGB", (COLUMNS * panel_w, rows * panel_h + 30), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=12)
-    x = 10
-    for r, run in enumerate(runs):  # each run's name in its colour
-        label = f"{run['world']} world, TIMESTEP_SHIFT={run['shift']:g}"
-        draw.text((x, rows * panel_h + 8), label, fill=COLOURS[r % len(COLOURS)], font=font)
-        x += draw.textlength(label, font=font) + 20
-    for k, (name, title, keys) in enumerate(PANELS):
-        x0, y0 = (k % COLUMNS) * panel_w, (k // COLUMNS) * panel_h
-        series = []  # (run index, style, [(epoch, value)])
+    """One panel per measure, one colour per run, epochs along x (each scored epoch labelled)."""
+    from matplotlib.figure import Figure
+
+    lines = -(-len(PANELS) // COLUMNS)
+    figure = Figure(figsize=(6.0 * COLUMNS, 4.2 * lines), layout="constrained")
+    epochs = sorted({row["epoch"] for run in runs for row in run["rows"]})
+    for index, (title, ylabel, series, reference) in enumerate(PANELS):
+        axes = figure.add_subplot(lines, COLUMNS, index + 1)
         for r, run in enumerate(runs):
-            for key, style in keys:
+            name = f"{run['world']} world, TIMESTEP_SHIFT={run['shift']:g}"
+            for k, (key, style, label) in enumerate(series):
                 points = [(row["epoch"], row[key]) for row in run["rows"] if row.get(key) is not None]
-                if points:
-                    series.append((r, style, points))
-        draw.text((x0 + margin, y0 + 6), title, fill="black", font=font)
-        if not series:
-            continue
-        xs = [x for _, _, pts in series for x, _ in pts]
-        ys = [y for _, _, pts in series for _, y in pts]
-        x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
-        y_lo, y_hi = min(ys), max(ys)
-        if name == "action_gain":
-            y_lo = min(y_lo, 1.0)
-        pad = (y_hi - y_lo) * 0.08 or 0.01
-        y_lo, y_hi = y_lo - pad, y_hi + pad
-        left, top, right, bottom = x0 + margin, y0 + 24, x0 + panel_w - 12, y0 + panel_h - 24
+                if points:  # one run: a colour per series; several: a colour per run, a line style per series
+                    x, y = zip(*points)
+                    axes.plot(x, y, linestyle=style or "none", marker="o", markersize=4,
+                              color=f"C{k if len(runs) == 1 else r}",
+                              label=label if len(runs) == 1 else f"{name}: {label}")
+        if reference is not None:
+            axes.axhline(reference[0], color="grey", linestyle=":", linewidth=1, label=reference[1])
+        axes.set_title(title, fontsize="medium")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(ylabel)
+        axes.set_xticks(epochs)
+        axes.tick_params(axis="x", labelsize="small", labelrotation=45 if len(epochs) > 10 else 0)
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="x-small")
+    figure.suptitle(", ".join(f"{run['world']} world, TIMESTEP_SHIFT={run['shift']:g}: {run['steps']} optimizer "
+                              f"steps, {run['train_clips']} training / {run['val_clips']} validation clips"
+                              for run in runs))
+    return write_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
 
-        def at(x, y):
-            return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
-        draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
-        decimals = max(0, 1 - math.floor(math.log10((y_hi - y_lo) / 4)))  # ticks that differ in print
-        for i in range(5):
-            value = y_lo + (y_hi - y_lo) * i / 4
-            y = at(x_lo, value)[1]
-            draw.line((left, y, right, y), fill=(235, 235, 235))
-            draw.text((x0 + 2, y - 6), f"{value:.{decimals}f}", fill="black", font=font)
-        draw.text((left, bottom + 6), f"epoch {x_lo}", fill="black", font=font)
-        draw.text((right - 50, bottom + 6), f"epoch {x_hi}", fill="black", font=font)
-        if name == "action_gain" and y_lo < 1 < y_hi:
-            y = at(x_lo, 1.0)[1]
-            draw.line((left, y, right, y), fill=(160, 160, 160), width=1)
-        for r, style, points in series:
-            colour = COLOURS[r % len(COLOURS)]
-            pixels = [at(x, y) for x, y in points]
-            for (a, b), step in zip(zip(pixels, pixels[1:]), range(len(pixels))):
-                if style == "points":
-                    continue
-                if style == "solid" or (style == "dashed" and step % 2 == 0):
-                    draw.line((a, b), fill=colour, width=2)
-                elif style == "dotted":
-                    for t in range(0, 11, 2):
-                        px, py = a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10
-                        draw.ellipse((px - 1, py - 1, px + 1, py + 1), fill=colour)
-            for px, py in pixels:
-                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
-    return write_atomic(path, lambda temporary: image.save(temporary, format="PNG"))
+def redraw(json_path: Path) -> Path:
+    """The plot again from a results JSON this benchmark wrote (no training): beside it, .png."""
+    results = json.loads(json_path.read_text(encoding="utf-8"))
+    runs = [{"world": results.get("world", "full"), **run} for run in results["runs"]]
+    return plot(runs, json_path.with_suffix(".png"))
 
 
 def main(argv=None) -> int:
@@ -305,7 +281,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch CPU threads (default {THREADS})")
     parser.add_argument("--world", choices=sorted(WORLDS), default="full",
                         help="the recording's deck of runs: the demo's (full) or turns only (default full)")
+    parser.add_argument("--redraw", nargs="+", type=Path, metavar="JSON",
+                        help="only redraw the plot of results JSONs this benchmark wrote (no training), beside each")
     args = parser.parse_args(argv)
+    if args.redraw:
+        for json_path in args.redraw:
+            print(f"plot: {redraw(json_path)}")
+        return 0
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     # The demo's deck in OUT itself (as before worlds existed: its latent cache is reused), another under OUT/WORLD.

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from generation.action_scripts import MAX_SCRIPT_ROWS
 from recordings.layout import LAYOUT_RULES, MAX_FRAME_NUMBER
+from runs.logbook import tensorboard_installed
 from wan.config import FRAMES_PER_BLOCK
 from wan.device import pick_device
 from wan.flow import NUM_TRAIN_TIMESTEPS
@@ -314,6 +315,13 @@ def optional(rule):
     return lambda value: None if value is None else rule(value)
 
 
+def tensorboard(value):
+    if not isinstance(value, bool):
+        return "must be true or false"
+    if value and not tensorboard_installed():
+        return "the tensorboard package is not installed (pip install tensorboard), or set TENSORBOARD=false"
+
+
 def device(value):
     try:
         pick_device(value)
@@ -348,6 +356,9 @@ MAX_STUDENT_STEPS = 50        # a student's DENOISING_STEPS (the students use 3 
 MAX_KEYS = 64                 # keyboard columns (the official models have 2 to 7)
 MAX_WORKERS = 64              # DataLoader processes, each holding a copy of the dataset
 MAX_VAL_BLOCK_CLIPS = 10_000  # consecutive clips held out together: over 3 hours of 57-frame clips at stride 28
+# training clips per epoch (--plan's NUM_CLIPS): 10 million 57-frame clips at stride 28 are
+# 130 days of recordings at 25 fps
+MAX_CLIPS = 10_000_000
 MAX_VALIDATION_CLIPS = 256    # clips (and noises) validated: every one costs a teacher video kept in memory
 MAX_SEED = 2**32 - 1          # seeds become torch generator seeds as SEED x 100003 + epoch (below 2^63)
 MAX_GPU_MEMORY_GB = 1024      # --plan's card: beyond any single GPU
@@ -374,6 +385,7 @@ SETTING_RULES = {
     "MAX_SIGMA": in_range(0, 1), "VAL_SIGMAS": at_least(1, MAX_SAMPLING_STEPS), "NUM_WORKERS": at_least(0, MAX_WORKERS),
     "SAVE_EVERY_EPOCHS": at_least(0, MAX_EPOCHS), "VAL_EVERY_EPOCHS": at_least(1, MAX_EPOCHS),
     "SAVE_EVERY_STEPS": at_least(0, MAX_STEPS), "LOG_EVERY_STEPS": at_least(1, MAX_STEPS),
+    "TENSORBOARD": tensorboard, "NUM_CLIPS": optional(at_least(1, MAX_CLIPS)),
     "SEED": at_least(0, MAX_SEED), "PREVIEW_EVERY_EPOCHS": at_least(0, MAX_EPOCHS),
     "PREVIEW_STEPS": at_least(1, MAX_SAMPLING_STEPS),
     "LORA_RANK": at_least(1, MAX_LORA_RANK), "LORA_ALPHA": positive, "LORA_DROPOUT": in_range(0, 1, high_included=False),
@@ -394,7 +406,7 @@ SETTING_RULES = {
     "TEACHER_STEPS": at_least(1, MAX_SAMPLING_STEPS), "EXPORT_EVERY_STEPS": at_least(0, MAX_STEPS),
     "STREAM_CHUNK_LATENTS": at_least(1, MAX_CLIP_LATENTS), "STREAM_OVERLAP_LATENTS": at_least(1, MAX_CLIP_LATENTS),
     "STREAM_MAX_LATENTS": at_least(1, MAX_CLIP_LATENTS), "LONG_TUNE_STEPS": at_least(1, MAX_STEPS),
-    "GPUS": whole_in(1, 64),
+    "GPUS": whole_in(1, 64), "LORA_ROLES": items_at_most(2, "roles"),  # student and critic (training/roles.py)
 }
 
 

@@ -23,6 +23,7 @@ MERGED_FILE = "base_finetuned_merged.safetensors"  # a "lora" run's final file m
 FULL_CONTENTS = "full state dict"
 TRAINED_CONTENTS = "trainable tensors only; load over the base model"
 LORA_CONTENTS = "LoRA adapters and fully trained tensors; load over the base model or merge (--merge)"
+BASE_MODEL_KEY = "base_model_dir"        # the metadata entry naming the BASE_MODEL_DIR a file was trained over
 CHECKPOINT_HINT = ("CHECKPOINT must be a file the training script wrote (base_finetuned_epoch<N>.safetensors or "
                    f"{FINAL_FILE}); a copy interrupted part-way is truncated - copy it again")
 
@@ -151,6 +152,16 @@ def load_model(base_model_dir, checkpoint, keyboard_keys, device, dtype: torch.d
             description = (f"{base_dir} + {len(state)} fine-tuned tensors from {path} (trainable tensors only"
                            + (f", {details}" if details else "") + ")")
     return LoadedModel(model.eval().requires_grad_(False), keys, description + f"; keyboard {', '.join(keys)}")
+
+
+def recorded_base_model(checkpoint) -> str | None:
+    """The BASE_MODEL_DIR a file of the training script was trained over, as its metadata
+    records it (files from before it was recorded: None)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        return None
+    with open_safetensors(path, CHECKPOINT_HINT) as f:
+        return (f.metadata() or {}).get(BASE_MODEL_KEY) or None
 
 
 def check_base_fingerprint(path: Path, metadata: dict, base_dir: Path) -> None:

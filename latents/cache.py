@@ -27,16 +27,16 @@ import os
 import time
 import uuid
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
-
 from latents.encoders import encode_clip_batch, load_encoders
 from recordings.clips import ClipRef, RecordingClipDataset
+from runs.progress import ProgressBar
 from wan.device import pick_device
 from wan.files import FolderLock, save_safetensors_atomic, write_json_atomic
 from wan.shapes import latent_size
@@ -196,11 +196,14 @@ class LatentCache:
         ones so that they are never read. Returns the problems."""
         names = sorted({self.entries[k] for k in keys if k in self.entries} - self.verified)
         problems = []
-        for name in tqdm(names, desc="verifying cache shards", unit="shard", disable=not progress or not names):
+        bar = ProgressBar(len(names), "verifying cache shards", unit="shard", enabled=progress and bool(names))
+        for name in names:
             problem = self.check_shard(name)
             if problem:
                 problems.append(f"{self.shard_dir / name}: {problem}; its clips will be re-encoded")
                 self.remove_shard(name, delete_files=remove)
+            bar.update(1)
+        bar.close()
         return problems
 
     def write_shard(self, tensors_by_key: dict[str, dict], descriptions: dict[str, dict], tag: str) -> str:
@@ -240,6 +243,7 @@ class CacheReport:
     corrupt_entries: list = field(default_factory=list)
     removed_strays: int = 0
     unused_entries: int = 0
+    reasons: dict = field(default_factory=dict)   # why the encoded clips were encoded: reason -> clips
     device: str = ""
     seconds: float = 0.0
 
@@ -247,6 +251,7 @@ class CacheReport:
         rate = f", {self.encoded / self.seconds:.2f} clips/s on {self.device}" if self.encoded and self.seconds else ""
         lines = [f"latent cache {self.cache_dir}: {self.clips} clips, {self.reused} reused, "
                  f"{self.encoded} encoded{rate}"]
+        lines += [f"  encoded {count} clip(s): {reason}" for reason, count in self.reasons.items()]
         lines += [f"  rebuilt: {p}" for p in self.rebuilt_shards]
         lines += [f"  {p}" for p in self.corrupt_entries]
         if self.removed_strays:
@@ -286,18 +291,67 @@ def build_latent_cache(clips, cache_dir, vae_path, clip_path, height: int, width
         report.rebuilt_shards = cache.verify(keys, progress=progress)
         report.reused = sum(k in cache.entries for k in keys)
         mine = [(c, k) for i, (c, k) in enumerate(zip(clips, keys)) if i % world_size == rank and k not in cache.entries]
+        report.reasons = encoding_reasons(cache, [c for c, _ in mine], settings)
+        if mine and progress:
+            print(f"latent cache {cache_dir}: encoding {len(mine)} clip(s) - "
+                  + "; ".join(f"{count}: {reason}" for reason, count in report.reasons.items()), flush=True)
         if mine:
             device = torch.device(device) if device is not None else pick_device("auto")
             report.device = str(device)
             batch_size = batch_size or encode_batch_size([c for c, _ in mine], height, width)
             encode_clips(cache, mine, vae_path, clip_path, height, width, dtype, device, batch_size, num_workers,
-                         f"r{rank}", progress)
+                         f"r{rank}", progress, asdict(settings))
             report.encoded = len(mine)
         if world_size == 1:
             cache.write_manifest()
     report.unused_entries = len(set(cache.entries) - set(keys))
     report.seconds = time.perf_counter() - started
     return report
+
+
+NEW_CLIPS = "not in the cache yet"
+
+
+def encoding_reasons(cache: LatentCache, clips, settings: EncodingSettings) -> dict[str, int]:
+    """Why each of these clips (none of them served by the cache) is encoded: {reason: clips}.
+    A clip the cache holds under other settings is encoded again because of what differs,
+    which the reason names (CACHE_DTYPE, the frame size, the VAE or CLIP file, or the frames
+    themselves); a clip it does not hold is new."""
+    earlier = {}  # clip id -> the settings its cached entries were encoded with (None: not recorded)
+    for info in cache.shards.values():
+        for entry in info["entries"].values():
+            if isinstance(entry, dict) and "clip" in entry:
+                earlier.setdefault(entry["clip"], []).append(entry.get("settings"))
+    reasons = Counter()
+    current = asdict(settings)
+    for clip in clips:
+        recorded = earlier.get(clip.clip_id)
+        if recorded is None:
+            reasons[NEW_CLIPS] += 1
+        elif current in recorded:
+            reasons["its frame files changed (size or modification time: re-exported, or copied without their "
+                    "times)"] += 1
+        elif all(r is None for r in recorded):
+            reasons["the cache holds it under other settings that its older entries do not record (CACHE_DTYPE, "
+                    "the frame size, the VAE or CLIP file, or the frames)"] += 1
+        else:
+            reasons[settings_change(next(r for r in recorded if r is not None), current)] += 1
+    return dict(reasons)
+
+
+def settings_change(cached: dict, now: dict) -> str:
+    """What differs between the settings a clip was cached with and these, in setting names."""
+    changes = []
+    if cached.get("dtype") != now["dtype"]:
+        changes.append(f"CACHE_DTYPE differs (cached as {cached.get('dtype')}, now {now['dtype']})")
+    if (cached.get("height"), cached.get("width")) != (now["height"], now["width"]):
+        changes.append(f"the frame size differs (cached at {cached.get('width')}x{cached.get('height')}, now "
+                       f"{now['width']}x{now['height']}: VIDEO_WIDTH x VIDEO_HEIGHT)")
+    for part, setting in (("vae", "VAE_PATH"), ("clip", "CLIP_PATH")):
+        if cached.get(part) != now[part]:
+            changes.append(f"{setting}'s file differs from the one it was encoded with (name, size or "
+                           "modification time)")
+    return "; ".join(changes) or "its frame files changed"
 
 
 def encode_batch_size(clips, height: int, width: int) -> int:
@@ -314,8 +368,11 @@ def cache_lock(cache_dir) -> FolderLock:
 
 
 def encode_clips(cache: LatentCache, clips_and_keys, vae_path, clip_path, height: int, width: int, dtype: str,
-                 device: torch.device, batch_size: int, num_workers: int, tag: str, progress: bool) -> None:
-    """Encode the clips with the VAE and CLIP into shards of SHARD_CLIPS, each written as soon as full."""
+                 device: torch.device, batch_size: int, num_workers: int, tag: str, progress: bool,
+                 settings: dict | None = None) -> None:
+    """Encode the clips with the VAE and CLIP into shards of SHARD_CLIPS, each written as soon as
+    full. settings (the EncodingSettings as a dict) are recorded with each entry, so that a
+    later build can say what changed when it encodes a clip again."""
     if device.type == "cpu":
         warnings.warn("encoding the latent cache on the CPU is slow (the real VAE takes seconds per 352x640 "
                       "frame); it is done once, later runs reuse the cache", stacklevel=3)
@@ -323,12 +380,13 @@ def encode_clips(cache: LatentCache, clips_and_keys, vae_path, clip_path, height
     frames = DataLoader(RecordingClipDataset([c for c, _ in clips_and_keys], height, width), batch_size=batch_size,
                         num_workers=num_workers)
     pending, described, done = {}, {}, 0
-    bar = tqdm(total=len(clips_and_keys), desc="encoding clips", unit="clip", disable=not progress)
+    bar = ProgressBar(len(clips_and_keys), "encoding clips", unit="clip", enabled=progress)
     for batch in frames:
         for encoded in encode_clip_batch(vae, clip_model, batch["video"], CACHE_DTYPES[dtype]):
             clip_ref, key = clips_and_keys[done]
             pending[key] = encoded
-            described[key] = {"clip": clip_ref.clip_id, "num_frames": clip_ref.num_frames}
+            described[key] = {"clip": clip_ref.clip_id, "num_frames": clip_ref.num_frames,
+                              **({"settings": settings} if settings is not None else {})}
             done += 1
             if len(pending) == SHARD_CLIPS:
                 cache.write_shard(pending, described, tag)

@@ -64,8 +64,9 @@ def largest_peak(capacity: float) -> float:
 # Settings
 
 def resolve_settings(settings: dict) -> dict:
-    """The planner's own defaults (GPU_MEMORY_GB, NUM_CLIPS) under the script's settings; checked."""
-    s = {**PLANNER_DEFAULTS, **settings}
+    """The planner's own defaults (GPU_MEMORY_GB, NUM_CLIPS) under the script's settings (None:
+    not given); checked."""
+    s = {**PLANNER_DEFAULTS, **{n: v for n, v in settings.items() if v is not None or n not in PLANNER_DEFAULTS}}
     problems = []
     try:
         check_image_size(s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"])
@@ -360,7 +361,8 @@ def plan_training(settings: dict, recipe: TrainingRecipe | None = None, config: 
     """
     started = time.perf_counter()
     s = resolve_settings(settings)
-    notes = [f"{name} not given: {value} assumed" for name, value in PLANNER_DEFAULTS.items() if name not in settings]
+    notes = [f"{name} not given: {value} assumed (--{name}=... sets it)" for name, value in PLANNER_DEFAULTS.items()
+             if settings.get(name) is None]
     if config is None:
         config, source = model_config(s)
     else:

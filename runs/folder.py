@@ -4,9 +4,10 @@ writes as it goes.
 
 Every trainer writes the same kinds of file here: its state (to resume exactly),
 metrics.csv (one row per optimizer step), weights files and an info file a person reads
-first. The state holds only what torch.load(weights_only=True) reads back - tensors,
-dicts, lists, tuples, numbers, strings - so a state file from someone else can never run
-code.
+first; metrics.csv, TensorBoard events and training_curves.png go through the folder's
+logbook (runs/logbook.py). The state holds only what torch.load(weights_only=True) reads
+back - tensors, dicts, lists, tuples, numbers, strings - so a state file from someone else
+can never run code.
 """
 
 import os
@@ -16,13 +17,13 @@ from pathlib import Path
 import torch
 
 from runs.errors import TrainingError
-from runs.metrics import METRICS_COLUMNS, format_metrics_csv, read_metrics_csv
+from runs.logbook import Logbook
+from runs.metrics import METRICS_COLUMNS, METRICS_FILE, read_metrics_csv
 from runs.saved_state import check_common_fields
 from wan.files import (FolderLock, check_output_folder, remove_stale_temp_files, save_safetensors_atomic,
                        torch_save_atomic, write_text_atomic)
 
 STATE_FILE = "training_state.pt"
-METRICS_FILE = "metrics.csv"
 
 
 def load_state(path: Path) -> dict:
@@ -59,9 +60,12 @@ def same_setting(name: str, saved, current) -> bool:
 class RunFolder:
     """CHECKPOINT_DIR of one run, locked by the main rank while the run lives. `resumed`
     holds the saved state when the run continues one. metrics_columns: the columns of the
-    trainer's metrics.csv."""
+    trainer's metrics.csv. `logbook` writes what people read as the run goes (metrics.csv,
+    TensorBoard events when tensorboard is on, training_curves.png with the panels of
+    curves, titled title)."""
 
-    def __init__(self, path, resume: bool, main: bool = True, log=print, metrics_columns=METRICS_COLUMNS):
+    def __init__(self, path, resume: bool, main: bool = True, log=print, metrics_columns=METRICS_COLUMNS,
+                 tensorboard: bool = False, curves=None, title: str = ""):
         self.path = check_output_folder(path, "CHECKPOINT_DIR")
         self.main = main
         self.metrics_columns = tuple(metrics_columns)
@@ -87,8 +91,11 @@ class RunFolder:
         self.saved_step = self.resumed["global_step"] if self.resumed is not None else None
         if main:
             self.path.mkdir(parents=True, exist_ok=True)
+        self.logbook = Logbook(self.path, self.metrics_columns, main, tensorboard, curves, title, self.saved_step, log)
 
     def close(self) -> None:
+        if getattr(self, "logbook", None) is not None:
+            self.logbook.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -126,8 +133,8 @@ class RunFolder:
         return [p.name for p in sorted(self.path.glob(pattern))] if self.resumed is not None else []
 
     def write_metrics(self, rows: list) -> None:
-        if self.main:
-            write_text_atomic(self.path / METRICS_FILE, format_metrics_csv(rows, self.metrics_columns))
+        """metrics.csv, and the new rows' TensorBoard events (runs/logbook.py)."""
+        self.logbook.write_rows(rows)
 
     def save_state(self, state: dict, metrics: list) -> None:
         """Metrics first: a kill between the two writes must not lose the saved steps' rows."""

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from runs.errors import TrainingError
 
+METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "sigma", "seconds_per_step")
 WHOLE_NUMBERS = ("step", "epoch", "exit_step")
 

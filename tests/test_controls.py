@@ -32,9 +32,20 @@ def test_one_line_with_the_last_gain_and_where_it_started():
 
 def test_epochs_without_a_gain_are_skipped_and_none_at_all_says_why():
     assert describe_controls([entry(1), entry(2, 1.05), entry(3)]).startswith("controls: action gain 1.0500 - ")
-    line = describe_controls([entry(1), entry(2)])
-    assert "not measured" in line and "validation clips" in line
-    assert "not measured" in describe_controls([])
+    validated = [entry(1, val_loss=0.5), entry(2, val_loss=0.4)]  # validated, but one clip: no gain
+    assert describe_controls(validated) == ("controls: not measured - the action gain needs 2 or more validation "
+                                            "clips (raise VAL_FRACTION)")
+    assert describe_controls(validated, validation_clips=1) == (
+        "controls: not measured - the action gain needs 2 or more validation clips and this run has 1 (raise "
+        "VAL_FRACTION)")
+    assert describe_controls([], validation_clips=0).endswith("this run has 0 (raise VAL_FRACTION)")
+
+
+def test_before_the_first_validation_it_says_so_not_that_clips_are_missing():
+    """17 validation clips, VAL_EVERY_EPOCHS=20, 3 epochs done: nothing is measured yet."""
+    assert describe_controls([entry(1), entry(2), entry(3)], validation_clips=17, next_validation=20) == (
+        "controls: not measured yet - validation has not run (the first is after epoch 20: VAL_EVERY_EPOCHS)")
+    assert describe_controls([], validation_clips=17) == "controls: not measured yet - validation has not run"
 
 
 def test_the_latest_preview_scores_are_added():
@@ -56,3 +67,16 @@ def test_learned_means_the_last_measured_gain_reaches_the_threshold():
     assert not controls_learned([entry(1), entry(2)])
     assert last_gain([entry(1, 1.02), entry(2, 1.03), entry(3)]) == 1.03
     assert last_gain([]) is None
+
+
+def test_a_learned_gain_beside_a_preview_that_does_not_follow_its_keys_is_not_called_learned():
+    """The demo's case: the gain says learned, the preview scores better with another clip's keys."""
+    history = [entry(1, 1.0254, preview_score=0.10, preview_shuffled_score=0.12, preview_truth_score=0.7)]
+    line = describe_controls(history)
+    assert "(learned)" not in line
+    assert line.startswith("controls: action gain 1.0254 - predictions depend on the keys and mouse, but the "
+                           "preview does not follow them yet")
+    following = [entry(1, 1.0254, preview_score=0.40, preview_shuffled_score=0.12, preview_truth_score=0.7)]
+    assert "(learned)" in describe_controls(following)
+    not_learned = [entry(1, 1.0005, preview_score=0.1, preview_shuffled_score=0.2)]  # the gain's verdict stands
+    assert "not learned yet" in describe_controls(not_learned)

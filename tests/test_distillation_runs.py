@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import distill_streaming_model as ds
 from conftest import REPO_ROOT
@@ -106,7 +107,8 @@ def test_stage_a_then_b_write_a_student_that_play_world_loads(stage_a, tmp_path)
     s, summary = stage_a
     out = Path(s["CHECKPOINT_DIR"])
     names = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-    assert names == ["metrics.csv", "previews", "student", "training_info.txt", "training_state.pt"]
+    assert names == ["metrics.csv", "previews", "student", "tensorboard", "training_curves.png", "training_info.txt",
+                     "training_state.pt"]
     assert [h["step"] for h in summary["history"]] == [0, 4]
     assert all(h["teacher_distance"] > 0 and h["fps"] > 0 for h in summary["history"])
     # two noises per clip: both sides' spreads, the teacher's made once for the run
@@ -117,8 +119,18 @@ def test_stage_a_then_b_write_a_student_that_play_world_loads(stage_a, tmp_path)
     assert rows[0].split(",") == list(ds.METRICS_COLUMNS) and len(rows) == 1 + 4
     info = (out / ds.INFO_FILE).read_text()
     for field in ("stage causal_init", "teacher:", "window 6", "diffusion forcing", "step 4: teacher distance",
-                  "distribution distance", "action score", "frames/s", "students: student", "status: finished"):
+                  "distribution distance", "action score", "frames/s", "students: student", "status: finished",
+                  f"(play the latest: python play_world.py --MODEL_DIR={out / 'student'})"):
         assert field in info, field
+    reader = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    reader.Reload()
+    assert [e.step for e in reader.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in reader.Scalars("validation/teacher_distance")] == [0, 4]
+    assert [e.step for e in reader.Images("preview/video")] == [0, 4]
+    assert ds.what_next("causal_init", str(out), str(out / "student")) == [
+        f"play it: python play_world.py --MODEL_DIR={out / 'student'}",
+        "next stage (with your other settings as in this run): python distill_streaming_model.py --STAGE=dmd "
+        f"--STUDENT_DIR={out / 'student'} --CHECKPOINT_DIR={out.parent / 'dmd'}"]
 
     b = dict(s, STAGE="dmd", STUDENT_DIR=str(out / "student"), CHECKPOINT_DIR=str(tmp_path / "dmd"), DMD_STEPS=4)
     torch.set_num_threads(1)

@@ -1,7 +1,9 @@
 import dataclasses
+import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +83,8 @@ def test_changed_frame_invalidates_exactly_the_clips_that_use_it(setup):
     os.utime(frame, ns=(1, 1))
     report = build(s, clips)
     assert (report.encoded, report.reused) == (1, 3)
+    assert list(report.reasons) == ["its frame files changed (size or modification time: re-exported, or copied "
+                                    "without their times)"] and report.reasons[list(report.reasons)[0]] == 1
 
 
 def test_changed_encoder_file_invalidates_everything(setup):
@@ -88,9 +92,41 @@ def test_changed_encoder_file_invalidates_everything(setup):
     build(s, clips)
     os.utime(s["VAE_PATH"], ns=(2, 2))
     try:
-        assert build(s, clips).encoded == 4
+        report = build(s, clips)
+        assert report.encoded == 4
+        assert report.reasons == {"VAE_PATH's file differs from the one it was encoded with (name, size or "
+                                  "modification time)": 4}
     finally:
         os.utime(s["VAE_PATH"])
+
+
+def test_the_report_says_which_setting_made_the_cache_encode_again(setup, capsys):
+    """CACHE_DTYPE changed: every clip is encoded again, and the build says so before it
+    starts (and in its report); clips the cache never held are new; entries of an older
+    cache that recorded no settings get the honest 'not recorded'."""
+    s, clips = setup
+
+    def build_as(dtype, chosen, progress=False):
+        return latent_cache.build_latent_cache(chosen, s["CACHE_DIR"], s["VAE_PATH"], s["CLIP_PATH"], 32, 64,
+                                               dtype=dtype, num_workers=0, progress=progress, device="cpu")
+
+    first = build_as("fp32", clips[:3])
+    assert first.reasons == {latent_cache.NEW_CLIPS: 3}
+    capsys.readouterr()
+    again = build_as("bf16", clips, progress=True)
+    change = "CACHE_DTYPE differs (cached as fp32, now bf16)"
+    assert again.reasons == {change: 3, latent_cache.NEW_CLIPS: 1}
+    assert f"encoding 4 clip(s) - 3: {change}; 1: {latent_cache.NEW_CLIPS}" in capsys.readouterr().out
+    assert f"encoded 3 clip(s): {change}" in again.format()
+
+    for sidecar in (Path(s["CACHE_DIR"]) / "shards").glob("*.json"):  # as an older version wrote them
+        info = json.loads(sidecar.read_text())
+        for entry in info["entries"].values():
+            entry.pop("settings")
+        sidecar.write_text(json.dumps(info))
+    older = build_as("fp32", clips[3:], progress=False)  # clip 3 was only encoded as bf16
+    assert list(older.reasons) == ["the cache holds it under other settings that its older entries do not record "
+                                   "(CACHE_DTYPE, the frame size, the VAE or CLIP file, or the frames)"]
 
 
 def test_interrupted_build_resumes_where_it_stopped(setup, monkeypatch):

@@ -1,6 +1,7 @@
 """LoRA: adapters that leave the model unchanged at the start, train with the action
 modules, merge into a plain model, and a whole lora run: files, resume, merge, preview."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,32 @@ def test_merge_writes_a_full_state_dict_with_the_adapters_output(lora_run, tiny_
         assert f.metadata()["contents"] == finetuned.FULL_CONTENTS
     with pytest.raises(CheckpointError, match="is not a LoRA file"):
         finetuned.merge_lora_file(lora_run["BASE_MODEL_DIR"], out / finetuned.MERGED_FILE, out / "again.safetensors")
+
+
+def test_merge_takes_the_base_model_the_run_recorded(lora_run, tmp_path, capsys, monkeypatch):
+    """Without --BASE_MODEL_DIR (the default, models/base_model, is not there) the merge uses
+    the base its final file records; a final file from before that was recorded: the
+    training state's."""
+    out = Path(lora_run["CHECKPOINT_DIR"])
+    with safe_open(out / fb.FINAL_FILE, "pt") as f:
+        assert f.metadata()[finetuned.BASE_MODEL_KEY] == lora_run["BASE_MODEL_DIR"]
+    monkeypatch.chdir(tmp_path)  # where models/base_model does not exist
+    assert fb.main(["--merge", f"--CHECKPOINT_DIR={out}"]) == 0
+    said = capsys.readouterr().out
+    assert f"merged into {lora_run['BASE_MODEL_DIR']}'s model (the base model the run recorded" in said
+    merged = load_file(out / finetuned.MERGED_FILE)
+
+    older = tmp_path / "older"
+    older.mkdir()
+    tensors, meta = load_file(out / fb.FINAL_FILE), safe_open(out / fb.FINAL_FILE, "pt").metadata()
+    meta.pop(finetuned.BASE_MODEL_KEY)
+    from safetensors.torch import save_file
+    save_file(tensors, older / fb.FINAL_FILE, metadata=meta)
+    shutil.copy(out / "training_state.pt", older / "training_state.pt")
+    assert fb.main(["--merge", f"--CHECKPOINT_DIR={older}"]) == 0
+    capsys.readouterr()
+    again = load_file(older / finetuned.MERGED_FILE)
+    assert all(torch.equal(merged[n], again[n]) for n in merged)
 
 
 def test_a_lora_file_missing_adapters_is_refused(lora_run, tmp_path):

@@ -166,8 +166,8 @@ def test_run_writes_every_output_and_freezes_by_strategy(tiny_assets, tmp_path):
     out = Path(s["CHECKPOINT_DIR"])
     names = sorted(p.name for p in out.iterdir() if p.name != ".lock")  # the run's lock stays, unlocked
     assert names == ["base_finetuned_epoch1.safetensors", "base_finetuned_epoch2.safetensors",
-                     "base_finetuned_final.safetensors", "metrics.csv", "training_info.txt",
-                     "training_state.pt"]
+                     "base_finetuned_final.safetensors", "metrics.csv", "tensorboard", "training_curves.png",
+                     "training_info.txt", "training_state.pt"]
 
     base, _ = load_base_model(s["BASE_MODEL_DIR"])
     final = load_file(out / fb.FINAL_FILE)

@@ -46,20 +46,47 @@ def controls_learned(history: list[dict]) -> bool:
     return gain is not None and gain >= LEARNED_GAIN
 
 
-def describe_controls(history: list[dict]) -> str:
+def preview_follows_the_keys(entry: dict) -> bool | None:
+    """Whether a preview scored higher with its own keys than with another clip's (None:
+    no control was generated)."""
+    other = entry.get("preview_shuffled_score")
+    return None if other is None or entry.get("preview_score") is None else entry["preview_score"] > other
+
+
+def not_measured(history: list[dict], validation_clips: int | None, next_validation: int | None) -> str:
+    """Why there is no action gain yet: too few validation clips, or no validation so far."""
+    if validation_clips is not None and validation_clips < 2:
+        return (f"not measured - the action gain needs 2 or more validation clips and this run has "
+                f"{validation_clips} (raise VAL_FRACTION)")
+    if any(entry.get("val_loss") is not None for entry in history):
+        return "not measured - the action gain needs 2 or more validation clips (raise VAL_FRACTION)"
+    return ("not measured yet - validation has not run"
+            + (f" (the first is after epoch {next_validation}: VAL_EVERY_EPOCHS)" if next_validation else ""))
+
+
+def describe_controls(history: list[dict], validation_clips: int | None = None,
+                      next_validation: int | None = None) -> str:
     """One line on whether the run's model follows the controls, from its per-epoch history
-    (entries as training writes them: epoch, action_gain, preview_score, preview_shuffled_score)."""
+    (entries as training writes them: epoch, val_loss, action_gain, preview_score,
+    preview_shuffled_score). validation_clips and next_validation (the epoch after which the
+    next validation runs), where given, say why nothing is measured yet. The verdict is the
+    gain's, unless the latest preview contradicts a "learned": a preview that scores as well
+    with another clip's keys as with its own does not follow them, whatever the gain says."""
     gains = measured_gains(history)
     if not gains:
-        return "controls: not measured - the action gain needs 2 or more validation clips (raise VAL_FRACTION)"
+        return "controls: " + not_measured(history, validation_clips, next_validation)
     (first_epoch, first), (last_epoch, last) = gains[0], gains[-1]
     line = f"controls: action gain {last:.4f}"
     if last_epoch != first_epoch:
         line += f" (epoch {first_epoch}: {first:.4f})"
-    line += f" - {controls_verdict(last)}"
     previews = [entry for entry in history if entry.get("preview_score") is not None]
-    if previews:
-        latest = previews[-1]
+    latest = previews[-1] if previews else None
+    if latest is not None and last >= LEARNED_GAIN and preview_follows_the_keys(latest) is False:
+        line += (" - predictions depend on the keys and mouse, but the preview does not follow them yet (it scores "
+                 "as well with another clip's keys): learned by the predictions, not yet by the videos")
+    else:
+        line += f" - {controls_verdict(last)}"
+    if latest is not None:
         line += (f"; preview (epoch {latest['epoch']}) follows the true keys {format_share(latest['preview_score'])}"
                  + (f", another clip's keys {format_share(latest['preview_shuffled_score'])}"
                     if "preview_shuffled_score" in latest else "")

@@ -61,3 +61,16 @@ def apply_learning_rate(optimizer, peak: float, schedule: LRSchedule, step: int)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def warmup_warning(warmup: int, total: int, peak: float, setting: str = "WARMUP_STEPS") -> str | None:
+    """A warning when the warm-up is not shorter than the run (total optimizer steps): its
+    learning rate never reaches the peak (a 3-step run with WARMUP_STEPS=50 trains at 1/51
+    to 3/51 of it). The warm-up is not scaled to the run by itself: the schedule is part of
+    what a run learns, and a resumed or lengthened run must keep it."""
+    if warmup == 0 or warmup < total:
+        return None
+    last = LRSchedule(warmup, total, 1.0).factor(total - 1)
+    return (f"warning: {setting}={warmup} is not shorter than this run's {total} optimizer steps: the learning rate "
+            f"never reaches its peak {peak:g} (it ends at {peak * last:.2g}, {last:.0%} of it). Lower {setting} "
+            f"(e.g. to {max(1, total // 10)}, a tenth of the run) or train longer")

@@ -44,6 +44,17 @@ class ConfigError(ValueError):
     pass
 
 
+def read_config_json(path) -> Any:
+    """A config file's JSON; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+
+
 def _check_type(where: str, value: Any, kind) -> None:
     """Types as JSON gives them: int is not bool, lists of ints stay lists of ints."""
     if kind in OPTIONAL_KINDS:  # an optional field, when present, holds the plain type
@@ -242,14 +253,7 @@ class WanConfig:
 
     @classmethod
     def from_json(cls, path) -> "WanConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The public JSON format (ignored fields as read; clip_dim only if not 1280)."""
