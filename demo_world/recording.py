@@ -10,11 +10,11 @@ import tempfile
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from demo_world.world import DEMO_HEIGHT, DEMO_WIDTH, DemoCamera, render_demo_frame
 from recordings.errors import DataError
 from recordings.input_csv import CSV_NAME
+from runs.progress import progress_over
 from wan.shapes import FPS, check_image_size
 
 DEMO_FRAMES = 300
@@ -114,7 +114,7 @@ def write_demo_recording(out_dir, num_frames: int = DEMO_FRAMES, height: int = D
         digits = max(4, len(str(num_frames)))
 
         frames = range(1, num_frames + 1)
-        for frame in tqdm(frames, desc="rendering demo", unit="frame") if progress else frames:
+        for frame in progress_over(frames, "rendering demo", "frame") if progress else frames:
             Image.fromarray(render_demo_frame(cameras[frame - 1], height, width)).save(
                 staging / f"frame_{frame:0{digits}d}.png", compress_level=1)
         (staging / CSV_NAME).write_text(demo_csv_text(actions), encoding="utf-8")

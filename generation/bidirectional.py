@@ -3,9 +3,9 @@ chained window after window for videos longer than one."""
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from recordings.frames import preprocess_image
+from runs.progress import progress_over
 from video.overlay import to_uint8
 from wan import flow
 from wan.conditioning import build_cond_concat, build_visual_context
@@ -66,7 +66,7 @@ def generate_frames(model: WanModel, vae, clip, first_frame: torch.Tensor, keybo
         image = first[None].to(device=vae.device, dtype=vae.dtype)
         cond_concat = build_cond_concat(vae, image, end - start).float()
         visual_context = build_visual_context(clip, image).float()
-        bar = (lambda steps: tqdm(steps, desc=f"window {index + 1}/{len(spans)}", unit="step")) if progress else None
+        bar = (lambda steps: progress_over(steps, f"window {index + 1}/{len(spans)}")) if progress else None
         latents = sample_latents(model, cond_concat, visual_context, keyboard[start:end], mouse[start:end],
                                  num_steps, shift, generator, autocast, bar)
         video = decode_frames(vae, latents)

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from recordings.errors import DataError
 from recordings.frames import inspect_frame
 from recordings.input_csv import CSV_NAME, KeyParser, parse_input_csv
 from recordings.layout import DEFAULT_FRAME_NAME, MAX_FRAME_NUMBER, FrameName, suggest_frame_name
 from recordings.settings import DataSettings
+from runs.progress import progress_over
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,7 @@ def _inspect_frames(paths, decode: bool, height: int, width: int, progress: bool
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = pool.map(lambda p: inspect_frame(p, True, height, width), paths)
         if progress:
-            results = tqdm(results, total=len(paths), desc=f"decoding {name}", unit="frame")
+            results = progress_over(results, f"decoding {name}", "frame", total=len(paths))
         return list(results)
 
 

@@ -87,3 +87,15 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_over(items, desc: str, unit: str = "step", total: int | None = None, **bar_options):
+    """Iterate items with a ProgressBar: a bar on a terminal, a plain line now and then in a
+    log. total: the count when items has no len(); bar_options: ProgressBar's (stream, clock)."""
+    bar = ProgressBar(total=len(items) if total is None else total, desc=desc, unit=unit, **bar_options)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

@@ -16,7 +16,7 @@ import finetune_base_model as fb
 from runs.curves import FINE_TUNING_CURVES
 from runs.logbook import CURVES_FILE, TENSORBOARD_DIR, Logbook
 from runs.metrics import METRICS_COLUMNS, METRICS_FILE, read_metrics_csv
-from runs.progress import ProgressBar
+from runs.progress import ProgressBar, progress_over
 from test_training import run_settings
 from video.writer import write_video
 
@@ -172,3 +172,19 @@ def test_the_learn_controls_benchmark_redraws_its_plot_from_its_committed_json(t
     assert bench_learn_controls.main(["--redraw", str(tmp_path / "learn_controls.json")]) == 0
     with Image.open(tmp_path / "learn_controls.png") as picture:
         assert picture.format == "PNG" and picture.size[0] >= 1200
+
+
+def test_progress_over_an_iterable_reads_as_lines_in_a_log():
+    """The samplers' and frame decoders' progress: every item passes through, and off a
+    terminal the bar is a plain line every 30 s, never a carriage return."""
+    now = [0.0]
+
+    def clock():
+        now[0] += 20.0  # each item takes 20 s
+        return now[0]
+
+    out = io.StringIO()
+    seen = list(progress_over(iter(range(4)), "window 1/2", total=4, stream=out, clock=clock))
+    assert seen == [0, 1, 2, 3]
+    assert "\r" not in out.getvalue()
+    assert out.getvalue().splitlines()[0].startswith("window 1/2: 2/4 steps (50%)")
