@@ -63,8 +63,9 @@ def test_the_action_script_help_says_its_syntax_and_length():
 def test_a_headless_script_s_length_is_explained_by_the_blocks(capsys):
     """W*20 makes 21 frames: whole blocks of 12 frames, the first 9."""
     s, _ = pw.parse_settings(["--headless", "--ACTIONS=W*20", "--KEYBOARD_KEYS=W,S,A,D"])
-    actions = pw.headless_actions(s, frames_per_block=3)
-    assert (actions.num_blocks, len(actions.keyboard)) == (2, 21)
+    actions = pw.headless_actions(s, s["KEYBOARD_KEYS"])
+    rows = sum(len(keyboard) for keyboard, _ in actions.blocks(True))
+    assert (actions.num_blocks, rows) == (2, 21)
     assert capsys.readouterr().out.strip() == (
         "note: ACTIONS gives 20 rows, one per frame; the model makes whole blocks (the first 9 frames, each later one "
         "12), so 2 blocks show 21 frames (the last row held for 1 more)")

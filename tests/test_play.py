@@ -374,5 +374,6 @@ def test_scripted_actions_fill_whole_blocks(tiny_assets, tmp_path, capsys):
                             "--ACTIONS=W*10 D+mouse(0,0.1)*4", f"--OUTPUT={output}"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "ACTIONS gives 14 rows; 2 blocks show 21 frames (the last row held for 7 more)" in out
+    assert "ACTIONS gives 14 rows, one per frame; the model makes whole blocks (the first 9 frames, each later one " \
+           "12), so 2 blocks show 21 frames (the last row held for 7 more)" in out
     assert _frames_in(output) == 21

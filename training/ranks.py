@@ -83,8 +83,9 @@ def wrap_for_ranks(model: WanModel, shard: bool, ranks: Ranks, device: torch.dev
         # The root reshards after forward too: a no-grad forward (validation, previews) must not
         # leave unsharded parameters in place of the ones the optimizer holds.
         fully_shard(model, mp_policy=policy, reshard_after_forward=True)
-        if hasattr(model, "forward_cached"):  # the streaming student's block-by-block forward gathers too
+        if hasattr(model, "forward_cached"):  # the streaming student's block-by-block forwards gather too
             register_fsdp_forward_method(model, "forward_cached")
+            register_fsdp_forward_method(model, "cached_step")  # a stream's compiled step (generation/streaming.py)
         return model
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=True)

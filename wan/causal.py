@@ -20,6 +20,7 @@ two agree for any config (the reference's masks drop the sink, so its two paths 
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from wan.action import trim_block_actions
 from wan.config import FRAMES_PER_BLOCK, WanConfig
@@ -157,8 +158,8 @@ class CausalWanModel(WanModel):
         It is prepare_cached (checks and bookkeeping, on the host) then cached_step (the
         tensor work, which torch.compile can take whole: generation/streaming.py).
         """
-        return self.cached_step(**self.prepare_cached(x, t, visual_context, cond_concat, cache, start_frame,
-                                                      keyboard_cond, mouse_cond), checkpointing=checkpointing)
+        return self._cached_step(**self.prepare_cached(x, t, visual_context, cond_concat, cache, start_frame,
+                                                       keyboard_cond, mouse_cond), checkpointing=checkpointing)
 
     def prepare_cached(self, x, t, visual_context, cond_concat, cache: StreamCache, start_frame: int,
                        keyboard_cond=None, mouse_cond=None) -> dict:
@@ -178,7 +179,11 @@ class CausalWanModel(WanModel):
             self.config.action_config, batch, start_frame, frames, mouse_cond, keyboard_cond)
         window_index = cache.action_tables.window_index(frames, start_frame, first_row)
         cache.begin_call(start_frame, frames, batch, tokens_per_latent_frame(*x.shape[3:]))
-        if not torch.is_grad_enabled() and any(layer.context is None for layer in cache.layers):
+        # The context's keys/values made here, before the compiled step - except for sharded
+        # blocks (FSDP), whose weights are whole only inside their own forward: there the blocks
+        # make them at the first call, as a training rollout does.
+        sharded = isinstance(self.blocks[0].cross_attn.k.weight, DTensor)
+        if not torch.is_grad_enabled() and not sharded and any(layer.context is None for layer in cache.layers):
             context = self.img_emb(visual_context.to(self.patch_embedding.weight.dtype))
             for block, layer in zip(self.blocks, cache.layers):
                 layer.context_kv(lambda: block.cross_attn.context_kv(context))
@@ -189,7 +194,14 @@ class CausalWanModel(WanModel):
                     window_index, checkpointing: bool = False):
         """forward_cached's tensor work, on prepare_cached's arguments: no host copy, no sync,
         no branch on a tensor's values. Its tables are computed from the cache's position on
-        the device, so from the third block on every call runs the same graph."""
+        the device, so from the third block on every call runs the same graph. (A separate
+        entry point from forward_cached's: FSDP gathers the weights around each, and a
+        gathering call must not run inside another.)"""
+        return self._cached_step(x, t, visual_context, cond_concat, cache, keyboard_cond, mouse_cond, window_index,
+                                 checkpointing)
+
+    def _cached_step(self, x, t, visual_context, cond_concat, cache: StreamCache, keyboard_cond, mouse_cond,
+                     window_index, checkpointing: bool = False):
         rope = cache.video_rope.at(cache.position, x.shape[2])
         tables = cache.action_tables.at(cache.position, window_index)
         return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond, attention=cache.layers,
