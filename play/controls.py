@@ -8,6 +8,23 @@ from generation.streaming import STUDENT_KEYBOARD_KEYS
 
 STEER_TURN = 0.1  # yaw per frame of a steering key (the gta_drive script's A and D: -0.1, +0.1)
 
+# What each key does, as the page shows it: the official students' vocabularies (STREAMING_SPEC
+# 6.6), then the usual meaning of a key for a fine-tuned model's own columns (its recordings
+# say what they do; a key not here is shown by its name alone).
+MODE_KEY_MEANINGS = {
+    "universal": {"W": "forward", "S": "back", "A": "strafe left", "D": "strafe right"},
+    "gta_drive": {"W": "accelerate", "S": "brake / reverse", "A": "steer left", "D": "steer right"},
+    "templerun": {"Q": "no move", "W": "jump", "S": "slide", "Z": "turn left", "C": "turn right",
+                  "A": "left side", "D": "right side"},
+}
+USUAL_KEY_MEANINGS = {"W": "forward", "S": "back", "A": "left", "D": "right", "UP": "forward", "DOWN": "back",
+                      "LEFT": "left", "RIGHT": "right", "SPACE": "jump", "SHIFT": "sprint", "CTRL": "crouch",
+                      "C": "crouch", "E": "use", "F": "use", "R": "reload", "Q": "lean / ability"}
+# The page's own keys: the first of each list that is not one of the model's keys. They work
+# while the mouse is captured, when the buttons cannot be clicked.
+PAUSE_KEYS = ("P", "PAUSE", "F8")
+RESTART_KEYS = ("R", "BACKSPACE", "F9")
+
 
 @dataclass(frozen=True)
 class Controls:
@@ -34,3 +51,18 @@ def controls_for(mode: str, keyboard_keys, has_mouse: bool) -> Controls:
     if mode == "gta_drive" and has_mouse:
         return Controls(keys, True, pitch=False, steer_keys=(("A", -STEER_TURN), ("D", STEER_TURN)))
     return Controls(keys, has_mouse)
+
+
+def key_meanings(mode: str, controls: Controls) -> dict[str, str]:
+    """What each of the model's keys does ({key: words}); a student of `mode` with the
+    mode's own columns takes the mode's vocabulary, any other model the usual meanings."""
+    own = controls.keyboard_keys == STUDENT_KEYBOARD_KEYS.get(mode)
+    meanings = MODE_KEY_MEANINGS[mode] if own else USUAL_KEY_MEANINGS
+    return {key: meanings[key] for key in controls.game_keys if key in meanings}
+
+
+def page_keys(controls: Controls) -> dict[str, str]:
+    """The keys of the page's Pause and Restart: the first of PAUSE_KEYS and RESTART_KEYS that
+    the model does not use."""
+    return {action: next(key for key in keys if key not in controls.game_keys)
+            for action, keys in (("pause", PAUSE_KEYS), ("restart", RESTART_KEYS))}

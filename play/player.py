@@ -2,14 +2,24 @@
 thread that hands its frames to the page at the video's frame rate.
 
 The generating thread reads the player's action before each block (play.session), runs
-the block, and queues its frames. It starts the next block as soon as fewer than a
-block's frames wait to be shown: a fast machine stays at most about one block ahead of
-the screen (the delay between a key and its effect stays short), a slow one simply shows
-fewer frames per second. The showing thread draws the action strip under each frame,
-encodes it as JPEG and makes it the latest frame, which the page fetches.
+the block, and queues its frames. It starts the next block just in time: when the frames
+still waiting to be shown last about as long as the last block took to make (LEAD_MARGIN
+more, and a frame), and never with a block's frames or more waiting. A fast machine thus
+reads the keys as late as it can (a key's first frame comes about one block-making time
+after the key, not a whole block's showing later), and a slow one starts each block as
+soon as the last one is out and simply shows fewer frames per second. The showing thread encodes each frame as JPEG (the action strip
+drawn under it only with overlay=True: the page draws its own over the picture) and makes
+it the latest frame, which the page fetches, with the action it was made from.
+
+The frames of a block are shown at the stream's own rate: 1/fps apart when the model keeps
+up, else spread over the time the last block took to make, so that a slow machine shows a
+steady, slower picture rather than a block's frames in a burst and then a still. A frame
+waits no longer for that than the next block would: the first frame of a block is shown
+when it comes, and a queue longer than a block is shown at 1/fps until it is one block.
 """
 
 import io
+import math
 import sys
 import threading
 import time
@@ -32,12 +42,15 @@ FPS_WINDOW_SECONDS = 2.0  # the shown frame rate is counted over this much recen
 # for the first page, so its first block takes the player's first keys, and a closed tab
 # stops spending the GPU.
 WATCHED_SECONDS = 15.0
+LEAD_MARGIN = 1.25  # the next block starts when the frames waiting last this many times its making time
 
 
 @dataclass(frozen=True)
 class Frame:
     index: int        # frames shown since the player started, across restarts: the page asks for newer ones
     jpeg: bytes
+    action: dict      # the action it was made from (BlockAction.describe: keys, mouse, seq)
+    shown_at: float   # time.monotonic() when it became the latest (for measurements on this machine)
 
 
 @dataclass
@@ -54,7 +67,7 @@ class Player:
     `frame_after` and `status` serve the page."""
 
     def __init__(self, generator: StreamingGenerator, session: InputSession, keys, fps: int = FPS,
-                 overlay: bool = True):
+                 overlay: bool = False):
         self.generator, self.session = generator, session
         self.keys = tuple(keys)
         self.fps, self.overlay = fps, overlay
@@ -95,6 +108,10 @@ class Player:
         with self._changed:
             self._restart_requested = True
             self._changed.notify_all()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
 
     def pause(self, paused: bool) -> None:
         with self._changed:
@@ -143,7 +160,7 @@ class Player:
             while True:
                 with self._changed:
                     while not self._stopping.is_set() and not self._restart_requested and (
-                            self._paused or not self._watched() or len(self._queue) >= self.block_frames):
+                            self._paused or not self._watched() or len(self._queue) >= self._lead_frames()):
                         self._changed.wait(0.5)
                     if self._stopping.is_set():
                         return
@@ -180,8 +197,22 @@ class Player:
     def _watched(self) -> bool:
         return time.monotonic() - self._asked_at < WATCHED_SECONDS
 
+    def _lead_frames(self) -> int:
+        """Start the next block once fewer frames than this wait to be shown (see the module's note)."""
+        if self.last_block is None:
+            return self.block_frames
+        return min(self.block_frames, math.ceil(self.last_block[1] * self.fps * LEAD_MARGIN) + 1)
+
+    def _frame_interval(self, waiting: int) -> float:
+        """Seconds between a block's frame and the one before: the time the last block took
+        per frame, or 1/fps when that is shorter or `waiting` frames make a backlog."""
+        if self.last_block is None or waiting >= self.block_frames:
+            return 1 / self.fps
+        frames, seconds = self.last_block
+        return max(1 / self.fps, seconds / frames)
+
     def _show_loop(self) -> None:
-        shown_at = None
+        shown_at, previous = None, None
         while True:
             with self._changed:
                 while not self._stopping.is_set() and not self._queue:
@@ -189,17 +220,22 @@ class Player:
                 if self._stopping.is_set():
                     return
                 item = self._queue.popleft()
+                waiting = len(self._queue)
                 self._changed.notify_all()  # room for the generating thread
             jpeg = self._encode(item)
+            first_of_block = previous is None or item.action is not previous.action or item.stream != previous.stream
+            previous = item
+            interval = 1 / self.fps if first_of_block else self._frame_interval(waiting)
+            due = None if shown_at is None else shown_at + interval
             now = time.monotonic()
-            if shown_at is not None and now < shown_at + 1 / self.fps:
-                self._stopping.wait(shown_at + 1 / self.fps - now)
+            if due is not None and now < due:
+                self._stopping.wait(due - now)
             shown_at = time.monotonic()
             with self._changed:
                 if item.stream != self.stream:
                     continue
                 index = 0 if self._latest is None else self._latest.index + 1
-                self._latest = Frame(index, jpeg)
+                self._latest = Frame(index, jpeg, item.action.describe(), shown_at)
                 self._shown_times.append(shown_at)
                 self._forget_old_shown_times(shown_at)
                 self._changed.notify_all()

@@ -1,16 +1,30 @@
 """The local web page of a live stream, served by the standard library's HTTP server.
 
     GET  /                the page (play/page.html)
+    GET  /frames?after=N  every frame shown from now on, newer than frame N, as one response
+                          that does not end (the page's way): messages of a 4-byte length,
+                          a JSON header {"index", "action": {"keys", "mouse", "seq"}}, a
+                          4-byte length and the JPEG (length 0: nothing new for
+                          FRAME_WAIT_SECONDS, a check that the page is still there)
     GET  /frame?after=N   the latest frame as JPEG once it is newer than frame N (waits up
-                          to FRAME_WAIT_SECONDS, then 204); its number in X-Frame-Index
-    GET  /status          JSON: the model, the keys, frame rates, the last block's action
-    POST /input           JSON {"down": [keys], "up": [keys], "move": [dx, dy], "release_all": bool}
+                          to FRAME_WAIT_SECONDS, then 204): long polling, for simple clients;
+                          its number in X-Frame-Index, its action's seq in X-Input-Seq
+    GET  /status          JSON: the model, the keys and what they do, frame rates, the last
+                          block's action, the pages receiving frames
+    POST /input           JSON {"down": [keys], "up": [keys], "move": [dx, dy], "release_all": bool,
+                          "seq": the page's number for the message}
     POST /restart         start the stream over from the first image
     POST /pause           JSON {"paused": true or false}
 
-One client or a few, on this machine: a thread per request is plenty, and the frames go
-by long polling, which every browser does the same way (an MJPEG stream would need none
-of the page's script, but the page could not count frames or tell when one arrives).
+One client or a few, on this machine: a thread per request is plenty. The frames go to the
+page pushed down one response (fetch's streamed body, which every current browser reads
+the same way), not by long polling: a poll costs a round trip per frame, so over a link of
+100 ms a poll-per-frame page shows at most 10 frames per second, and a key's frame waits
+for the next poll (bench/bench_play_latency.py measures both through a delaying proxy;
+bench/RESULTS.md "Play latency"). A WebSocket would give the same push, with a library and
+a second protocol to guard; the keys go up as POSTs on kept-alive connections, one
+one-way trip each. Small writes go out at once (TCP_NODELAY): a frame is never held back
+waiting for the page's acknowledgement of the one before.
 
 Who may ask (every request is checked before it is answered, refusals are 403 with the
 reason):
@@ -37,7 +51,9 @@ import json
 import re
 import secrets
 import socket
+import struct
 import sys
+import threading
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,6 +92,13 @@ def host_name(header: str) -> str | None:
     return None if match is None else match.group(1) or match.group(2)
 
 
+def frame_message(header: dict, jpeg: bytes) -> bytes:
+    """One message of /frames: the header's JSON and the JPEG, each after its length (4 bytes,
+    big-endian), as one write."""
+    head = json.dumps(header).encode()
+    return b"".join((struct.pack(">I", len(head)), head, struct.pack(">I", len(jpeg)), jpeg))
+
+
 class PlayServer(ThreadingHTTPServer):
     daemon_threads = True  # a page still waiting for a frame does not keep the script alive
 
@@ -90,6 +113,8 @@ class PlayServer(ThreadingHTTPServer):
         self.host_names = set(LOOPBACK_NAMES) | ({host.strip("[]").lower()} if not self.wildcard else set())
         super().__init__(address, PlayHandler)
         self.cookie_name = f"play_token_{self.server_address[1]}"  # one per port: two players on one machine
+        self._streams_lock = threading.Lock()
+        self.streams_open = 0  # pages receiving frames (/frames responses under way)
 
     @property
     def url(self) -> str:
@@ -114,6 +139,7 @@ class PlayHandler(BaseHTTPRequestHandler):
     server: PlayServer
     protocol_version = "HTTP/1.1"
     timeout = READ_TIMEOUT_SECONDS
+    disable_nagle_algorithm = True  # TCP_NODELAY: a frame or an answer goes out at once
 
     def do_GET(self):
         url = urlsplit(self.path)
@@ -125,17 +151,20 @@ class PlayHandler(BaseHTTPRequestHandler):
                        {"Set-Cookie": cookie} if cookie else None)
         elif url.path == "/status":
             self._send_json({**self.server.info, "accepted": self.server.session.accepted_keys(),
-                             **self.server.player.status()})
-        elif url.path == "/frame":
+                             **self.server.player.status(), "streams": self.server.streams_open})
+        elif url.path in ("/frame", "/frames"):
             try:
                 after = int(parse_qs(url.query).get("after", ["-1"])[0])
             except ValueError:
                 return self._send_error(HTTPStatus.BAD_REQUEST, "after must be a whole number (a frame index)")
+            if url.path == "/frames":
+                return self._stream_frames(after)
             frame = self.server.player.frame_after(after, FRAME_WAIT_SECONDS)
             if frame is None:
                 self._send(HTTPStatus.NO_CONTENT, b"", None)
             else:
-                self._send(HTTPStatus.OK, frame.jpeg, "image/jpeg", {"X-Frame-Index": str(frame.index)})
+                self._send(HTTPStatus.OK, frame.jpeg, "image/jpeg", {"X-Frame-Index": str(frame.index),
+                                                                     "X-Input-Seq": str(frame.action["seq"])})
         else:
             self._send_error(HTTPStatus.NOT_FOUND, f"no page {url.path[:100]}")
 
@@ -161,6 +190,33 @@ class PlayHandler(BaseHTTPRequestHandler):
                 return self._send_error(HTTPStatus.BAD_REQUEST, 'send {"paused": true} or {"paused": false}')
             self.server.player.pause(paused)
         self._send_json({"ok": True})
+
+    def _stream_frames(self, after: int) -> None:
+        """Each frame newer than `after` as it is shown, until the page goes (a write to a
+        closed connection raises ConnectionError, which handle_error passes over quietly) or
+        the player stops."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Connection", "close")  # the body ends when the connection does
+        self.end_headers()
+        server = self.server
+        with server._streams_lock:
+            server.streams_open += 1
+        try:
+            while True:
+                frame = server.player.frame_after(after, FRAME_WAIT_SECONDS)
+                if frame is None:
+                    if server.player.stopped:
+                        return
+                    self.wfile.write(frame_message({"index": after}, b""))  # still there?
+                    continue
+                after = frame.index
+                self.wfile.write(frame_message({"index": frame.index, "action": frame.action}, frame.jpeg))
+        finally:
+            with server._streams_lock:
+                server.streams_open -= 1
 
     # ------------------------------------------------------------------ who may ask
 

@@ -20,6 +20,7 @@ from play.controls import Controls
 KEY_NAME = re.compile(r"[A-Z0-9_]{1,32}")
 MAX_KEYS_PER_MESSAGE = 64
 MAX_MOTION = 1e5  # pixels in one message; more is not a mouse
+MAX_SEQ = 2**53  # a message's number: a whole number the page's JavaScript counts exactly
 
 
 def _clipped(text: str, most: int = 80) -> str:
@@ -40,10 +41,11 @@ class BlockAction:
     keyboard: torch.Tensor          # [K] multi-hot in the model's column order
     mouse: torch.Tensor | None      # [2] (pitch, yaw) per frame; None: the model has no mouse branch
     keys: tuple[str, ...]           # the columns held
+    input_seq: int = -1             # the highest message number (`seq`) read into it; -1: none
 
     def describe(self) -> dict:
         mouse = None if self.mouse is None else [round(v, 4) + 0.0 for v in self.mouse.tolist()]  # no -0.0
-        return {"keys": list(self.keys), "mouse": mouse}
+        return {"keys": list(self.keys), "mouse": mouse, "seq": self.input_seq}
 
 
 class InputSession:
@@ -67,6 +69,7 @@ class InputSession:
         self._held: set[str] = set()
         self._tapped: set[str] = set()
         self._motion = [0.0, 0.0]
+        self._seq = -1
 
     # ------------------------------------------------------------------ events
 
@@ -95,12 +98,13 @@ class InputSession:
 
     def apply(self, message) -> None:
         """One message from the page: {"down": [keys], "up": [keys], "move": [dx, dy],
-        "release_all": true}, each part optional. Checked whole before any part is applied."""
+        "release_all": true, "seq": n}, each part optional. Checked whole before any part is
+        applied."""
         if not isinstance(message, dict):
             raise InputError(f"an input message is a JSON object, got {type(message).__name__}")
-        unknown = sorted(set(message) - {"down", "up", "move", "release_all"})
+        unknown = sorted(set(message) - {"down", "up", "move", "release_all", "seq"})
         if unknown:
-            raise InputError(f"unknown input field(s) {_shown(unknown)}; known: down, up, move, release_all")
+            raise InputError(f"unknown input field(s) {_shown(unknown)}; known: down, up, move, release_all, seq")
         down, up = (self._key_list(message, part) for part in ("down", "up"))
         self._check_known(down + up)
         motion = message.get("move")
@@ -113,6 +117,10 @@ class InputSession:
         release_all = message.get("release_all", False)
         if not isinstance(release_all, bool):
             raise InputError(f"release_all must be true or false, got {_shown(release_all)}")
+        seq = message.get("seq")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQ):
+            raise InputError(f"seq must be a whole number from 0 to 2**53 (the page's number for the message), "
+                             f"got {_shown(seq)}")
         if release_all:
             self.release_all()
         for key in down:
@@ -121,6 +129,9 @@ class InputSession:
             self.release(key)
         if motion is not None:
             self.move(*motion)
+        if seq is not None:
+            with self._lock:  # the highest: two messages may be answered out of order
+                self._seq = max(self._seq, seq)
 
     # ------------------------------------------------------------------ the block's action
 
@@ -132,6 +143,7 @@ class InputSession:
             self._tapped = set()
             dx, dy = self._motion
             self._motion = [0.0, 0.0]
+            seq = self._seq
         c = self.controls
         columns = [key in active for key in c.keyboard_keys]
         if c.idle_key in c.keyboard_keys and not any(columns):
@@ -142,7 +154,7 @@ class InputSession:
             pitch = -dy * self.sensitivity / frames if c.pitch else 0.0  # up the screen = look up = pitch > 0
             yaw = dx * self.sensitivity / frames + sum(turn for key, turn in c.steer_keys if key in active)
             mouse = torch.tensor([self._clip(pitch), self._clip(yaw)], dtype=torch.float32)
-        return BlockAction(keyboard, mouse, tuple(k for k, on in zip(c.keyboard_keys, columns) if on))
+        return BlockAction(keyboard, mouse, tuple(k for k, on in zip(c.keyboard_keys, columns) if on), seq)
 
     def restart(self) -> None:
         """A new stream: forget the taps and the motion (keys still down stay held)."""

@@ -279,7 +279,7 @@ def test_a_keyboard_only_student_plays_with_its_idle_key():
     with served_player(tiny_stream(enable_mouse=False, keyboard_dim=7), keys=keys, mode="templerun") as server:
         assert _get(server.url + "frame?after=-1")[0] == 200
         s = _status(server)
-        assert s["last_action"] == {"keys": ["Q"], "mouse": None} and not s["mouse"]
+        assert s["last_action"] == {"keys": ["Q"], "mouse": None, "seq": -1} and not s["mouse"]
         assert server.player.generator.history["mouse"] is None
 
 
