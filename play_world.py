@@ -48,7 +48,7 @@ from generation.previews import preview_clip_index
 from generation.streaming import DENOISING_STEPS as STUDENT_DENOISING_STEPS  # the setting takes the name
 from generation.streaming import COMPILE_MODES, STUDENT_KEYBOARD_KEYS, StreamingGenerator, first_frame_conditions
 from latents.encoders import load_encoders
-from play.controls import controls_for
+from play.controls import controls_for, page_controls, page_keys
 from play.headless import BlockActions, blocks_covering, blocks_within, script_blocks, sequence_blocks, stream_frames
 from play.model import NOT_DISTILLED_WARNING, PlayModel, load_play_model, play_model_keys
 from play.player import Player
@@ -93,7 +93,7 @@ HOST = "127.0.0.1"                       # the address the page is served on (0.
 PORT = 8000                              # its port (0: any free one)
 MOUSE_SENSITIVITY = 0.01                 # model units per pixel over a block: 120 px -> 0.1 per frame
 MOUSE_LIMIT = 0.25                       # the largest mouse value per frame sent to the model
-OVERLAY = True                           # draw the action strip under the frames on the page
+OVERLAY = False                          # True: also draw the action strip into the page's frames (the page draws keys, mouse and rates over the picture)
 # headless: to an MP4 instead of the browser (or --headless)
 HEADLESS = False                         # True: play ACTIONS (or the recording's own) into OUTPUT
 # an action script (generate_preview.py's, one row per frame; e.g. W*45 W+mouse(0,0.1)*24) played as
@@ -336,8 +336,8 @@ def play_live(s: dict) -> None:
     controls = controls_for(s["MODE"], loaded.keyboard_keys, has_mouse)
     generator = start_stream(s, loaded, STREAM_COND_LATENT_FRAMES)
     session = InputSession(controls, s["MOUSE_SENSITIVITY"], s["MOUSE_LIMIT"], data.KEY_MAP)
-    info = {"model": loaded.description, "mode": s["MODE"], "keys": list(loaded.keyboard_keys),
-            "capture": list(controls.game_keys), "mouse": has_mouse, "help": controls_help(controls),
+    info = {"model": loaded.description, "mode": s["MODE"], **page_controls(s["MODE"], controls, s["MOUSE_LIMIT"]),
+            "size": [s["VIDEO_HEIGHT"], s["VIDEO_WIDTH"]], "help": controls_help(controls),
             "warning": None if loaded.distilled else not_distilled_warning(s, loaded)}
     try:
         server = PlayServer((s["HOST"], s["PORT"]), Player(generator, session, loaded.keyboard_keys,
@@ -360,15 +360,17 @@ def play_live(s: dict) -> None:
 
 
 def controls_help(controls) -> str:
-    text = f"Keys: {', '.join(controls.keyboard_keys)}"
+    """The page's line under the picture (the keys and what they do are drawn over it)."""
+    text = ""
     if controls.idle_key:
-        text += f" ({controls.idle_key} is held while no other key is)"
-    if controls.steer_keys:
-        text += f"; {' and '.join(key for key, _ in controls.steer_keys)} steer"
+        text += f"{controls.idle_key} is held while no other key is. "
     if controls.mouse:
-        text += ("; mouse: click the picture to capture it (Esc frees it), or drag over it"
-                 + ("" if controls.pitch else " (left and right only)"))
-    return text + ". Each block of 12 frames takes the keys held or tapped and the mouse moved since the last."
+        text += ("Mouse: click the picture to capture it (Esc frees it), or drag over it"
+                 + ("" if controls.pitch else " (left and right only)") + ". ")
+    keys = page_keys(controls)
+    return text + (f"{keys['pause']} pauses, {keys['restart']} restarts (the mouse captured or not). Each block of "
+                   f"{VAE_TIME_STRIDE * FRAMES_PER_BLOCK} frames takes the keys held or tapped and the mouse moved "
+                   f"since the last.")
 
 
 def main(argv=None) -> int:

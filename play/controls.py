@@ -66,3 +66,11 @@ def page_keys(controls: Controls) -> dict[str, str]:
     the model does not use."""
     return {action: next(key for key in keys if key not in controls.game_keys)
             for action, keys in (("pause", PAUSE_KEYS), ("restart", RESTART_KEYS))}
+
+
+def page_controls(mode: str, controls: Controls, mouse_limit: float) -> dict:
+    """What the page needs to know about the controls (part of /status): the model's keys, the
+    keys it keeps from the browser, what each does, the page's own keys, the mouse."""
+    return {"keys": list(controls.keyboard_keys), "capture": list(controls.game_keys),
+            "meanings": key_meanings(mode, controls), "page_keys": page_keys(controls),
+            "mouse": controls.mouse, "pitch": controls.pitch, "mouse_limit": mouse_limit}

@@ -9,12 +9,14 @@ import torch
 from model_helpers import tiny_causal_model
 from test_vae import fully_random
 from generation.streaming import StreamingGenerator
-from play.controls import controls_for
+from play.controls import controls_for, page_controls
+from play_world import controls_help
 from play.player import Player
 from play.server import PlayServer
 from play.session import InputSession
 from wan.conditioning import STREAM_COND_LATENT_FRAMES
 from wan.model import random_inputs
+from wan.shapes import VAE_SPACE_STRIDE
 from wan.vae import StreamingDecoder, VAEConfig, WanVAE
 
 LATENT = (2, 4)  # 16 x 32 pixels: the smallest picture the tiny VAE makes quickly
@@ -52,8 +54,9 @@ def served_player(generator: StreamingGenerator | None = None, keys=KEYS, mode: 
     has_mouse = generator.model.config.action_config.enable_mouse
     controls = controls_for(mode, keys, has_mouse)
     session = InputSession(controls, mouse_sensitivity=0.01, mouse_limit=0.25, key_aliases={"UP": "W"})
-    info = {"model": "tiny random student", "mode": mode, "keys": list(keys), "capture": list(controls.game_keys),
-            "mouse": has_mouse, "help": "test", "warning": None}
+    info = {"model": "tiny random student", "mode": mode, **page_controls(mode, controls, 0.25),
+            "size": [VAE_SPACE_STRIDE * d for d in generator.latent_size], "help": controls_help(controls),
+            "warning": None}
     server = PlayServer((host, 0), Player(generator, session, keys, **player), session, info)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     server.player.start()
