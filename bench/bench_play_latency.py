@@ -195,6 +195,7 @@ class FrameReader:
             jpeg = reply.read(struct.unpack(">I", reply.read(4))[0])
             if jpeg:
                 self._record(header["index"], header["action"]["seq"])
+        reply.close()
         connection.close()
 
 

@@ -190,7 +190,10 @@ def test_a_client_that_resets_its_connection_ends_quietly(capfd):
         long_poll = f"GET /frame?after=-1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
         for _ in range(3):
             reset_connection(port, long_poll)
-        wait_for(lambda: len(calls) >= 4, "the frames to meet the closed connections", timeout=120)
+        # ... and one whose frames came down one response (the page's /frames)
+        reset_connection(port, f"GET /frames?after=-1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        wait_for(lambda: len(calls) >= 5, "the frames to meet the closed connections", timeout=120)
+        wait_for(lambda: server.streams_open == 0, "the stream to end")
         time.sleep(0.2)
         assert request(server, "GET", "/status")[0] == 200
     err = capfd.readouterr().err

@@ -2,8 +2,11 @@
 headless stream into an MP4, the streaming writer, the page's HTTP endpoints, model loading,
 and the script end to end on the tiny demo assets."""
 
+import http.client
+import io
 import json
 import math
+import struct
 import urllib.error
 import urllib.request
 import weakref
@@ -13,14 +16,17 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import play_world
 from generation.errors import GenerationError
-from play.controls import STEER_TURN, controls_for
+from play.controls import STEER_TURN, controls_for, key_meanings, page_keys
 from generation.action_scripts import read_action_script
 from play.headless import blocks_covering, blocks_within, script_blocks, sequence_blocks, stream_frames
 from play.model import load_play_model
+from play.player import LEAD_MARGIN, Player
+from play.server import frame_message
 from play.session import InputError, InputSession
 from play_helpers import KEYS, served_player, tiny_stream, wait_for
 from model_helpers import tiny_causal_model, tiny_model
@@ -105,6 +111,11 @@ def test_the_modes_own_rules():
     ({"down": ["W-1"]}, "down must be a list"),
     ({"down": ["W"], "jump": True}, "unknown input field"),
     ({"down": ["W"], "release_all": "yes"}, "release_all must be"),
+    ({"down": ["W"], "seq": -1}, "seq must be"),
+    ({"down": ["W"], "seq": 2**53}, "seq must be"),
+    ({"down": ["W"], "seq": "7"}, "seq must be"),
+    ({"down": ["W"], "seq": True}, "seq must be"),
+    ({"down": ["W"], "seq": 1.5}, "seq must be"),
     (["W"], "a JSON object"),
 ])
 def test_a_bad_message_is_refused_whole(message, problem):
@@ -112,6 +123,48 @@ def test_a_bad_message_is_refused_whole(message, problem):
     with pytest.raises(InputError, match=problem):
         session.apply(message)
     assert session.held() == []
+
+
+def test_a_blocks_action_carries_the_highest_message_number_it_read():
+    session = _session()
+    assert session.take_action(12).input_seq == -1  # no numbered message yet
+    session.apply({"down": ["W"], "seq": 1_700_000_000_005})
+    session.apply({"move": [3, 0], "seq": 1_700_000_000_004})  # answered out of order: the highest counts
+    action = session.take_action(12)
+    assert action.input_seq == 1_700_000_000_005 and action.describe()["seq"] == 1_700_000_000_005
+    assert session.take_action(12).input_seq == 1_700_000_000_005  # later blocks carry it on
+    session.apply({"up": ["W"]})  # a message without a number leaves it
+    assert session.take_action(12).input_seq == 1_700_000_000_005
+
+
+def test_each_key_says_what_it_does_and_the_page_keys_avoid_the_models():
+    universal = controls_for("universal", KEYS, True)
+    assert key_meanings("universal", universal) == {"W": "forward", "S": "back", "A": "strafe left",
+                                                    "D": "strafe right"}
+    gta = controls_for("gta_drive", ("W", "S"), True)
+    assert key_meanings("gta_drive", gta)["D"] == "steer right"  # a steering key, not a column
+    templerun = controls_for("templerun", ("Q", "W", "S", "Z", "C", "A", "D"), False)
+    assert list(key_meanings("templerun", templerun).values()) == [
+        "no move", "jump", "slide", "turn left", "turn right", "left side", "right side"]
+    own = controls_for("universal", ("W", "SPACE", "K"), True)  # a fine-tuned model's own columns
+    assert key_meanings("universal", own) == {"W": "forward", "SPACE": "jump"}  # K: no usual meaning
+    assert page_keys(universal) == {"pause": "P", "restart": "R"}
+    assert page_keys(controls_for("universal", ("W", "P", "R", "BACKSPACE"), True)) == {"pause": "PAUSE",
+                                                                                      "restart": "F9"}
+
+
+def test_frames_are_paced_at_the_streams_rate_and_blocks_started_just_in_time():
+    session = _session()
+    player = Player(tiny_stream(), session, KEYS)  # not started: its rules alone
+    assert player.block_frames == 12 and player.fps == 25
+    assert player._frame_interval(waiting=5) == 1 / 25 and player._lead_frames() == 12  # no block made yet
+    player.last_block = (12, 0.12)  # 100 frames/s: faster than shown
+    assert player._frame_interval(waiting=5) == 1 / 25
+    assert player._lead_frames() == math.ceil(0.12 * 25 * LEAD_MARGIN) + 1 == 5  # 160 ms of frames left
+    player.last_block = (12, 1.2)  # 10 frames/s: a block's frames spread over the time it took
+    assert player._frame_interval(waiting=5) == pytest.approx(0.1)
+    assert player._frame_interval(waiting=12) == 1 / 25  # a backlog of a block goes at full speed
+    assert player._lead_frames() == 12  # the next block starts as soon as this one is out
 
 
 def test_mouse_settings_must_be_positive():
@@ -272,6 +325,36 @@ def test_the_http_endpoints(tmp_path):
         _post(url + "pause", {"paused": False})
         wait_for(lambda: _status(server)["stream"] == 1, "the restarted stream")
         assert _status(server)["error"] is None
+
+
+def _read_message(reply) -> tuple[dict, bytes]:
+    """One message of /frames: its header and JPEG."""
+    header = json.loads(reply.read(struct.unpack(">I", reply.read(4))[0]))
+    return header, reply.read(struct.unpack(">I", reply.read(4))[0])
+
+
+def test_frames_stream_down_one_response_clean_and_stamped_with_the_input_they_answer():
+    assert frame_message({"index": 3}, b"\xff\xd8") == b"\x00\x00\x00\x0c" + b'{"index": 3}' + b"\x00\x00\x00\x02\xff\xd8"
+    with served_player() as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        connection.request("GET", "/frames?after=-1")
+        reply = connection.getresponse()
+        assert reply.status == 200 and reply.getheader("Content-Type") == "application/octet-stream"
+        header, jpeg = _read_message(reply)
+        assert header["index"] == 0 and header["action"] == {"keys": [], "mouse": [0.0, 0.0], "seq": -1}
+        assert Image.open(io.BytesIO(jpeg)).size == (32, 16)  # the model's frame, no action strip under it
+        assert _status(server)["streams"] == 1
+        assert _post(server.url + "input", {"down": ["W"], "seq": 41}) == (200, {"ok": True})
+        indexes = [header["index"]]
+        while header["action"]["seq"] != 41:  # the first frame made from the press
+            header, jpeg = _read_message(reply)
+            indexes.append(header["index"])
+        assert header["action"]["keys"] == ["W"] and indexes == list(range(len(indexes)))  # every frame, in order
+        status, headers, _ = _get(server.url + f"frame?after={header['index'] - 1}")  # long polling says it too
+        assert status == 200 and int(headers["X-Input-Seq"]) == 41
+        reply.close()  # the page goes: its response ends at the next frame it cannot send
+        connection.close()
+        wait_for(lambda: server.streams_open == 0, "the stream to end with its connection")
 
 
 def test_a_keyboard_only_student_plays_with_its_idle_key():
