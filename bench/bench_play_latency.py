@@ -4,6 +4,7 @@ stream the page uses (GET /frames, one response that carries every frame).
 
     python bench/bench_play_latency.py                  # 0 and 50 ms each way, 20 s per case
     python bench/bench_play_latency.py --delays 0,25,50 --seconds 10
+    python bench/bench_play_latency.py --transports stream --block-ahead   # as before the just-in-time start
 
 A tiny random student and VAE (CPU) stream behind a real PlayServer on loopback; a local
 TCP proxy (below, standard library only) holds every byte for DELAY ms in each direction
@@ -22,7 +23,12 @@ into its parts:
     down     shown at the server -> received by the client (the transport's part)
 The transport cannot beat one round trip (up + down >= 2 x DELAY): that is the
 theoretical minimum, against which each transport's up + down is compared. Also printed:
-frames received per second (the server shows 25).
+frames received per second (the server shows 25) and the model's median seconds per block
+(its making time, which sets how far ahead of the screen the next block starts).
+
+--block-ahead starts each block as soon as fewer than a block's frames wait (the player
+before it started blocks just in time, play/player.py LEAD_MARGIN): the stream part then
+holds a whole block's showing time more.
 """
 
 import argparse
@@ -207,9 +213,11 @@ def run_case(server: PlayServer, log: ServerLog, transport: str, delay: float, s
     keys = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     rng = random.Random(0)
     time.sleep(WARM_UP)
-    presses, seq = [], first_seq
+    presses, seq, block_seconds = [], first_seq, []
     start_frames, start = len(reader.frames), time.monotonic()
     while time.monotonic() - start < seconds:
+        if server.player.last_block is not None:
+            block_seconds.append(server.player.last_block[1])
         key = rng.choice(KEYS)
         for part, pause in (("down", HOLD), ("up", PRESS_EVERY - HOLD + rng.uniform(-0.05, 0.05))):
             seq += 1
@@ -239,6 +247,7 @@ def run_case(server: PlayServer, log: ServerLog, transport: str, delay: float, s
         parts["down"].append(received - shown)
     return {"transport": transport, "delay_ms": 1000 * delay, "presses": len(presses),
             "answered": len(parts["total"]), "frames_per_second": frames_per_second,
+            "block_ms": 1000 * statistics.median(block_seconds),
             **{name: 1000 * statistics.median(values) for name, values in parts.items() if values},
             **{f"{name}_mean": 1000 * statistics.fmean(values) for name, values in parts.items() if values},
             "last_seq": seq}
@@ -250,15 +259,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of presses per case")
     parser.add_argument("--transports", default="poll,stream")
     parser.add_argument("--size", default="2x4", help="latent height x width (x8 for pixels)")
+    parser.add_argument("--block-ahead", action="store_true",
+                        help="start each block as soon as fewer than a block's frames wait (the old rule)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     latent_hw = tuple(int(v) for v in args.size.split("x"))
     server = served_tiny_player(latent_hw)
+    if args.block_ahead:
+        server.player._lead_frames = lambda: server.player.block_frames
     log = ServerLog(server)
     print(f"tiny random student at {8 * latent_hw[0]}x{8 * latent_hw[1]} px, shown at {server.player.fps} fps; "
-          f"{args.seconds:.0f} s of presses every {PRESS_EVERY} s per case; medians (means) in ms")
+          f"{args.seconds:.0f} s of presses every {PRESS_EVERY} s per case; next block started "
+          f"{'a block ahead' if args.block_ahead else 'just in time'}; medians (means) in ms")
     print(f"{'transport':<10} {'delay':>6} {'presses':>8} {'frames/s':>9} {'key->frame':>15} {'up':>13} "
-          f"{'stream':>15} {'down':>13} {'up+down':>9} {'minimum':>8}")
+          f"{'stream':>15} {'down':>13} {'up+down':>9} {'minimum':>8} {'block':>6}")
     results, seq = [], 0
     try:
         for delay in (float(d) / 1000 for d in args.delays.split(",")):
@@ -270,7 +284,8 @@ def main(argv=None) -> int:
                 print(f"{transport:<10} {r['delay_ms']:>4.0f}ms {r['answered']:>4}/{r['presses']:<3} "
                       f"{r['frames_per_second']:>9.1f} {r['total']:>6.0f} ({r['total_mean']:>4.0f})  "
                       f"{r['up']:>4.0f} ({r['up_mean']:>4.0f})  {r['stream']:>6.0f} ({r['stream_mean']:>4.0f})  "
-                      f"{r['down']:>4.0f} ({r['down_mean']:>4.0f})  {link:>9.0f} {2 * r['delay_ms']:>8.0f}",
+                      f"{r['down']:>4.0f} ({r['down_mean']:>4.0f})  {link:>9.0f} {2 * r['delay_ms']:>8.0f} "
+                      f"{r['block_ms']:>6.0f}",
                       flush=True)
     finally:
         server.shutdown()
