@@ -368,9 +368,11 @@ def controls_help(controls) -> str:
         text += ("Mouse: click the picture to capture it (Esc frees it), or drag over it"
                  + ("" if controls.pitch else " (left and right only)") + ". ")
     keys = page_keys(controls)
-    return text + (f"{keys['pause']} pauses, {keys['restart']} restarts (the mouse captured or not). Each block of "
-                   f"{VAE_TIME_STRIDE * FRAMES_PER_BLOCK} frames takes the keys held or tapped and the mouse moved "
-                   f"since the last.")
+    said = [f"{keys[action]} {verb}" for action, verb in (("pause", "pauses"), ("restart", "restarts")) if keys[action]]
+    if said:
+        text += f"{', '.join(said)} (the mouse captured or not). "
+    return text + (f"Each block of {VAE_TIME_STRIDE * FRAMES_PER_BLOCK} frames takes the keys held or tapped and "
+                   f"the mouse moved since the last.")
 
 
 def main(argv=None) -> int:

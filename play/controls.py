@@ -61,10 +61,10 @@ def key_meanings(mode: str, controls: Controls) -> dict[str, str]:
     return {key: meanings[key] for key in controls.game_keys if key in meanings}
 
 
-def page_keys(controls: Controls) -> dict[str, str]:
+def page_keys(controls: Controls) -> dict[str, str | None]:
     """The keys of the page's Pause and Restart: the first of PAUSE_KEYS and RESTART_KEYS that
-    the model does not use."""
-    return {action: next(key for key in keys if key not in controls.game_keys)
+    the model does not use (None where it uses them all: the buttons only)."""
+    return {action: next((key for key in keys if key not in controls.game_keys), None)
             for action, keys in (("pause", PAUSE_KEYS), ("restart", RESTART_KEYS))}
 
 
