@@ -7,9 +7,10 @@ still waiting to be shown last about as long as the last block took to make (LEA
 more, and a frame), and never with a block's frames or more waiting. A fast machine thus
 reads the keys as late as it can (a key's first frame comes about one block-making time
 after the key, not a whole block's showing later), and a slow one starts each block as
-soon as the last one is out and simply shows fewer frames per second. The showing thread encodes each frame as JPEG (the action strip
-drawn under it only with overlay=True: the page draws its own over the picture) and makes
-it the latest frame, which the page fetches, with the action it was made from.
+soon as the last one is out and simply shows fewer frames per second. The showing thread
+encodes each frame as JPEG (the action strip drawn under it only with overlay=True: the
+page draws its own over the picture) and makes it the latest frame, which the page
+fetches, with the action it was made from.
 
 The frames of a block are shown at the stream's own rate: 1/fps apart when the model keeps
 up, else spread over the time the last block took to make, so that a slow machine shows a

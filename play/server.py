@@ -66,6 +66,7 @@ from play.session import InputError, InputSession
 PAGE = Path(__file__).with_name("page.html")
 FRAME_WAIT_SECONDS = 10.0
 MAX_BODY_BYTES = 64 * 1024
+MAX_STREAMS = 16  # pages receiving frames at once (each holds a thread); more get 503
 READ_TIMEOUT_SECONDS = 60.0  # a client that stops sending mid-request frees its thread after this
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -195,16 +196,21 @@ class PlayHandler(BaseHTTPRequestHandler):
         """Each frame newer than `after` as it is shown, until the page goes (a write to a
         closed connection raises ConnectionError, which handle_error passes over quietly) or
         the player stops."""
+        server = self.server
+        with server._streams_lock:
+            full = server.streams_open >= MAX_STREAMS
+            if not full:
+                server.streams_open += 1
+        if full:
+            return self._send_error(HTTPStatus.SERVICE_UNAVAILABLE, f"{MAX_STREAMS} pages are watching already: "
+                                                                     "close one")
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Connection", "close")  # the body ends when the connection does
-        self.end_headers()
-        server = self.server
-        with server._streams_lock:
-            server.streams_open += 1
         try:
+            self.end_headers()
             while True:
                 frame = server.player.frame_after(after, FRAME_WAIT_SECONDS)
                 if frame is None:

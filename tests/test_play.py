@@ -26,6 +26,7 @@ from generation.action_scripts import read_action_script
 from play.headless import blocks_covering, blocks_within, script_blocks, sequence_blocks, stream_frames
 from play.model import load_play_model
 from play.player import LEAD_MARGIN, Player
+import play.server as play_server
 from play.server import frame_message
 from play.session import InputError, InputSession
 from play_helpers import KEYS, served_player, tiny_stream, wait_for
@@ -358,6 +359,24 @@ def test_frames_stream_down_one_response_clean_and_stamped_with_the_input_they_a
         reply.close()  # the page goes: its response ends at the next frame it cannot send
         connection.close()
         wait_for(lambda: server.streams_open == 0, "the stream to end with its connection")
+
+
+def test_the_pages_receiving_frames_at_once_are_bounded(monkeypatch):
+    monkeypatch.setattr(play_server, "MAX_STREAMS", 2)
+    with served_player() as server:
+        port = server.server_address[1]
+        watching = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(3)]
+        replies = []
+        for connection in watching:
+            connection.request("GET", "/frames?after=-1")
+            replies.append(connection.getresponse())
+        assert [reply.status for reply in replies] == [200, 200, 503]
+        assert "2 pages are watching already" in json.loads(replies[2].read())["error"]
+        _read_message(replies[0])
+        for reply, connection in zip(replies, watching):
+            reply.close()
+            connection.close()
+        wait_for(lambda: server.streams_open == 0, "the streams to end")
 
 
 def test_a_keyboard_only_student_plays_with_its_idle_key():
