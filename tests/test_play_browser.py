@@ -4,8 +4,11 @@ with the keys (and what they do), the mouse, the frame rates and the key-to-fram
 drawn over it; Pause and Restart work from their keys while the mouse is captured; a closed
 tab ends quietly.
 
-PLAY_SCREENSHOTS=docs python -m pytest tests/test_play_browser.py also saves the page at
-1280x800 there (docs/play_page.png, docs/play_page_paused.png: the guide's pictures).
+PLAY_SCREENSHOTS=docs python -m pytest tests/test_play_browser.py also saves the tests' page
+at 1280x800 there (play_page_tiny.png, play_page_paused_tiny.png); `python
+tests/test_play_browser.py docs` takes the guide's pictures (docs/play_page.png,
+docs/play_page_paused.png) of `play_world.py --demo --HEADLESS=false`, the demo student
+(run the demo chain first: finetune_base_model.py --demo, distill_streaming_model.py --demo).
 
 The browser is driven through chromedriver's W3C WebDriver protocol (plain HTTP + JSON),
 with the few calls needed written out below - no client library. Skipped where Chromium or
@@ -16,9 +19,12 @@ them when it runs as root with apt).
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -220,7 +226,7 @@ def test_the_picture_fills_the_window_with_keys_mouse_rates_and_latency_drawn_ov
             wait_for(lambda: (a := browser.run("return window.playState.frameAction")) and a["mouse"][1] > 0,
                      "a frame made from the drag")
             assert text_of(browser, "#mouse").startswith("yaw +")
-            screenshot(browser, "play_page.png")
+            screenshot(browser, "play_page_tiny.png")
             browser.keys(("keyUp", "d"))
             assert server.player.status()["error"] is None
         finally:
@@ -246,7 +252,7 @@ def test_pause_and_restart_work_from_their_keys_while_the_mouse_is_captured():
             assert text_of(browser, "#pause").startswith("Resume")
             note = box_of(browser, "#note")
             assert note["shown"] and "Paused" in text_of(browser, "#note")
-            screenshot(browser, "play_page_paused.png")
+            screenshot(browser, "play_page_paused_tiny.png")
             browser.keys(("keyDown", "p"), ("keyUp", "p"))
             wait_for(lambda: not server.player.status()["paused"], "the pause key to resume")
             browser.click("#view")
@@ -288,6 +294,23 @@ def test_a_page_whose_keys_include_p_and_r_gets_other_keys_for_pause_and_restart
             browser.close()
 
 
+def test_beyond_loopback_the_page_plays_from_its_token_url_and_nothing_plays_without_it():
+    with served_player(host="0.0.0.0") as server:
+        port, token = server.server_address[1], server.token
+        browser = WebDriver()
+        try:
+            browser.open(f"http://127.0.0.1:{port}/")  # without the token: refused
+            assert "needs its token" in browser.run("return document.body.textContent")
+            browser.open(f"http://127.0.0.1:{port}/?token={token}")  # the printed URL; then the cookie
+            wait_for(lambda: browser.run("return window.playState.framesShown") >= 2, "frames through the token")
+            browser.keys(("keyDown", "w"))
+            wait_for(lambda: server.session.held() == ["W"], "the key press through the token")
+            browser.keys(("keyUp", "w"))
+            assert browser.run("return document.cookie") == ""  # HttpOnly: the page's script never sees it
+        finally:
+            browser.close()
+
+
 def test_a_closed_tab_ends_quietly(capfd):
     with served_player() as server:
         browser = WebDriver()
@@ -302,3 +325,45 @@ def test_a_closed_tab_ends_quietly(capfd):
             browser.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Error" not in err, err[-2000:]
+
+
+def demo_screenshots(folder: str) -> None:
+    """The guide's pictures: the page at 1280x800 while the demo student plays (W held, the
+    mouse dragged right), and paused."""
+    root = Path(__file__).resolve().parents[1]
+    script = subprocess.Popen([sys.executable, "play_world.py", "--demo", "--HEADLESS=false", "--PORT=0"], cwd=root,
+                              stdout=subprocess.PIPE, text=True)
+    browser = None
+    try:
+        for line in script.stdout:
+            print(line, end="")
+            if found := re.search(r"open (http://\S+) in a browser", line):
+                break
+        else:
+            raise SystemExit("play_world.py --demo --HEADLESS=false stopped before serving the page")
+        browser = WebDriver(1280, 800)
+        browser.open(found.group(1))
+        browser.viewport(1280, 800)
+        wait_for(lambda: browser.run("return window.playState.framesShown") >= 40, "the demo's frames", timeout=300)
+        browser.keys(("keyDown", "w"))
+        for _ in range(3):
+            browser.drag("view", 90, 0)
+            time.sleep(0.3)
+        wait_for(lambda: browser.run("return window.playState.latencies.length") >= 1, "a frame made from W",
+                 timeout=120)
+        time.sleep(1.5)  # a few more frames made with W and the mouse
+        browser.screenshot(Path(folder) / "play_page.png")
+        browser.keys(("keyUp", "w"), ("keyDown", "p"), ("keyUp", "p"))
+        wait_for(lambda: "Paused" in text_of(browser, "#note"), "the pause")
+        time.sleep(1.0)
+        browser.screenshot(Path(folder) / "play_page_paused.png")
+        print(f"wrote {folder}/play_page.png and {folder}/play_page_paused.png")
+    finally:
+        if browser is not None:
+            browser.close()
+        script.terminate()
+        script.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    demo_screenshots(sys.argv[1] if len(sys.argv) > 1 else "docs")
