@@ -5,7 +5,7 @@ drawn over it; Pause and Restart work from their keys while the mouse is capture
 tab ends quietly.
 
 PLAY_SCREENSHOTS=docs python -m pytest tests/test_play_browser.py also saves the tests' page
-at 1280x800 there (play_page_tiny.png, play_page_paused_tiny.png); `python
+at 1280x800 there (play_page_tiny.png, play_page_paused_tiny.png); `PYTHONPATH=. python
 tests/test_play_browser.py docs` takes the guide's pictures (docs/play_page.png,
 docs/play_page_paused.png) of `play_world.py --demo --HEADLESS=false`, the demo student
 (run the demo chain first: finetune_base_model.py --demo, distill_streaming_model.py --demo).
