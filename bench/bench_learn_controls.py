@@ -155,9 +155,22 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def run_one(base: dict, shift: float, epochs: int, world_dir: Path) -> dict:
-    """Train with TIMESTEP_SHIFT=shift, then score the saved epochs. Returns the run's record."""
-    run_dir = world_dir / f"shift{shift:g}"
+def prepare_world(world_dir: Path, world: str, frames: int) -> dict:
+    """The recipe's settings for a world's run under world_dir: its recording rendered and the
+    tiny models written (demo_world/setup.py), the random base model MODEL drawn afresh from
+    the settings' SEED. Shared with bench/bench_play_proof.py."""
+    settings, _ = fb.parse_settings(["--demo", *(f"--{name}={value}" for name, value in demo_paths_under(world_dir / "demo").items())])
+    settings.update(RECIPE)
+    prepare_demo(settings, frames, WORLDS[world])
+    settings["BASE_MODEL_DIR"] = str(world_dir / BENCH_MODEL_FOLDER)
+    torch.manual_seed(settings["SEED"])
+    write_demo_base_model(settings["BASE_MODEL_DIR"], len(settings["KEYBOARD_KEYS"]), MODEL)
+    return settings
+
+
+def train_run(base: dict, shift: float, epochs: int, run_dir: Path) -> tuple[dict, dict, float]:
+    """finetune_base_model.train() with TIMESTEP_SHIFT=shift for `epochs` epochs into run_dir
+    (cleared first), saving every EVAL_EVERY_EPOCHS. Returns (settings, summary, seconds)."""
     settings = dict(base, TIMESTEP_SHIFT=shift, NUM_EPOCHS=epochs, CHECKPOINT_DIR=str(run_dir),
                     SAVE_EVERY_EPOCHS=EVAL_EVERY_EPOCHS, PREVIEW_EVERY_EPOCHS=0, RESUME=False)
     fb.check_settings(settings)
@@ -165,7 +178,13 @@ def run_one(base: dict, shift: float, epochs: int, world_dir: Path) -> dict:
     print(f"\n=== TIMESTEP_SHIFT={shift:g}: training {epochs} epochs into {run_dir}", flush=True)
     started = time.time()
     summary = fb.train(settings)
-    train_seconds = time.time() - started
+    return settings, summary, time.time() - started
+
+
+def run_one(base: dict, shift: float, epochs: int, world_dir: Path) -> dict:
+    """Train with TIMESTEP_SHIFT=shift, then score the saved epochs. Returns the run's record."""
+    run_dir = world_dir / f"shift{shift:g}"
+    settings, summary, train_seconds = train_run(base, shift, epochs, run_dir)
     history = {entry["epoch"]: entry for entry in summary["history"]}
 
     report = check_data(settings["DATA_DIR"], data.data_settings(settings))
@@ -293,14 +312,9 @@ def main(argv=None) -> int:
     # The demo's deck in OUT itself (as before worlds existed: its latent cache is reused), another under OUT/WORLD.
     world_dir = out if args.world == "full" else out / args.world
     results = "learn_controls" if args.world == "full" else f"learn_controls_{args.world}"
-    settings, _ = fb.parse_settings(["--demo", *(f"--{name}={value}" for name, value in demo_paths_under(world_dir / "demo").items())])
-    settings.update(RECIPE)
+    settings = prepare_world(world_dir, args.world, args.frames)
     shifts = [float(s) for s in args.shifts.split(",")] if args.shifts else [settings["TIMESTEP_SHIFT"]]
     epochs = args.epochs or settings["NUM_EPOCHS"]
-    prepare_demo(settings, args.frames, WORLDS[args.world])
-    settings["BASE_MODEL_DIR"] = str(world_dir / BENCH_MODEL_FOLDER)
-    torch.manual_seed(settings["SEED"])
-    write_demo_base_model(settings["BASE_MODEL_DIR"], len(settings["KEYBOARD_KEYS"]), MODEL)
     print(f"torch {torch.__version__}, {args.threads} thread(s); model: {MODEL}; recipe: {RECIPE}; {args.frames} recorded frames "
           f"of the {args.world!r} world {WORLDS[args.world]}; "
           f"scored every {EVAL_EVERY_EPOCHS} epochs at sigmas {', '.join(f'{s:.2f}' for s in EVAL_SIGMAS.tolist())}")
