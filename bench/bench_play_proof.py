@@ -40,7 +40,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +58,12 @@ from generation.previews import preview_clip_index  # noqa: E402
 from latents.encoders import load_encoders  # noqa: E402
 from recordings.report import check_data  # noqa: E402
 from video.action_score import action_following_score, mean_shift  # noqa: E402
+from generation.streaming import StreamingGenerator, first_frame_conditions  # noqa: E402
 from wan.conditioning import STREAM_COND_LATENT_FRAMES  # noqa: E402
 from wan.config import FRAMES_PER_BLOCK  # noqa: E402
 from wan.files import write_atomic, write_json_atomic  # noqa: E402
 from wan.shapes import VAE_TIME_STRIDE, video_frame_count  # noqa: E402
+from wan.vae import StreamingDecoder  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -82,9 +83,12 @@ OTHER_SCRIPTS = {  # scripts only scored against, never played
     "back": f"S*{ROWS}",
     "mixed_mirrored": f"mouse(0,{TURN})*21 mouse(0,{-TURN})*{ROWS - 21}",
 }
-SEEDS = (0, 1, 2)                        # noises per script and model
+SEEDS = (0, 1)                           # noises per script and model
 TEACHER_STEPS = 20                       # Euler steps of the bidirectional teacher (the learn-controls previews'; the scores barely change beyond)
 STRIP_FRAMES = (0, 8, 16, 24, 32, 44)    # the frames of each turn in the picture
+# Over the --demo chain's distillation settings: validation streams from 2 noises per clip, not 4
+# (validation only: training is the same; it halves the stages' validation time on a shared CPU).
+DISTILL_OVERRIDES = {"VAL_SAMPLES": 2}
 THREADS = 1                              # tiny models gain nothing from more threads on shared cores
 GOAL_RATIO, GOAL_KEPT = 2.0, 0.7         # the final student: true >= 2x other, >= 70% of the teacher's true
 # -----------------------------------------------------------------------------
@@ -117,8 +121,8 @@ def mark(folder: Path, settings: dict, seconds: float) -> None:
 # 1. fine-tuning (the learn-controls recipe)
 
 def finetune(out: Path, epochs: int, frames: int) -> tuple[dict, Path, float | None]:
-    """The turning world's fine-tuned model: (settings, its final checkpoint, training seconds
-    or None when an earlier run's folder was reused)."""
+    """The turning world's fine-tuned model: (settings, its final checkpoint, the seconds its
+    train() took, in this run or the earlier one whose folder is reused)."""
     shape = {"model": lc.MODEL, "recipe": lc.RECIPE, "epochs": epochs, "frames": frames, "world": WORLD,
              "deck": lc.WORLDS[WORLD]}
     world_dir = out / f"finetune-{settings_key(shape)}"
@@ -126,8 +130,10 @@ def finetune(out: Path, epochs: int, frames: int) -> tuple[dict, Path, float | N
     run_dir = world_dir / "run"
     checkpoint = run_dir / FINAL_FILE
     if reusable(world_dir, shape) and checkpoint.is_file():
-        print(f"fine-tuning: reusing {run_dir} (same model, recipe, epochs and recording)")
-        return settings, checkpoint, None
+        seconds = json.loads((world_dir / MARKER).read_text(encoding="utf-8"))["seconds"]
+        print(f"fine-tuning: reusing {run_dir} (same model, recipe, epochs and recording; its train() took "
+              f"{seconds:.0f} s)")
+        return settings, checkpoint, seconds
     settings, summary, seconds = lc.train_run(settings, settings["TIMESTEP_SHIFT"], epochs, run_dir)
     mark(world_dir, shape, seconds)
     print(f"fine-tuning: {summary['steps']} optimizer steps in {seconds:.0f} s")
@@ -143,7 +149,7 @@ def distil(finetuned: dict, checkpoint: Path, overrides: dict, out: Path) -> tup
     shared = {name: finetuned[name] for name in ("BASE_MODEL_DIR", "VAE_PATH", "CLIP_PATH", "DATA_DIR", "CACHE_DIR",
                                                  "CACHE_DTYPE", "VIDEO_HEIGHT", "VIDEO_WIDTH", "VAL_FRACTION",
                                                  "MOUSE_SCALE", "KEYBOARD_KEYS")}
-    base = {**DISTILL_DEMO_SETTINGS, **shared, "CHECKPOINT": str(checkpoint), **overrides}
+    base = {**DISTILL_DEMO_SETTINGS, **DISTILL_OVERRIDES, **shared, "CHECKPOINT": str(checkpoint), **overrides}
     students, summaries, previous, upstream = {}, {}, "", settings_key({"checkpoint": str(checkpoint)})
     for stage in DEMO_STAGES:
         shape = {"base": base, "stage": stage, "upstream": upstream}
@@ -211,35 +217,51 @@ def play_settings(finetuned: dict, start_frame: int, model_dir, checkpoint, scri
     return s
 
 
-@torch.no_grad()
-def played_frames(s: dict) -> tuple[torch.Tensor, tuple]:
-    """play_world.py --headless's stream of s's ACTIONS, the frames [T, 3, H, W] in [-1, 1]
-    as generated (before the overlay), and the model's keys."""
-    keys = play_world.play_model_keys(s["MODEL_DIR"], s["CHECKPOINT"], s["MODE"], s["KEYBOARD_KEYS"])
-    actions = play_world.headless_actions(s, keys)
-    loaded = play_world.load_model(s)
-    has_mouse = loaded.model.config.action_config.enable_mouse
-    generator = play_world.start_stream(s, loaded, min(STREAM_COND_LATENT_FRAMES, actions.num_blocks * FRAMES_PER_BLOCK))
-    videos = []
-    for index, (keyboard_rows, mouse_rows) in enumerate(actions.blocks(has_mouse)):
-        if index == actions.num_blocks:
-            break
-        block = generator.step(keyboard_rows[None], None if mouse_rows is None else mouse_rows[None])
-        videos.append(block.video[0].transpose(0, 1).float().cpu())
-    return torch.cat(videos).clamp(-1, 1), loaded.keyboard_keys
+class PlayedModel:
+    """A model as play_world.py --headless loads it (load_model) with its first image's
+    conditioning (start_stream's), made once and streamed from for every script and seed."""
+
+    def __init__(self, s: dict):
+        self.keys = play_world.play_model_keys(s["MODEL_DIR"], s["CHECKPOINT"], s["MODE"], s["KEYBOARD_KEYS"])
+        self.loaded = play_world.load_model(s)
+        image, _ = play_world.first_image(s)
+        self.vae, clip = load_encoders(s["VAE_PATH"], s["CLIP_PATH"], torch.device("cpu"))
+        self.conditions = first_frame_conditions(self.vae, clip, image[None],
+                                                 min(STREAM_COND_LATENT_FRAMES, PLAY_BLOCKS * FRAMES_PER_BLOCK))
+
+    @torch.no_grad()
+    def frames(self, s: dict) -> torch.Tensor:
+        """The stream of s's ACTIONS (play_world.headless_actions) from s's SEED, its frames
+        [T, 3, H, W] in [-1, 1] as generated (before play_world's overlay)."""
+        actions = play_world.headless_actions(s, self.keys)
+        has_mouse = self.loaded.model.config.action_config.enable_mouse
+        generator = StreamingGenerator(self.loaded.model, *self.conditions, StreamingDecoder(self.vae),
+                                       denoising_steps=play_world.denoising_steps(s), shift=s["TIMESTEP_SHIFT"],
+                                       seed=s["SEED"], compile_mode=s["COMPILE"])
+        videos = []
+        for index, (keyboard_rows, mouse_rows) in enumerate(actions.blocks(has_mouse)):
+            if index == actions.num_blocks:
+                break
+            block = generator.step(keyboard_rows[None], None if mouse_rows is None else mouse_rows[None])
+            videos.append(block.video[0].transpose(0, 1).float().cpu())
+        return torch.cat(videos).clamp(-1, 1)
 
 
-@torch.no_grad()
-def teacher_frames(finetuned: dict, checkpoint: Path, first: torch.Tensor, keyboard, mouse, seed: int,
-                   encoders) -> torch.Tensor:
-    """The fine-tuned model's bidirectional preview of these actions (generate_preview.py's
+class Teacher:
+    """The fine-tuned model's bidirectional preview of a script (generate_preview.py's
     sampler, windows of its SEQUENCE_LENGTH chained), frames [T, 3, H, W] in [-1, 1]."""
-    loaded = load_model(finetuned["BASE_MODEL_DIR"], checkpoint, finetuned["KEYBOARD_KEYS"], torch.device("cpu"),
-                        torch.float32)
-    loaded.model.eval()
-    vae, clip = encoders
-    return generate_frames(loaded.model, vae, clip, first, keyboard, mouse, finetuned["SEQUENCE_LENGTH"],
-                           TEACHER_STEPS, finetuned["TIMESTEP_SHIFT"], seed, nullcontext()).clamp(-1, 1)
+
+    def __init__(self, finetuned: dict, checkpoint: Path, first: torch.Tensor):
+        self.finetuned, self.first = finetuned, first
+        self.model = load_model(finetuned["BASE_MODEL_DIR"], checkpoint, finetuned["KEYBOARD_KEYS"],
+                                torch.device("cpu"), torch.float32).model.eval()
+        self.vae, self.clip = load_encoders(finetuned["VAE_PATH"], finetuned["CLIP_PATH"], torch.device("cpu"))
+
+    @torch.no_grad()
+    def frames(self, keyboard: torch.Tensor, mouse: torch.Tensor, seed: int) -> torch.Tensor:
+        return generate_frames(self.model, self.vae, self.clip, self.first, keyboard, mouse,
+                               self.finetuned["SEQUENCE_LENGTH"], TEACHER_STEPS, self.finetuned["TIMESTEP_SHIFT"],
+                               seed, nullcontext()).clamp(-1, 1)
 
 
 def score_rows(finetuned: dict, checkpoint: Path, students: dict) -> tuple[list, dict]:
@@ -254,21 +276,22 @@ def score_rows(finetuned: dict, checkpoint: Path, students: dict) -> tuple[list,
     keys = tuple(finetuned["KEYBOARD_KEYS"])
     actions = {name: script_rows(script, keys) for name, script in
                {**{n: s for n, (s, _) in SCRIPTS.items()}, **OTHER_SCRIPTS}.items()}
-    encoders = load_encoders(finetuned["VAE_PATH"], finetuned["CLIP_PATH"], torch.device("cpu"))
-    first = play_world.first_image(play_settings(finetuned, start_frame, finetuned["BASE_MODEL_DIR"], checkpoint,
-                                                 SCRIPTS["left"][0], 0))[0]
     rows, strip = [], {}
     for label, model_dir, model_checkpoint in models:
         started = time.time()
+        first_settings = play_settings(finetuned, start_frame, model_dir or finetuned["BASE_MODEL_DIR"],
+                                       checkpoint if model_dir is None else model_checkpoint, SCRIPTS["left"][0], 0)
+        player = Teacher(finetuned, checkpoint, play_world.first_image(first_settings)[0]) if model_dir is None \
+            else PlayedModel(first_settings)
         per_script = {}
         for name, (script, other) in SCRIPTS.items():
             results = []
             for seed in SEEDS:
                 if model_dir is None:
-                    frames = teacher_frames(finetuned, checkpoint, first, *actions[name], seed, encoders)
+                    frames = player.frames(*actions[name], seed)
                 else:
-                    frames, _ = played_frames(play_settings(finetuned, start_frame, model_dir, model_checkpoint,
-                                                            script, seed))
+                    frames = player.frames(play_settings(finetuned, start_frame, model_dir, model_checkpoint,
+                                                         script, seed))
                 results.append(follow_scores(frames, actions[name], actions[other], keys))
                 if model_dir == students[DEMO_STAGES[-1]] and seed == SEEDS[0] and name in ("left", "right"):
                     strip[name] = frames
