@@ -152,7 +152,10 @@ def distil(finetuned: dict, checkpoint: Path, overrides: dict, out: Path) -> tup
     base = {**DISTILL_DEMO_SETTINGS, **DISTILL_OVERRIDES, **shared, "CHECKPOINT": str(checkpoint), **overrides}
     students, summaries, previous, upstream = {}, {}, "", settings_key({"checkpoint": str(checkpoint)})
     for stage in DEMO_STAGES:
-        shape = {"base": base, "stage": stage, "upstream": upstream}
+        # a stage's folder is keyed on the settings it trains with, so that a variant of stage B
+        # reuses stage A's student
+        own = {name: value for name, value in base.items() if name not in LATER_STAGE_SETTINGS[stage]}
+        shape = {"base": own, "stage": stage, "upstream": upstream}
         upstream = settings_key(shape)
         folder = out / f"distill-{upstream}" / stage
         settings, _ = dsm.parse_settings([f"--{name}={value_text(value)}" for name, value in base.items()]
@@ -169,6 +172,16 @@ def distil(finetuned: dict, checkpoint: Path, overrides: dict, out: Path) -> tup
             mark(folder.parent, shape, summaries[stage]["seconds"])
         students[stage], previous = student, str(student)
     return students, summaries
+
+
+# Settings only the stages after a stage read (its run records them, never uses them).
+_LONG_TUNE_ONLY = ("LONG_TUNE_STEPS", "STREAM_CHUNK_LATENTS", "STREAM_OVERLAP_LATENTS", "STREAM_MAX_LATENTS")
+LATER_STAGE_SETTINGS = {
+    "causal_init": ("DMD_STEPS", "GENERATOR_EVERY", "GENERATOR_LR", "CRITIC_LR", "SCORE_MIN_TIMESTEP",
+                    "SCORE_MAX_TIMESTEP") + _LONG_TUNE_ONLY,
+    "dmd": _LONG_TUNE_ONLY,
+    "long_tune": (),
+}
 
 
 def value_text(value) -> str:
@@ -264,15 +277,19 @@ class Teacher:
                                seed, nullcontext()).clamp(-1, 1)
 
 
-def score_rows(finetuned: dict, checkpoint: Path, students: dict) -> tuple[list, dict]:
-    """Every model's streams of every script from every seed, scored. Returns (rows, the
-    final student's frames of the left and right turns from the first seed)."""
+ROW_NAMES = ("teacher", "streamed", "A", "B", "C")  # --rows: the table's rows, in its order
+
+
+def score_rows(finetuned: dict, checkpoint: Path, students: dict, wanted=ROW_NAMES) -> tuple[list, dict]:
+    """The wanted models' streams of every script from every seed, scored. Returns (rows,
+    the final student's frames of the left and right turns from the first seed)."""
     report = check_data(finetuned["DATA_DIR"], data.data_settings(finetuned))
     clips = report.split.val or report.split.train
     start_frame = clips[preview_clip_index(clips)].first_frame
     models = [("teacher: fine-tuned, bidirectional 20 steps", None, None),
               ("teacher: fine-tuned, streamed 3 steps (not distilled)", finetuned["BASE_MODEL_DIR"], checkpoint)]
     models += [(f"student {label} ({stage})", students[stage], "") for label, stage in zip("ABC", DEMO_STAGES)]
+    models = [model for name, model in zip(ROW_NAMES, models) if name in wanted]
     keys = tuple(finetuned["KEYBOARD_KEYS"])
     actions = {name: script_rows(script, keys) for name, script in
                {**{n: s for n, (s, _) in SCRIPTS.items()}, **OTHER_SCRIPTS}.items()}
@@ -326,7 +343,11 @@ def format_row(row: dict) -> str:
 
 
 def goals(rows: list) -> dict:
+    """The final student's ratio of true to other scores, and its share of the bidirectional
+    teacher's true score (None without the teacher's row)."""
     teacher, final = rows[0], rows[-1]
+    if not teacher["model"].startswith("teacher: fine-tuned, bidirectional"):
+        teacher = {"true": None}
     ratio = final["true"] / final["other"] if final["other"] else float("inf")
     kept = final["true"] / teacher["true"] if teacher["true"] else None
     return {"final_ratio": ratio, "final_kept": kept, "ratio_met": ratio >= GOAL_RATIO,
@@ -366,6 +387,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                         help="distillation settings over the --demo chain's (e.g. SCORE_MIN_TIMESTEP=500)")
     parser.add_argument("--only-finetune", action="store_true", help="stop after the fine-tuning")
+    parser.add_argument("--rows", default=",".join(ROW_NAMES),
+                        help=f"the models played, of {','.join(ROW_NAMES)} (default all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     out = Path(args.out).resolve()
@@ -387,7 +410,10 @@ def main(argv=None) -> int:
     history = {stage: None if summary is None else summary["history"] for stage, summary in summaries.items()}
     print(f"\nplaying {len(SCRIPTS)} scripts x {len(SEEDS)} seeds per model, {PLAY_BLOCKS} blocks ({ROWS} frames) each")
     print(HEADER)
-    rows, strip = score_rows(finetuned, checkpoint, students)
+    wanted = args.rows.split(",")
+    if not set(wanted) <= set(ROW_NAMES):
+        parser.error(f"--rows={args.rows}: choose among {','.join(ROW_NAMES)}")
+    rows, strip = score_rows(finetuned, checkpoint, students, wanted)
     timings["play_s"] = time.time() - started - timings["finetune_s"] - timings["distill_s"]
     timings["total_s"] = time.time() - started
     met = goals(rows)
@@ -399,19 +425,19 @@ def main(argv=None) -> int:
         "other_scripts": {n: o for n, (_, o) in SCRIPTS.items()}, "seeds": list(SEEDS), "blocks": PLAY_BLOCKS,
         "start_frame": strip.pop("start_frame"), "rows": rows, "goals": met, "timings": timings,
         "stage_validations": history, "torch": torch.__version__, "threads": THREADS})
-    strip_path = draw_strip(strip, results / f"{stem}_strip.png")
+    strip_path = draw_strip(strip, results / f"{stem}_strip.png") if "C" in wanted else None
     print("\ntrue / other: action-following score of each model's streams against their own script's actions / "
           "another script's (left<->right, forward<->back, mixed<->mirrored), mean over scripts and seeds; "
           "true4 / oth4: over every 4th frame; px: image motion per frame; per script: true/other")
     print(HEADER)
     for row in rows:
         print(format_row(row))
-    print(f"\nfinal student: true/other {met['final_ratio']:.2f}x (goal {GOAL_RATIO:g}x: "
+    print(f"\nlast row: true/other {met['final_ratio']:.2f}x (goal {GOAL_RATIO:g}x: "
           f"{'met' if met['ratio_met'] else 'not met'}), "
           f"{'n/a' if met['final_kept'] is None else format(met['final_kept'], '.0%')} of the bidirectional teacher's "
           f"true score (goal {GOAL_KEPT:.0%}: {'met' if met['kept_met'] else 'not met'})")
     print(f"timings (s): {json.dumps({k: (round(v) if isinstance(v, float) else v) for k, v in timings.items()})}")
-    print(f"wrote {results / (stem + '.json')} and {strip_path}")
+    print(f"wrote {results / (stem + '.json')}" + (f" and {strip_path}" if strip_path else ""))
     return 0
 
 
