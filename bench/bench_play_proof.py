@@ -280,7 +280,7 @@ class Teacher:
 ROW_NAMES = ("teacher", "streamed", "A", "B", "C")  # --rows: the table's rows, in its order
 
 
-def score_rows(finetuned: dict, checkpoint: Path, students: dict, wanted=ROW_NAMES) -> tuple[list, dict]:
+def score_rows(finetuned: dict, checkpoint: Path, students: dict, wanted=ROW_NAMES, seeds=SEEDS) -> tuple[list, dict]:
     """The wanted models' streams of every script from every seed, scored. Returns (rows,
     the final student's frames of the left and right turns from the first seed)."""
     report = check_data(finetuned["DATA_DIR"], data.data_settings(finetuned))
@@ -303,14 +303,14 @@ def score_rows(finetuned: dict, checkpoint: Path, students: dict, wanted=ROW_NAM
         per_script = {}
         for name, (script, other) in SCRIPTS.items():
             results = []
-            for seed in SEEDS:
+            for seed in seeds:
                 if model_dir is None:
                     frames = player.frames(*actions[name], seed)
                 else:
                     frames = player.frames(play_settings(finetuned, start_frame, model_dir, model_checkpoint,
                                                          script, seed))
                 results.append(follow_scores(frames, actions[name], actions[other], keys))
-                if model_dir == students[DEMO_STAGES[-1]] and seed == SEEDS[0] and name in ("left", "right"):
+                if model_dir == students[DEMO_STAGES[-1]] and seed == seeds[0] and name in ("left", "right"):
                     strip[name] = frames
             per_script[name] = {k: mean([r[k] for r in results]) for k in results[0]}
         row = {"model": label, "scripts": per_script, "seconds": time.time() - started,
@@ -422,6 +422,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only-finetune", action="store_true", help="stop after the fine-tuning")
     parser.add_argument("--rows", default=",".join(ROW_NAMES),
                         help=f"the models played, of {','.join(ROW_NAMES)} (default all)")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="the noise seeds of every stream")
     parser.add_argument("--show", type=Path, metavar="JSON", help="only print the table of a results JSON it wrote")
     args = parser.parse_args(argv)
     if args.show:
@@ -429,6 +430,7 @@ def main(argv=None) -> int:
         print_table(results["rows"])
         print(f"timings (s): {json.dumps(results['timings'])}")
         return 0
+    seeds = tuple(int(seed) for seed in args.seeds.split(","))
     torch.set_num_threads(THREADS)
     out = Path(args.out).resolve()
     overrides = {}
@@ -447,12 +449,12 @@ def main(argv=None) -> int:
     timings["distill_s"] = time.time() - started - timings["finetune_s"]
     timings["stages_s"] = {stage: None if summary is None else summary["seconds"] for stage, summary in summaries.items()}
     history = {stage: None if summary is None else summary["history"] for stage, summary in summaries.items()}
-    print(f"\nplaying {len(SCRIPTS)} scripts x {len(SEEDS)} seeds per model, {PLAY_BLOCKS} blocks ({ROWS} frames) each")
+    print(f"\nplaying {len(SCRIPTS)} scripts x {len(seeds)} seeds per model, {PLAY_BLOCKS} blocks ({ROWS} frames) each")
     print(HEADER)
     wanted = args.rows.split(",")
     if not set(wanted) <= set(ROW_NAMES):
         parser.error(f"--rows={args.rows}: choose among {','.join(ROW_NAMES)}")
-    rows, strip = score_rows(finetuned, checkpoint, students, wanted)
+    rows, strip = score_rows(finetuned, checkpoint, students, wanted, seeds)
     timings["play_s"] = time.time() - started - timings["finetune_s"] - timings["distill_s"]
     timings["total_s"] = time.time() - started
     met = goals(rows)
@@ -461,7 +463,7 @@ def main(argv=None) -> int:
     write_json_atomic(results / f"{stem}.json", {
         "epochs": args.epochs, "frames": args.frames, "model": lc.MODEL, "recipe": lc.RECIPE,
         "distill_overrides": overrides, "scripts": {n: s for n, (s, _) in SCRIPTS.items()},
-        "other_scripts": {n: o for n, (_, o) in SCRIPTS.items()}, "seeds": list(SEEDS), "blocks": PLAY_BLOCKS,
+        "other_scripts": {n: o for n, (_, o) in SCRIPTS.items()}, "seeds": list(seeds), "blocks": PLAY_BLOCKS,
         "start_frame": strip.pop("start_frame"), "rows": rows, "goals": met, "timings": timings,
         "stage_validations": history, "torch": torch.__version__, "threads": THREADS})
     strip_path = draw_strip(strip, results / f"{stem}_strip.png") if "C" in wanted else None
