@@ -2,10 +2,12 @@
 its recording -> fine-tuning (the learn-controls recipe) -> distillation stages A, B, C ->
 headless play of scripted actions -> the action-following score of what was played.
 
-    python bench/bench_play_proof.py                        # the whole chain (~35 min on a shared 2-core CPU)
+    python bench/bench_play_proof.py                        # the whole chain (53 min on 2 cores shared with 3 other jobs)
     python bench/bench_play_proof.py --epochs=200           # the learn-controls recipe's full fine-tuning
     python bench/bench_play_proof.py --set SCORE_MIN_TIMESTEP=500 --tag=window  # a distillation variant
     python bench/bench_play_proof.py --only-finetune        # stop after the fine-tuning
+    python bench/bench_play_proof.py --rows=teacher,A,B,C --seeds=2,3 --tag=seeds23   # other noises, trained folders reused
+    python bench/bench_play_proof.py --show bench/play_proof.json                     # only the table of saved results
 
 1. The turning world (bench/bench_learn_controls.py --world=turns: the camera stays where
    it starts and turns left or right) is fine-tuned by that benchmark's own functions
