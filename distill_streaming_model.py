@@ -181,7 +181,7 @@ LORA_ALPHA = 64.0                        # an adapter's update is scaled by LORA
 LORA_TARGETS = ("self_attn", "cross_attn", "ffn")  # groups, or layers like self_attn.q, ffn.0 (wan/lora.py)
 GPU_MEMORY_GB = 80                       # --plan: the card to fit (its memory in GB)
 GPUS = 1                                 # --plan: the GPUs (FSDP) each stage's first figure is for, 1-64 (a run's are torchrun's)
-PLAN_STAGES = ("causal_init", "dmd", "long_tune")  # --plan: the stages it plans (e.g. dmd: stage B alone, in a third of the time)
+PLAN_STAGES = ("causal_init", "dmd", "long_tune")  # --plan: the stages it plans (e.g. dmd: stage B alone, without waiting for A and C)
 # saving
 SAVE_EVERY_STEPS = 100                   # training_state.pt every N steps (0: only at the end)
 EXPORT_EVERY_STEPS = 0                   # 0: the student only at the end; else also student_step<N>/ every N steps

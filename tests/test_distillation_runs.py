@@ -352,7 +352,7 @@ def test_the_fewest_gpus_that_fit_follow_the_sharded_share():
 
 
 def test_plan_stages_plans_only_the_stages_named(monkeypatch):
-    """PLAN_STAGES=dmd: stage B alone (a third of a real plan's minutes), its cost not called the recipe's."""
+    """PLAN_STAGES=dmd: stage B alone (no minutes spent on A and C), its cost not called the recipe's."""
     s, _ = ds.parse_settings(["--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64", "--SEQUENCE_LENGTH=21", "--DMD_STEPS=10",
                               "--PLAN_STAGES=dmd", "--OPTIMIZER=adamw_8bit"])
     planned = []
