@@ -58,16 +58,14 @@ class FrozenBlocksOffload:
                         module._parameters[name] = torch.nn.Parameter(on_host, requires_grad=False)
                         frozen.append((module, name))
             block.forward = self._loading(index, block.forward, frozen, device)
-            # a stream's context pass (CausalWanModel.prepare_cached) calls the cross-attention's
-            # keys/values outside the block's forward: it needs the block's weights too
-            block.cross_attn.context_kv = self._loading(index, block.cross_attn.context_kv, frozen, device)
+            # a stream's context pass (CausalWanModel.prepare_cached) calls the block outside its forward
+            block.context_kv = self._loading(index, block.context_kv, frozen, device)
             self.blocks.append((block, frozen))
         self.device = device
         # a GPU copies on a side stream; the planner's imitation of one (host "meta") copies in place
         self.prefetching = device.type == "cuda" or host.type == "meta"
         self.side = torch.cuda.Stream(device) if device.type == "cuda" and host.type == "cpu" else None
         self.prefetched = None  # (block index, its frozen tensors on the device, the copies' event)
-        self.loaded = None  # the block whose frozen tensors are on the device now (its call runs)
         self.previous, self.direction = None, 1
         self.hits = self.misses = 0  # calls whose block was prefetched, and not
 
@@ -100,15 +98,11 @@ class FrozenBlocksOffload:
         self.prefetched = (index, tensors, ready)
 
     def _loading(self, index: int, forward, frozen: list, device: torch.device):
-        """block.forward (or another of its entry points) with its frozen tensors on device for
-        the call (and the next block's on their way); a call from inside the block's own call
-        (the forward's cross-attention asks for its keys/values) finds them there already.
-        try/finally: the checkpoint's recomputation may stop a block part-way (by an
-        exception), and the copies must not stay behind."""
+        """block.forward (or block.context_kv) with its frozen tensors on device for the call
+        (and the next block's on their way). try/finally: the checkpoint's recomputation may
+        stop a block part-way (by an exception), and the copies must not stay behind."""
 
         def call(*args, **kwargs):
-            if self.loaded == index:
-                return forward(*args, **kwargs)
             on_host = [module._parameters[name] for module, name in frozen]
             loaded = self._on_device(index) if self.prefetching else [p.to(device, non_blocking=True) for p in on_host]
             if self.prefetching:
@@ -117,11 +111,9 @@ class FrozenBlocksOffload:
                 self._prefetch(expected)
             for (module, name), p in zip(frozen, loaded):
                 module._parameters[name] = torch.nn.Parameter(p, requires_grad=False)
-            self.loaded = index
             try:
                 return forward(*args, **kwargs)
             finally:
-                self.loaded = None
                 for (module, name), p in zip(frozen, on_host):
                     module._parameters[name] = p
 

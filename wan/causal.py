@@ -181,7 +181,7 @@ class CausalWanModel(WanModel):
         if not torch.is_grad_enabled() and any(layer.context is None for layer in cache.layers):
             context = self.img_emb(visual_context.to(self.patch_embedding.weight.dtype))
             for block, layer in zip(self.blocks, cache.layers):
-                layer.context_kv(lambda: block.cross_attn.context_kv(context))
+                layer.context_kv(lambda: block.context_kv(context))
         return dict(x=x, t=t, visual_context=visual_context, cond_concat=cond_concat, cache=cache,
                     keyboard_cond=keyboard_cond, mouse_cond=mouse_cond, window_index=window_index)
 
