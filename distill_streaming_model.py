@@ -9,6 +9,7 @@
     python distill_streaming_model.py --demo      # A, B, C on the tiny demo models, CPU (demo_run/distill/)
     python distill_streaming_model.py --plan      # each stage's GPU memory on 1-8 GPUs, what fits, hours
     python distill_streaming_model.py --plan --GPUS=8 --GPU_MEMORY_GB=48     # ... the peak on each of 8 L40S first
+    python distill_streaming_model.py --plan --PLAN_STAGES=dmd --OFFLOAD_OPTIMIZER=true  # stage B alone, a saver on
     python distill_streaming_model.py --help      # every setting, its value and meaning
     torchrun --nproc_per_node=8 distill_streaming_model.py --STAGE=dmd ...  # several GPUs (FSDP)
 
@@ -180,6 +181,7 @@ LORA_ALPHA = 64.0                        # an adapter's update is scaled by LORA
 LORA_TARGETS = ("self_attn", "cross_attn", "ffn")  # groups, or layers like self_attn.q, ffn.0 (wan/lora.py)
 GPU_MEMORY_GB = 80                       # --plan: the card to fit (its memory in GB)
 GPUS = 1                                 # --plan: the GPUs (FSDP) each stage's first figure is for, 1-64 (a run's are torchrun's)
+PLAN_STAGES = ("causal_init", "dmd", "long_tune")  # --plan: the stages it plans (e.g. dmd: stage B alone, without waiting for A and C)
 # saving
 SAVE_EVERY_STEPS = 100                   # training_state.pt every N steps (0: only at the end)
 EXPORT_EVERY_STEPS = 0                   # 0: the student only at the end; else also student_step<N>/ every N steps
@@ -255,6 +257,8 @@ def check_settings(s: dict) -> None:
             df.index_bounds(s["DF_MIN_SIGMA"], s["DF_MAX_SIGMA"], s["DF_SHIFT"])
         except ValueError as error:
             problems.append(f"DF_MIN_SIGMA/DF_MAX_SIGMA: {error}")
+        if not s["PLAN_STAGES"] or any(stage not in STAGES for stage in s["PLAN_STAGES"]):
+            problems.append(f"PLAN_STAGES={','.join(s['PLAN_STAGES'])}: one or more of {', '.join(STAGES)}")
         if s["STAGE"] == "long_tune":
             problems += long_tune_problems(s)
         problems += savers_problems(s)
@@ -905,7 +909,7 @@ def plan(s: dict) -> str:
     problems = savers_problems(s, s["GPUS"])
     if problems:
         raise SettingsError(f"bad settings for a plan on GPUS={s['GPUS']} GPUs:\n  " + "\n  ".join(problems))
-    return plan_distillation(s).format()
+    return plan_distillation(s, stages=tuple(stage for stage in STAGES if stage in s["PLAN_STAGES"])).format()
 
 
 def main(argv=None) -> int:

@@ -407,6 +407,7 @@ SETTING_RULES = {
     "STREAM_CHUNK_LATENTS": at_least(1, MAX_CLIP_LATENTS), "STREAM_OVERLAP_LATENTS": at_least(1, MAX_CLIP_LATENTS),
     "STREAM_MAX_LATENTS": at_least(1, MAX_CLIP_LATENTS), "LONG_TUNE_STEPS": at_least(1, MAX_STEPS),
     "GPUS": whole_in(1, 64), "LORA_ROLES": items_at_most(2, "roles"),  # student and critic (training/roles.py)
+    "PLAN_STAGES": items_at_most(3, "stages"),  # distillation's A, B and C
 }
 
 

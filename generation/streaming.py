@@ -315,10 +315,12 @@ class StreamingGenerator:
         return block
 
     def _student(self, x: torch.Tensor, t: torch.Tensor, call: dict) -> torch.Tensor:
-        """One call of the student: the host-side preparation, then the (compiled) tensor work."""
-        prepared = self.model.prepare_cached(x, t, **call)
+        """One call of the student: the host-side preparation, then the (compiled) tensor work.
+        Uncompiled, through forward_cached: a student sharded by FSDP (distillation's validation
+        on several GPUs) gathers its weights for that method (training/ranks.py)."""
         if self.compile_mode == "off":
-            return self.cached_step(**prepared)
+            return self.model.forward_cached(x, t, **call)
+        prepared = self.model.prepare_cached(x, t, **call)
         if self.compile_mode == "reduce-overhead":
             if self.block_index < 2:  # the buffers the stream keeps (the first blocks make the last of them)
                 for tensor in (*self.cache.tensors(), *self.history_buffers.values(), self.cond_buffer,

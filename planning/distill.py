@@ -388,7 +388,8 @@ class DistillationPlan:
         s = self.settings
         low, high = UTILISATION
         steps = ", ".join(f"{STEPS_SETTING[stage]}={s[STEPS_SETTING[stage]]}" for stage in self.stages)
-        lines = [f"The whole recipe ({steps}): its time floor at each card's dense bf16 peak (real runs reach "
+        what = "The whole recipe" if len(self.stages) == len(STEPS_SETTING) else "The planned stages (PLAN_STAGES)"
+        lines = [f"{what} ({steps}): its time floor at each card's dense bf16 peak (real runs reach "
                  f"{low:.0%}-{high:.0%} of it: {1 / high:.1f}-{1 / low:.1f}x these), validation aside, stages B and C "
                  "costed with the exit at the last denoising step (an upper bound); more GPUs train more clips per "
                  "step in the same hours",

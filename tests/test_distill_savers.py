@@ -15,12 +15,15 @@ import torch
 import distill_streaming_model as ds
 import test_distillation
 from model_helpers import perturb_, tiny_model
+from planning import memory
+from planning.distill import plan_distillation
 from test_distillation import conditions
 from training.dmd import DistillationModels, RolloutSettings, critic_micro_batch, generator_micro_batch, \
     is_generator_step
 from training.roles import RECIPE, offload_frozen, prepare_role, role_optimizer, role_settings, savers_problems
 from training.rollout import FewStepSchedule, SampleNoise
 from wan.causal import causal_from
+from wan.config import tiny_config
 from wan.loading import load_streaming_model
 from wan.lora import LoRAConfig, add_lora, is_adapter_name
 from wan.model import random_inputs
@@ -158,3 +161,22 @@ def test_savers_that_cannot_work_are_named(changes, message):
 def test_several_gpus_take_fsdp_not_the_one_gpu_savers():
     assert savers_problems(dict(BASE, LORA_ROLES=("student", "critic")), world=2) == []
     assert any("FSDP" in p for p in savers_problems(dict(BASE, OFFLOAD_OPTIMIZER=True), world=2))
+
+
+def test_the_plan_streams_a_lora_student_whose_frozen_blocks_live_on_the_host():
+    """LoRA roles with OFFLOAD_FROZEN: the student's stream starts with a context pass that calls
+    each block's cross-attention outside the block's forward (CausalWanModel.prepare_cached);
+    the offload must bring that block's frozen weights for it, or a GPU run stops on weights
+    left in host memory. The planner imitates a GPU with the host elsewhere ("meta"), so its
+    stage-B and stage-C steps meet the same devices as a real run; they also count what the
+    savers take away: the frozen weights and most of the optimizer state."""
+    settings, _ = ds.parse_settings(["--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64", "--SEQUENCE_LENGTH=21",
+                                     "--STREAM_MAX_LATENTS=9", "--STREAM_CHUNK_LATENTS=6"])
+    plain = plan_distillation(dict(settings, LORA_ROLES=("student", "critic")), config=tiny_config(),
+                              stages=("dmd", "long_tune"))
+    saved = plan_distillation(dict(settings, LORA_ROLES=("student", "critic"), OFFLOAD_FROZEN=True,
+                                   OFFLOAD_OPTIMIZER=True), config=tiny_config(), stages=("dmd", "long_tune"))
+    for stage in ("dmd", "long_tune"):
+        before, after = plain.stages[stage].breakdown, saved.stages[stage].breakdown
+        assert after[memory.WEIGHTS] < before[memory.WEIGHTS], stage
+        assert after.get(memory.OPTIMIZER_STATE, 0) < before[memory.OPTIMIZER_STATE] / 2, (stage, after, before)

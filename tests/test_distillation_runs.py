@@ -351,6 +351,23 @@ def test_the_fewest_gpus_that_fit_follow_the_sharded_share():
     assert fewest_gpus(m, 12) is None
 
 
+def test_plan_stages_plans_only_the_stages_named(monkeypatch):
+    """PLAN_STAGES=dmd: stage B alone (no minutes spent on A and C), its cost not called the recipe's."""
+    s, _ = ds.parse_settings(["--VIDEO_HEIGHT=32", "--VIDEO_WIDTH=64", "--SEQUENCE_LENGTH=21", "--DMD_STEPS=10",
+                              "--PLAN_STAGES=dmd", "--OPTIMIZER=adamw_8bit"])
+    planned = []
+    monkeypatch.setattr(ds, "plan_distillation", lambda settings, stages: planned.append(stages) or
+                        plan_distillation(settings, config=tiny_config(), stages=stages))
+    text = ds.plan(s)
+    assert planned == [("dmd",)] and text.count("predicted peak GPU memory") == 1 and "Stage B (dmd)" in text
+    assert "Stage A" not in text and "The planned stages (PLAN_STAGES) (DMD_STEPS=10)" in text
+    assert "The whole recipe" not in text
+    for bad, message in (("dmd,bogus", "PLAN_STAGES=dmd,bogus: one or more of causal_init, dmd, long_tune"),
+                         ("dmd,dmd,dmd,dmd", "PLAN_STAGES has 4 stages; at most 3")):
+        with pytest.raises(ValueError, match=message):
+            ds.parse_settings([f"--PLAN_STAGES={bad}"])
+
+
 def test_a_plan_for_several_gpus_refuses_the_one_gpu_savers():
     s, _ = ds.parse_settings(["--GPUS=2", "--OFFLOAD_OPTIMIZER=true"])
     with pytest.raises(ValueError, match="GPUS=2 GPUs:\n  FSDP .* use OPTIMIZER=adamw without OFFLOAD_OPTIMIZER"):

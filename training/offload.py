@@ -58,6 +58,8 @@ class FrozenBlocksOffload:
                         module._parameters[name] = torch.nn.Parameter(on_host, requires_grad=False)
                         frozen.append((module, name))
             block.forward = self._loading(index, block.forward, frozen, device)
+            # a stream's context pass (CausalWanModel.prepare_cached) calls the block outside its forward
+            block.context_kv = self._loading(index, block.context_kv, frozen, device)
             self.blocks.append((block, frozen))
         self.device = device
         # a GPU copies on a side stream; the planner's imitation of one (host "meta") copies in place
@@ -96,9 +98,9 @@ class FrozenBlocksOffload:
         self.prefetched = (index, tensors, ready)
 
     def _loading(self, index: int, forward, frozen: list, device: torch.device):
-        """block.forward with its frozen tensors on device for the call (and the next block's
-        on their way). try/finally: the checkpoint's recomputation may stop a block part-way
-        (by an exception), and the copies must not stay behind."""
+        """block.forward (or block.context_kv) with its frozen tensors on device for the call
+        (and the next block's on their way). try/finally: the checkpoint's recomputation may
+        stop a block part-way (by an exception), and the copies must not stay behind."""
 
         def call(*args, **kwargs):
             on_host = [module._parameters[name] for module, name in frozen]

@@ -156,6 +156,8 @@ class OffloadedOptimizer(torch.optim.Optimizer):
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({key: value for key, value in outer.items() if key != "params"})
         with_grad = [p for p in self.copies if p.grad is not None]
+        if not with_grad:  # nothing to step (torch's AdamW does nothing too); foreach ops refuse empty lists
+            return None
         # every gradient to the host in one batch of copies that do not wait, then one wait
         # for all of them (the host steps on them next): one sync per step, not one per tensor
         torch._foreach_copy_([self.host_grads[p] for p in with_grad], [p.grad for p in with_grad], non_blocking=True)

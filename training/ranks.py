@@ -86,6 +86,8 @@ def wrap_for_ranks(model: WanModel, shard: bool, ranks: Ranks, device: torch.dev
         if hasattr(model, "forward_cached"):  # the streaming student's block-by-block forwards gather too
             register_fsdp_forward_method(model, "forward_cached")
             register_fsdp_forward_method(model, "cached_step")  # a stream's compiled step (generation/streaming.py)
+            for block in model.blocks:  # and so does a stream's context pass, block by block
+                register_fsdp_forward_method(block, "context_kv")
         return model
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                    find_unused_parameters=True)

@@ -20,7 +20,6 @@ two agree for any config (the reference's masks drop the sink, so its two paths 
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from wan.action import trim_block_actions
 from wan.config import FRAMES_PER_BLOCK, WanConfig
@@ -179,14 +178,12 @@ class CausalWanModel(WanModel):
             self.config.action_config, batch, start_frame, frames, mouse_cond, keyboard_cond)
         window_index = cache.action_tables.window_index(frames, start_frame, first_row)
         cache.begin_call(start_frame, frames, batch, tokens_per_latent_frame(*x.shape[3:]))
-        # The context's keys/values made here, before the compiled step - except for sharded
-        # blocks (FSDP), whose weights are whole only inside their own forward: there the blocks
-        # make them at the first call, as a training rollout does.
-        sharded = isinstance(self.blocks[0].cross_attn.k.weight, DTensor)
-        if not torch.is_grad_enabled() and not sharded and any(layer.context is None for layer in cache.layers):
+        # The context's keys/values made here, before the compiled step, through each block's
+        # context_kv (FSDP gathers and OFFLOAD_FROZEN brings the block's weights for it).
+        if not torch.is_grad_enabled() and any(layer.context is None for layer in cache.layers):
             context = self.img_emb(visual_context.to(self.patch_embedding.weight.dtype))
             for block, layer in zip(self.blocks, cache.layers):
-                layer.context_kv(lambda: block.cross_attn.context_kv(context))
+                layer.context_kv(lambda: block.context_kv(context))
         return dict(x=x, t=t, visual_context=visual_context, cond_concat=cond_concat, cache=cache,
                     keyboard_cond=keyboard_cond, mouse_cond=mouse_cond, window_index=window_index)
 

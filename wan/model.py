@@ -164,6 +164,13 @@ class WanBlock(nn.Module):
         y = self.ffn(modulate(self.norm2(x), shift2, scale2))
         return x + gated(y, gate2)
 
+    def context_kv(self, context):
+        """The cross-attention's keys/values of the context, called through the block (a
+        stream's context pass, wan/causal.py) so that what brings the block's weights for its
+        calls - FSDP's gather (training/ranks.py), OFFLOAD_FROZEN's copy (training/offload.py) -
+        brings them for this one too."""
+        return self.cross_attn.context_kv(context)
+
 
 class Head(nn.Module):
     def __init__(self, config: WanConfig):
