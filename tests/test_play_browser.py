@@ -142,7 +142,8 @@ def test_the_page_shows_frames_and_sends_keys_and_mouse_to_the_model():
         try:
             browser.open(server.url)
             wait_for(lambda: browser.run("return window.playState.framesShown") >= 2, "frames on the page")
-            assert browser.run("return document.getElementById('view').naturalWidth") > 0
+            wait_for(lambda: browser.run("return document.getElementById('view').naturalWidth") > 0,
+                     "a decoded frame in the picture")
 
             browser.keys(("keyDown", "w"))
             wait_for(lambda: server.session.held() == ["W"], "the key press at the server")
@@ -192,9 +193,12 @@ def test_the_picture_fills_the_window_with_keys_mouse_rates_and_latency_drawn_ov
             browser.open(server.url)
             browser.viewport(1280, 800)
             wait_for(lambda: browser.run("return window.playState.framesShown") >= 2, "frames on the page")
-            # clean frames: the model's own size, no action strip drawn into them
-            assert browser.run("const v = document.getElementById('view'); return [v.naturalWidth, v.naturalHeight]") \
-                == [64, 32]
+            # clean frames: the model's own size, no action strip drawn into them (read once the
+            # picture element has decoded a frame: a new frame's source may still be loading)
+            size = wait_for(lambda: browser.run("const v = document.getElementById('view'); "
+                                                "return v.naturalWidth ? [v.naturalWidth, v.naturalHeight] : null"),
+                            "a decoded frame in the picture")
+            assert size == [64, 32]
             window = browser.run("return [window.innerWidth, window.innerHeight]")
             assert window == [1280, 800]
             stage = box_of(browser, "#stage")
