@@ -85,7 +85,6 @@ def wrap_for_ranks(model: WanModel, shard: bool, ranks: Ranks, device: torch.dev
         fully_shard(model, mp_policy=policy, reshard_after_forward=True)
         if hasattr(model, "forward_cached"):  # the streaming student's block-by-block forwards gather too
             register_fsdp_forward_method(model, "forward_cached")
-            register_fsdp_forward_method(model, "cached_step")  # a stream's compiled step (generation/streaming.py)
             for block in model.blocks:  # and so does a stream's context pass, block by block
                 register_fsdp_forward_method(block, "context_kv")
         return model

@@ -157,8 +157,8 @@ class CausalWanModel(WanModel):
         It is prepare_cached (checks and bookkeeping, on the host) then cached_step (the
         tensor work, which torch.compile can take whole: generation/streaming.py).
         """
-        return self._cached_step(**self.prepare_cached(x, t, visual_context, cond_concat, cache, start_frame,
-                                                       keyboard_cond, mouse_cond), checkpointing=checkpointing)
+        return self.cached_step(**self.prepare_cached(x, t, visual_context, cond_concat, cache, start_frame,
+                                                      keyboard_cond, mouse_cond), checkpointing=checkpointing)
 
     def prepare_cached(self, x, t, visual_context, cond_concat, cache: StreamCache, start_frame: int,
                        keyboard_cond=None, mouse_cond=None) -> dict:
@@ -191,14 +191,7 @@ class CausalWanModel(WanModel):
                     window_index, checkpointing: bool = False):
         """forward_cached's tensor work, on prepare_cached's arguments: no host copy, no sync,
         no branch on a tensor's values. Its tables are computed from the cache's position on
-        the device, so from the third block on every call runs the same graph. (A separate
-        entry point from forward_cached's: FSDP gathers the weights around each, and a
-        gathering call must not run inside another.)"""
-        return self._cached_step(x, t, visual_context, cond_concat, cache, keyboard_cond, mouse_cond, window_index,
-                                 checkpointing)
-
-    def _cached_step(self, x, t, visual_context, cond_concat, cache: StreamCache, keyboard_cond, mouse_cond,
-                     window_index, checkpointing: bool = False):
+        the device, so from the third block on every call runs the same graph."""
         rope = cache.video_rope.at(cache.position, x.shape[2])
         tables = cache.action_tables.at(cache.position, window_index)
         return self._run(x, t, visual_context, cond_concat, keyboard_cond, mouse_cond, attention=cache.layers,
